@@ -1,0 +1,825 @@
+"""The chat server: a thread-per-connection TCP server for one room, three dialects on one port.
+
+Theory of operation
+-------------------
+* The acceptor thread accepts connections and starts one reader thread for each.
+* A connection's reader thread is the only reader of its socket. It learns the dialect from the
+  first bytes (SPEC 2), decodes requests with ``protocol``, and asks the ``Room`` what to do.
+* The ``Room`` (room.py) decides who gets what under its one lock, and puts the bytes in each
+  recipient's outbox (``Connection.push``) under that lock. Nothing else happens under it.
+* One writer thread is the only writer of every socket. ``push`` appends to the connection's
+  outbox and, when the outbox was empty, hands the connection to the writer, waking it at most
+  once however many frames arrive. The writer takes whole outboxes and writes each with one
+  non-blocking ``send``, so many frames go out in one system call; when a socket's buffer is
+  full it waits for it to drain in its selector while it serves everyone else. A slow reader
+  therefore never delays anyone, and once its unsent output passes ``--output-limit`` it is
+  disconnected. Only the writer closes sockets, so a socket's file descriptor (a member's id)
+  is never reused while anything may still write to it.
+* Rate limiting delays the reader thread of a flooding connection; it stops reading, so TCP
+  pushes back on that sender alone. Heartbeat and hello deadlines are the reader's wait timeouts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import select
+import selectors
+import signal
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from modes import PENDING_BYTES, PENDING_LIMIT, Mode
+from protocol import (
+    LF,
+    MAX_FRAME,
+    NUL,
+    PLAIN_QUIT,
+    Dm,
+    ErrorCode,
+    Hello,
+    LineList,
+    LineLogin,
+    LineReply,
+    LineSend,
+    ListUsers,
+    Oversized,
+    Ping,
+    Pong,
+    ProtocolError,
+    Quit,
+    Ref,
+    RequestDecoder,
+    Say,
+    SetMode,
+    SetStatus,
+    Splitter,
+    encode,
+    is_http_request_line,
+    line,
+    line_delivery,
+    line_list,
+    parse_line_command,
+    plain_text,
+)
+from room import Dialect, Member, Room
+
+RECV_SIZE = 256 * 1024
+OUTPUT_LIMIT = 8 * 1024 * 1024
+
+
+@dataclass
+class ServerConfig:
+    """Every option of SPEC 1.5 and 3; ``log`` receives each log line (None prints them)."""
+
+    host: str = "0.0.0.0"
+    port: int = 4040
+    max_frame: int = MAX_FRAME
+    pending_limit: int = PENDING_LIMIT
+    pending_bytes: int = PENDING_BYTES
+    output_limit: int = OUTPUT_LIMIT
+    heartbeat: float = 30.0
+    hello_timeout: float = 60.0
+    max_clients: int = 1024
+    rate: float = 100.0
+    quiet: bool = False
+    log: Callable[[str], None] | None = field(default=None, repr=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Log lines: timestamped, and never raw control characters from the network.
+
+_INVISIBLE = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)]}
+_INVISIBLE.update({c: f"\\u{c:04x}" for c in [0x200E, 0x200F, *range(0x202A, 0x202F),
+                                              *range(0x2066, 0x206A)]})
+
+
+def escape(text: str) -> str:
+    """Text with control characters and bidirectional overrides written as visible escapes."""
+    return text.translate(_INVISIBLE)
+
+
+class Logger:
+    """Writes timestamped lines to a stream, one lock around each write."""
+
+    def __init__(self, stream=None) -> None:  # type: ignore[no-untyped-def]
+        self._stream = stream
+        self._lock = threading.Lock()
+
+    def __call__(self, text: str) -> None:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        stream = self._stream or sys.stdout
+        with self._lock:
+            try:
+                # Several lines in one call (a batch of messages) are one write.
+                stream.write("".join(f"{stamp} {part}\n" for part in text.split("\n")))
+                stream.flush()
+            except (OSError, ValueError):
+                pass  # a closed or broken console must not take the server down
+
+
+# ---------------------------------------------------------------------------------------------
+# The writer: the only thread that writes (and closes) sockets.
+
+
+class Connection:
+    """One accepted socket: its outbox (filled under the room lock) and the writer's state."""
+
+    def __init__(self, sock: socket.socket, address: str, writer: "Writer", limit: int) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.address = address
+        self.writer = writer
+        self.limit = limit
+        self.out: list[bytes] = []  # pushed, not yet taken by the writer (room lock)
+        self.pushed = 0  # bytes pushed in all (room lock)
+        self.sent = 0  # bytes written in all (writer thread only)
+        self.queued = False  # handed to the writer and not yet taken (room lock)
+        self.overflowed = False
+        self.closing = False
+        self.member: Member | None = None
+        self.rest: memoryview | None = None  # writer only: the part of a send the kernel refused
+
+    def push(self, data: bytes) -> None:
+        """Queue bytes for the writer; called with the room lock held."""
+        if self.overflowed or self.closing:
+            return
+        self.out.append(data)
+        self.pushed += len(data)
+        if self.pushed - self.sent > self.limit:
+            # A reader this slow is dropped, so that nobody waits for it and memory stays bounded.
+            self.overflowed = True
+            self.out.clear()
+            self.writer.abort(self)
+            return
+        if not self.queued:
+            self.queued = True
+            self.writer.ready(self)
+
+
+class Writer:
+    """Writes every connection's outbox with non-blocking sends, in one thread."""
+
+    def __init__(self, lock: threading.Lock, log: Callable[[str], None]) -> None:
+        self.lock = lock  # the room lock: guards outboxes and the lists below
+        self.log = log
+        self._ready: list[Connection] = []
+        self._closing: list[Connection] = []
+        self._aborted: list[Connection] = []
+        self._awake = False
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._waiting: set[Connection] = set()  # blocked sockets, registered for EVENT_WRITE
+        self._running = True
+        self.thread = threading.Thread(target=self._run, name="writer", daemon=True)
+
+    # Called with the room lock held.
+    def _wake(self) -> None:
+        if not self._awake:
+            self._awake = True
+            try:
+                self._wake_w.send(b"\0")
+            except (BlockingIOError, OSError):
+                pass  # already full of wake-ups: the writer is bound to look
+
+    def ready(self, conn: Connection) -> None:
+        self._ready.append(conn)
+        self._wake()
+
+    def abort(self, conn: Connection) -> None:
+        """Disconnect a connection now (its reader sees the end and reports it lost)."""
+        self._aborted.append(conn)
+        self._wake()
+
+    def close(self, conn: Connection) -> None:
+        """Write what is queued for ``conn``, then close it (called by its reader, lock free)."""
+        with self.lock:
+            conn.closing = True
+            self._closing.append(conn)
+            self._wake()
+
+    def stop(self) -> None:
+        with self.lock:
+            self._running = False
+            self._wake()
+
+    def _run(self) -> None:
+        while True:
+            events = self._selector.select()
+            writable = []
+            for key, _ in events:
+                if key.data is None:
+                    try:
+                        while self._wake_r.recv(4096):
+                            pass
+                    except (BlockingIOError, OSError):
+                        pass
+                else:
+                    writable.append(key.data)
+            with self.lock:
+                self._awake = False
+                ready, self._ready = self._ready, []
+                closing, self._closing = self._closing, []
+                aborted, self._aborted = self._aborted, []
+                running = self._running
+                batches = []
+                for conn in ready:
+                    if conn in self._waiting:
+                        continue  # blocked: stays queued, its outbox is taken when it drains
+                    conn.queued = False
+                    if conn.out:
+                        batches.append((conn, conn.out))
+                        conn.out = []
+            for conn in writable:
+                self._drain(conn)
+            for conn, chunks in batches:
+                self._send(conn, chunks[0] if len(chunks) == 1 else b"".join(chunks))
+            for conn in aborted:
+                self._shutdown(conn)
+            for conn in closing:
+                self._finish(conn)
+            if not running:
+                return
+
+    def _drain(self, conn: Connection) -> None:
+        """A blocked socket became writable: send the refused part, then what queued meanwhile."""
+        if conn.rest is None or not self._send(conn, conn.rest):
+            return
+        with self.lock:
+            chunks, conn.out = conn.out, []
+            conn.queued = False
+        if chunks:
+            self._send(conn, b"".join(chunks))
+
+    def _send(self, conn: Connection, data: bytes | memoryview) -> bool:
+        """One non-blocking send; keep what the kernel refuses and wait for room. True: all sent."""
+        if conn.sock.fileno() < 0:
+            return False
+        try:
+            sent = conn.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._shutdown(conn)  # the reader sees the end and reports the connection lost
+            return False
+        conn.sent += sent
+        if sent < len(data):
+            conn.rest = memoryview(data)[sent:]
+            if conn not in self._waiting:
+                self._waiting.add(conn)
+                self._selector.register(conn.sock, selectors.EVENT_WRITE, conn)
+            return False
+        conn.rest = None
+        if conn in self._waiting:
+            self._waiting.discard(conn)
+            self._selector.unregister(conn.sock)
+        return True
+
+    def _shutdown(self, conn: Connection) -> None:
+        try:
+            conn.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _finish(self, conn: Connection) -> None:
+        """Last write (best effort, never blocking), then close the socket."""
+        with self.lock:
+            chunks, conn.out = conn.out, []
+        if conn.sock.fileno() < 0:
+            return
+        if not conn.overflowed:
+            if conn.rest is not None:
+                chunks.insert(0, bytes(conn.rest))
+            if chunks:
+                self._send(conn, b"".join(chunks))
+        if conn in self._waiting:
+            self._waiting.discard(conn)
+            self._selector.unregister(conn.sock)
+        try:
+            # Read what the peer sent and we will never read: closing with unread data would
+            # send a reset, which can destroy our last reply before the peer reads it.
+            while conn.sock.recv(RECV_SIZE):
+                pass
+        except OSError:
+            pass
+        try:
+            conn.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        conn.sock.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# One reader thread per connection.
+
+
+class Disconnect(Exception):
+    """Ends a connection's reader; ``quitting`` tells a chosen quit from a lost connection."""
+
+    def __init__(self, quitting: bool = False, reason: str = "") -> None:
+        super().__init__(reason)
+        self.quitting = quitting
+        self.reason = reason
+
+
+class Handler:
+    """Reads one connection, in its own thread, until it ends."""
+
+    def __init__(self, server: "ChatServer", conn: Connection) -> None:
+        self.server = server
+        self.config = server.config
+        self.room = server.room
+        self.conn = conn
+        self.sock = conn.sock
+        self.member = Member(conn.fd, conn, Dialect.NATIVE, conn.address)
+        conn.member = self.member
+        self.started = time.monotonic()
+        self.last_heard = self.started
+        self.ping_sent: float | None = None
+        self.tokens = 2.0 * self.config.rate  # rate limit bucket: burst of twice the rate
+        self.refilled = self.started
+        self.used_who = False
+        self._poll = select.poll() if hasattr(select, "poll") else None
+        if self._poll is not None:
+            self._poll.register(self.sock, select.POLLIN)
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def _deadline(self) -> float | None:
+        """When this connection next needs attention if nothing arrives."""
+        if not self.member.registered:
+            return self.started + self.config.hello_timeout
+        if self.member.dialect is not Dialect.NATIVE or self.config.heartbeat <= 0:
+            return None
+        if self.ping_sent is not None:
+            return self.ping_sent + self.config.heartbeat
+        return self.last_heard + self.config.heartbeat
+
+    def _on_deadline(self) -> None:
+        if not self.member.registered:
+            raise Disconnect(reason="no registration within the hello timeout")
+        if self.ping_sent is not None:
+            raise Disconnect(reason="no answer to ping")
+        self.ping_sent = time.monotonic()
+        self.room.push(self.member, encode({"type": "ping"}))
+
+    def _wait_readable(self, timeout: float | None) -> bool:
+        if self._poll is not None:
+            return bool(self._poll.poll(None if timeout is None else max(0, timeout) * 1000))
+        readable, _, _ = select.select([self.sock], [], [], timeout)
+        return bool(readable)
+
+    def receive(self) -> bytes:
+        """The next bytes from the peer, serving deadlines while waiting; b"" at the end."""
+        while True:
+            try:
+                data = self.sock.recv(RECV_SIZE)
+            except BlockingIOError:
+                deadline = self._deadline()
+                timeout = None if deadline is None else deadline - time.monotonic()
+                if timeout is not None and timeout <= 0:
+                    self._on_deadline()
+                    continue
+                self._wait_readable(timeout)
+                continue
+            except OSError:
+                return b""
+            self.last_heard = time.monotonic()
+            self.ping_sent = None
+            return data
+
+    def throttle(self, frames: int) -> None:
+        """Delay before handling ``frames`` frames when over the rate (never drops them)."""
+        rate = self.config.rate
+        if rate <= 0 or frames == 0:
+            return
+        now = time.monotonic()
+        self.tokens = min(2.0 * rate, self.tokens + (now - self.refilled) * rate)
+        self.refilled = now
+        self.tokens -= frames
+        if self.tokens < 0:
+            if self.server.stopping.wait(-self.tokens / rate):
+                raise Disconnect(reason="server stopping")
+
+    # -- the connection's life ----------------------------------------------------------------
+
+    def run(self) -> None:
+        quitting = False
+        reason = "closed by the client"
+        try:
+            first = self.detect()
+            if first is not None:
+                dialect, data = first
+                self.server.dialect_known(self.conn, dialect)
+                {Dialect.NATIVE: self.run_native, Dialect.LINE: self.run_line,
+                 Dialect.PLAIN: self.run_plain}[dialect](data)
+        except Disconnect as end:
+            quitting, reason = end.quitting, end.reason or reason
+        except Exception as error:  # one broken connection never takes the server down
+            reason = f"internal error: {error!r}"
+        finally:
+            if self.conn.overflowed:
+                reason = "too slow to read its messages"
+            self.room.leave(self.member, quitting)
+            self.server.forget(self.conn)
+            self.server.writer.close(self.conn)
+            self.server.log(
+                f"disconnected: {self.conn.address} ({reason}; {self.room.online} online)"
+            )
+
+    def detect(self) -> tuple[Dialect, bytes] | None:
+        """Read until the dialect is known: ``{`` native, else a line or a NUL frame first."""
+        data = b""
+        while True:
+            chunk = self.receive()
+            if not chunk:
+                return None
+            data += chunk
+            if data[:1] == b"{":
+                return Dialect.NATIVE, data
+            newline, nul = data.find(LF), data.find(NUL)
+            if newline < 0 and nul < 0:
+                if len(data) > self.config.max_frame:
+                    raise Disconnect(reason="no line or frame end in the first bytes")
+                continue
+            if nul < 0 or 0 <= newline < nul:
+                if is_http_request_line(data[:newline]):
+                    raise Disconnect(reason="an HTTP request, not a chat client")
+                return Dialect.LINE, data
+            return Dialect.PLAIN, data
+
+    # -- native -------------------------------------------------------------------------------
+
+    def reply(self, obj: dict, ref: Ref) -> None:
+        if ref is not None:
+            obj["ref"] = ref
+        self.room.push(self.member, encode(obj))
+
+    def error(self, error: ProtocolError) -> None:
+        self.room.push(self.member, encode({
+            "type": "error", "code": error.code.value, "message": error.message, "ref": error.ref,
+        }))
+
+    def run_native(self, data: bytes) -> None:
+        decoder = RequestDecoder(self.config.max_frame)
+        while data:
+            items = decoder.feed(data)
+            self.throttle(len(items))
+            index = 0
+            while index < len(items):
+                item = items[index]
+                if isinstance(item, Say) and self.member.registered:
+                    # A run of broadcasts is delivered as one: one put per recipient.
+                    end = index + 1
+                    while end < len(items) and isinstance(items[end], Say):
+                        end += 1
+                    self.say([s for s in items[index:end] if isinstance(s, Say)])
+                    index = end
+                    continue
+                index += 1
+                if isinstance(item, ProtocolError):
+                    if not self.member.registered and item.kind not in (None, "hello"):
+                        item = ProtocolError(ErrorCode.NOT_REGISTERED,
+                                             'Register first with "hello".', item.ref)
+                    self.error(item)
+                else:
+                    try:
+                        self.handle(item)
+                    except ProtocolError as error:
+                        self.error(error)
+            data = self.receive()
+
+    def say(self, requests: list[Say]) -> None:
+        texts = [request.text for request in requests]
+        delivery = self.room.broadcast(self.member, texts)
+        oks = []
+        for request in requests:
+            ok = {"type": "ok", "delivered": delivery.delivered, "queued": delivery.queued}
+            if request.ref is not None:
+                ok["ref"] = request.ref
+            oks.append(encode(ok))
+        self.room.push(self.member, b"".join(oks))
+        self.server.log_messages(self.member.name, "all", texts)
+
+    def handle(self, request: object) -> None:
+        member = self.member
+        if isinstance(request, Pong):
+            return
+        if isinstance(request, Hello):
+            if member.registered:
+                raise ProtocolError(ErrorCode.ALREADY_REGISTERED, "You are already registered.",
+                                    request.ref)
+            try:
+                self.room.register(member, request.name, request.title, request.company,
+                                   request.ref)
+            except ProtocolError as error:
+                if error.code is ErrorCode.SERVER_FULL:
+                    self.error(error)
+                    raise Disconnect(reason="server full")
+                raise
+            return
+        ref = getattr(request, "ref", None)
+        if not member.registered:
+            raise ProtocolError(ErrorCode.NOT_REGISTERED, 'Register first with "hello".', ref)
+        if isinstance(request, Say):
+            self.say([request])
+        elif isinstance(request, Dm):
+            recipient, delivery = self.room.direct(member, request.to, request.text, ref)
+            self.reply({"type": "ok", "delivered": delivery.delivered,
+                        "queued": delivery.queued}, ref)
+            self.server.log_messages(member.name, recipient.name, [request.text])
+        elif isinstance(request, SetMode):
+            reply = {"type": "mode", "mode": request.mode}
+            if ref is not None:
+                reply["ref"] = ref
+            self.room.set_mode(member, Mode(request.mode), encode(reply))
+        elif isinstance(request, ListUsers):
+            self.reply({"type": "users", "users": self.room.users()}, ref)
+        elif isinstance(request, SetStatus):
+            status = self.room.set_status(member, request.status)
+            self.reply({"type": "status", "status": status}, ref)
+        elif isinstance(request, Ping):
+            self.reply({"type": "pong"}, ref)
+        elif isinstance(request, Quit):
+            self.room.leave(member, quitting=True)
+            self.reply({"type": "bye"}, ref)
+            raise Disconnect(quitting=True, reason="quit")
+
+    # -- line protocol (seed 002) -------------------------------------------------------------
+
+    def send_line(self, text: str) -> None:
+        self.room.push(self.member, line(text))
+
+    def run_line(self, data: bytes) -> None:
+        self.member.dialect = Dialect.LINE
+        self.member.mode = Mode.VIEWING
+        splitter = Splitter(LF, self.config.max_frame)
+        while data:
+            frames = splitter.feed(data)
+            self.throttle(len(frames))
+            for raw in frames:
+                if isinstance(raw, Oversized):
+                    self.send_line(LineReply.BAD_BODY.value)
+                    continue
+                self.handle_line(raw)
+            data = self.receive()
+
+    def handle_line(self, raw: bytes) -> None:
+        command = parse_line_command(raw)
+        member = self.member
+        if isinstance(command, LineReply):
+            self.send_line(command.value)
+        elif isinstance(command, LineLogin):
+            if member.registered:
+                self.send_line(LineReply.BAD_HEADER.value)
+                return
+            try:
+                self.room.register(member, command.name)
+            except ProtocolError as error:
+                if error.code is ErrorCode.SERVER_FULL:
+                    self.send_line(LineReply.BUSY.value)
+                    raise Disconnect(reason="server full")
+                reply = LineReply.IN_USE if error.code is ErrorCode.NAME_TAKEN else LineReply.BAD_BODY
+                self.send_line(reply.value)
+        elif not member.registered:
+            self.send_line(LineReply.BAD_HEADER.value)
+        elif isinstance(command, LineList):
+            self.used_who = self.used_who or command.who
+            self.room.push(member, line_list(self.room.names(), command.who))
+        elif isinstance(command, LineSend):
+            try:
+                recipient, _ = self.room.direct(member, command.user, command.text)
+            except ProtocolError:
+                bad = LineReply.UNKNOWN if self.used_who else LineReply.BAD_DEST
+                self.send_line(bad.value)
+                return
+            self.send_line(LineReply.SEND_OK.value)
+            self.server.log_messages(member.name, recipient.name, [command.text])
+
+    # -- plain text (seed 001) ----------------------------------------------------------------
+
+    def run_plain(self, data: bytes) -> None:
+        self.member.dialect = Dialect.PLAIN
+        self.member.mode = Mode.VIEWING
+        splitter = Splitter(NUL, self.config.max_frame)
+        while data:
+            frames = splitter.feed(data)
+            self.throttle(len(frames))
+            texts: list[str] = []
+            for raw in frames:
+                if isinstance(raw, Oversized):
+                    continue
+                text = plain_text(raw)
+                if text == PLAIN_QUIT:
+                    self.flush_plain(texts)
+                    raise Disconnect(quitting=True, reason="quit")
+                if not text:
+                    continue
+                if not self.member.registered:
+                    try:
+                        self.room.register(self.member, None)
+                    except ProtocolError:
+                        raise Disconnect(reason="server full") from None
+                texts.append(text)
+            self.flush_plain(texts)
+            data = self.receive()
+
+    def flush_plain(self, texts: list[str]) -> None:
+        if texts:
+            self.room.broadcast(self.member, texts)
+            self.server.log_messages(self.member.name, "all", texts)
+
+
+# ---------------------------------------------------------------------------------------------
+# The server: acceptor, connections, shutdown.
+
+
+class ChatServer:
+    """Listens, accepts and runs a ``Handler`` thread per connection until ``stop()``."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.log = config.log or Logger()
+        self.room = Room(config.max_clients, config.pending_limit, config.pending_bytes, self.log)
+        self.writer = Writer(self.room.lock, self.log)
+        self.stopping = threading.Event()
+        self._connections: dict[Connection, Dialect | None] = {}  # guarded by the room lock
+        self._threads: set[threading.Thread] = set()
+        self._listener: socket.socket | None = None
+        self._stop_r, self._stop_w = socket.socketpair()
+        self._acceptor: threading.Thread | None = None
+        self.address: tuple[str, int] = (config.host, config.port)
+
+    def start(self) -> None:
+        """Bind, listen and start serving in background threads."""
+        listener = socket.create_server(
+            (self.config.host, self.config.port), backlog=4096, reuse_port=False
+        )
+        self._listener = listener
+        self.address = listener.getsockname()[:2]
+        self.writer.thread.start()
+        self._acceptor = threading.Thread(target=self._accept_loop, name="acceptor", daemon=True)
+        self._acceptor.start()
+        self.log(f"chat server listening on {self.address[0]}:{self.address[1]}")
+
+    def _accept_loop(self) -> None:
+        assert self._listener is not None
+        selector = selectors.DefaultSelector()
+        selector.register(self._listener, selectors.EVENT_READ)
+        selector.register(self._stop_r, selectors.EVENT_READ)
+        self._listener.setblocking(False)
+        while not self.stopping.is_set():
+            selector.select()
+            while not self.stopping.is_set():
+                try:
+                    sock, peer = self._listener.accept()
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as error:
+                    self.log(f"accept failed: {error}")
+                    break
+                self._open(sock, f"{peer[0]}:{peer[1]}")
+        selector.close()
+
+    def _open(self, sock: socket.socket, address: str) -> None:
+        sock.setblocking(False)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        conn = Connection(sock, address, self.writer, self.config.output_limit)
+        with self.room.lock:
+            # Connections not yet registered are bounded too, so a crowd of idle sockets cannot
+            # exhaust threads: registered ones are limited by --max-clients at registration.
+            if len(self._connections) >= 2 * self.config.max_clients + 16:
+                refused = True
+            else:
+                refused = False
+                self._connections[conn] = None
+            online = self.room.online
+        if refused:
+            sock.close()
+            self.log(f"refused: {address} (too many connections)")
+            return
+        self.log(f"connected: {address} ({online} online)")
+        thread = threading.Thread(target=self._serve, args=(conn,), name=f"conn-{conn.fd}",
+                                  daemon=True)
+        self._threads.add(thread)
+        thread.start()
+
+    def _serve(self, conn: Connection) -> None:
+        try:
+            Handler(self, conn).run()
+        finally:
+            self._threads.discard(threading.current_thread())
+
+    def dialect_known(self, conn: Connection, dialect: Dialect) -> None:
+        with self.room.lock:
+            if conn in self._connections:
+                self._connections[conn] = dialect
+
+    def forget(self, conn: Connection) -> None:
+        with self.room.lock:
+            self._connections.pop(conn, None)
+
+    def log_messages(self, sender: str, to: str, texts: list[str]) -> None:
+        """Log relayed messages (seed 001), escaped; ``--quiet`` keeps only their length."""
+        if self.config.quiet:
+            lines = [f"message {sender} -> {to} ({len(t)} characters)" for t in texts]
+        else:
+            lines = [f"message {sender} -> {to}: {escape(t)}" for t in texts]
+        self.log("\n".join(lines))
+
+    def stop(self) -> None:
+        """Tell everyone, close every socket and the listener, and wait for the threads."""
+        if self.stopping.is_set():
+            return
+        self.stopping.set()
+        try:
+            self._stop_w.send(b"\0")
+        except OSError:
+            pass
+        if self._acceptor is not None:
+            self._acceptor.join(1)
+        if self._listener is not None:
+            self._listener.close()
+        with self.room.lock:
+            connections = list(self._connections.items())
+        self.room.shutdown(
+            [conn.member for conn, dialect in connections if dialect and conn.member is not None]
+        )
+        for conn, _ in connections:
+            self.writer.close(conn)
+        self.writer.stop()
+        self.writer.thread.join(1)
+        deadline = time.monotonic() + 1
+        for thread in list(self._threads):
+            thread.join(max(0.0, deadline - time.monotonic()))
+        self._stop_r.close()
+        self._stop_w.close()
+        self.log("chat server stopped")
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> ServerConfig:
+    parser = argparse.ArgumentParser(prog="chat-server", description=__doc__.split("\n")[0])
+    parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default all)")
+    parser.add_argument("--port", type=int, default=4040, help="TCP port (default 4040)")
+    parser.add_argument("--max-frame", type=int, default=MAX_FRAME,
+                        help="largest frame or line in bytes (default 65536)")
+    parser.add_argument("--pending-limit", type=int, default=PENDING_LIMIT,
+                        help="most events held for a typing client (default 10000)")
+    parser.add_argument("--output-limit", type=int, default=OUTPUT_LIMIT,
+                        help="unsent bytes past which a slow client is dropped (default 8 MiB)")
+    parser.add_argument("--heartbeat", type=float, default=30.0,
+                        help="seconds of silence before a ping; as long again to answer (default 30)")
+    parser.add_argument("--hello-timeout", type=float, default=60.0,
+                        help="seconds a new connection has to register (default 60)")
+    parser.add_argument("--max-clients", type=int, default=1024,
+                        help="most registered clients (default 1024)")
+    parser.add_argument("--rate", type=float, default=100.0,
+                        help="frames per second per client, burst twice that; 0 = off (default 100)")
+    parser.add_argument("--quiet", action="store_true", help="do not log message texts")
+    args = parser.parse_args(argv)
+    return ServerConfig(
+        host=args.host, port=args.port, max_frame=args.max_frame, pending_limit=args.pending_limit,
+        output_limit=args.output_limit, heartbeat=args.heartbeat,
+        hello_timeout=args.hello_timeout, max_clients=args.max_clients, rate=args.rate,
+        quiet=args.quiet,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the server until Ctrl-C or SIGTERM; exit code 0 on a clean stop."""
+    config = parse_args(argv)
+    server = ChatServer(config)
+    try:
+        server.start()
+    except OSError as error:
+        print(f"chat-server: cannot listen on {config.host}:{config.port}: {error.strerror}",
+              file=sys.stderr)
+        return 1
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    while not stop.wait(3600):
+        pass
+    server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

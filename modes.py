@@ -1,0 +1,263 @@
+"""Client modes (seed 000): what typing and viewing mean, for the server and for the client.
+
+* ``Mode``: 1 typing, 2 viewing (the numbers people type and the wire carries).
+* ``HoldQueue``: the server's per-client queue of events held while the client types, bounded
+  by count and bytes, flushed in arrival order when it starts viewing.
+* ``read_typed_line`` / ``read_view_key``: how the client reads what the user types in each mode.
+
+Pure: no sockets, threads or terminal. Invariant: a ``HoldQueue`` returns its events in the
+order they were held, and reports exactly how many it had to drop to stay within its bounds.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections import deque
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Generic, TypeVar, Union
+
+
+class Mode(IntEnum):
+    """1 = typing (events are held), 2 = viewing (events are shown live)."""
+
+    TYPING = 1
+    VIEWING = 2
+
+
+PENDING_LIMIT = 10_000
+"""Default most events held for one typing client (server ``--pending-limit``)."""
+
+PENDING_BYTES = 4 * 1024 * 1024
+"""Most bytes of encoded events held for one typing client."""
+
+T = TypeVar("T")
+
+
+class HoldQueue(Generic[T]):
+    """Events held for a typing client; the oldest are dropped past ``limit`` events or ``max_bytes``."""
+
+    def __init__(self, limit: int = PENDING_LIMIT, max_bytes: int = PENDING_BYTES) -> None:
+        self.limit = limit
+        self.max_bytes = max_bytes
+        self._items: deque[tuple[T, int]] = deque()
+        self._bytes = 0
+        self.dropped = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def size(self) -> int:
+        """Bytes held."""
+        return self._bytes
+
+    def hold(self, item: T, size: int) -> None:
+        """Keep ``item`` (``size`` encoded bytes) at the end; drop the oldest past the bounds."""
+        self._items.append((item, size))
+        self._bytes += size
+        while len(self._items) > self.limit or (self._bytes > self.max_bytes and self._items):
+            _, old_size = self._items.popleft()
+            self._bytes -= old_size
+            self.dropped += 1
+
+    def flush(self) -> tuple[int, list[T]]:
+        """Take everything: ``(number dropped since the last flush, held items in order)``."""
+        dropped, items = self.dropped, [item for item, _ in self._items]
+        self._items.clear()
+        self._bytes = 0
+        self.dropped = 0
+        return dropped, items
+
+
+def dropped_text(count: int) -> str:
+    """The sentence of a ``dropped`` notice."""
+    noun = "message was" if count == 1 else "messages were"
+    return f"{count} older {noun} dropped while you were typing."
+
+
+# --------------------------------------------------------------------------------------------
+# What the user types, read by the client.
+
+
+@dataclass(frozen=True)
+class Broadcast:
+    """Send ``text`` to everybody else."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class DirectMessage:
+    """Send ``text`` to one user, named by name or id."""
+
+    to: str
+    text: str
+
+
+@dataclass(frozen=True)
+class SwitchMode:
+    """Change to ``mode``."""
+
+    mode: Mode
+
+
+@dataclass(frozen=True)
+class QuitCommand:
+    """Tell the server, close and end the program."""
+
+
+@dataclass(frozen=True)
+class HelpCommand:
+    """Print every command."""
+
+
+@dataclass(frozen=True)
+class UsersCommand:
+    """List users."""
+
+
+@dataclass(frozen=True)
+class StatusCommand:
+    """Toggle available / unavailable."""
+
+
+@dataclass(frozen=True)
+class AskSend:
+    """``send``: ask for a receiver id, then a message (seed 003)."""
+
+
+@dataclass(frozen=True)
+class HistoryCommand:
+    """Show the direct-message log with ``peer``; None means ask for an id."""
+
+    peer: str | None = None
+
+
+@dataclass(frozen=True)
+class Nothing:
+    """An empty line: nothing to do."""
+
+
+@dataclass(frozen=True)
+class Invalid:
+    """A command written wrongly; ``reason`` says how to write it."""
+
+    reason: str
+
+
+Command = Union[
+    Broadcast, DirectMessage, SwitchMode, QuitCommand, HelpCommand, UsersCommand,
+    StatusCommand, AskSend, HistoryCommand, Nothing, Invalid,
+]
+
+QUIT_WORDS = frozenset({"#quite", "#quit", "/quit", "!quit", "quit"})
+
+HELP_TEXT = """\
+Commands (type them at "type in your text:"):
+  <text>                 broadcast <text> to everybody
+  /bc "text"             broadcast text to everybody
+  /dm <user> "text"      direct message to one user (<user> is a name or an id)
+  @<user> text           the same, shorter
+  send                   direct message: asks for the receiver's id, then the message
+  /users  or  !who       list users: id, name, title, company, status
+  /status  or  chs       switch between available and unavailable
+  history                show the direct messages with a user: asks for the id
+  /history <user>        the same, with the user given
+  #view                  switch to viewing mode (2): see messages; then e = type, q = quit
+  /help                  this list
+  #quite, #quit, /quit, !quit, quit
+                         leave the chat"""
+
+
+def _unquote(text: str) -> str:
+    """The text between matching quotes, as seed 004 writes it; otherwise the text unchanged."""
+    text = text.strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+        return text[1:-1]
+    return text
+
+
+def _dm_from_command(rest: str) -> Command:
+    usage = 'Usage: /dm <user> "text"'
+    rest = rest.strip()
+    if not rest:
+        return Invalid(usage)
+    try:
+        # shlex reads the quoted text the way a shell would, so "a \"quote\"" works.
+        words = shlex.split(rest)
+    except ValueError:
+        words = []
+    target, _, text = rest.partition(" ")
+    if len(words) == 2 and words[0] == target:
+        text = words[1]
+    else:
+        text = _unquote(text)
+    if not text:
+        return Invalid(usage)
+    return DirectMessage(target, text)
+
+
+def read_typed_line(line: str) -> Command:
+    """What a line typed in mode 1 asks for (seed 000, 003, 004 and SPEC 4.4)."""
+    stripped = line.strip()
+    if not stripped:
+        return Nothing()
+    word, _, rest = stripped.partition(" ")
+    lower = word.lower()
+    if stripped == "#view":
+        return SwitchMode(Mode.VIEWING)
+    if stripped in QUIT_WORDS:
+        return QuitCommand()
+    if lower == "/help" and not rest:
+        return HelpCommand()
+    if stripped in ("/users", "!who"):
+        return UsersCommand()
+    if stripped in ("/status", "chs"):
+        return StatusCommand()
+    if stripped == "send":
+        return AskSend()
+    if stripped == "history":
+        return HistoryCommand()
+    if lower == "/history":
+        peer = rest.strip()
+        return HistoryCommand(peer) if peer else Invalid("Usage: /history <user>")
+    if lower == "/dm":
+        return _dm_from_command(rest)
+    if lower == "/bc":
+        text = _unquote(rest)
+        return Broadcast(text) if text else Invalid('Usage: /bc "text"')
+    if word.startswith("@") and len(word) > 1:
+        text = rest.strip()
+        return DirectMessage(word[1:], text) if text else Invalid("Usage: @<user> text")
+    if word.startswith("//"):
+        return Broadcast(stripped[1:])  # "//" escapes a text that starts with "/"
+    if word.startswith("/") and len(word) > 1:
+        return Invalid(f"Unknown command {word}; /help lists the commands (// sends a leading /).")
+    return Broadcast(line.rstrip("\r\n"))
+
+
+@dataclass(frozen=True)
+class ViewAction:
+    """What a key (or a line, from a pipe) pressed in mode 2 asks for: None means nothing."""
+
+    mode: Mode | None = None
+    quit: bool = False
+
+
+def read_view_key(key: str) -> ViewAction:
+    """``e`` switches to typing, ``q`` quits (seed 000); anything else does nothing."""
+    key = key.strip().lower()
+    if key == "e":
+        return ViewAction(mode=Mode.TYPING)
+    if key == "q":
+        return ViewAction(quit=True)
+    return ViewAction()
+
+
+def read_mode_choice(text: str) -> Mode | None:
+    """The mode menu's answer: ``1`` or ``2``; None for anything else."""
+    text = text.strip()
+    if text in ("1", "2"):
+        return Mode(int(text))
+    return None

@@ -1,0 +1,228 @@
+"""Shared fixtures: a real server on a loopback port, and raw-socket peers that speak the wire."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from chat_server import ChatServer, ServerConfig  # noqa: E402
+
+DEFAULT_WAIT = 5.0
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = DEFAULT_WAIT, what: str = "") -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or predicate}")
+        time.sleep(0.005)
+
+
+class Peer:
+    """A raw native-protocol client for tests: JSON objects out, decoded events in."""
+
+    def __init__(self, address: tuple[str, int], timeout: float = DEFAULT_WAIT) -> None:
+        self.sock = socket.create_connection(address, timeout=timeout)
+        self.timeout = timeout
+        self.buffer = b""
+        self.events: list[dict[str, Any]] = []
+
+    def send(self, obj: dict[str, Any]) -> None:
+        self.sock.sendall(json.dumps(obj, ensure_ascii=False).encode("utf-8", "surrogatepass") + b"\0")
+
+    def send_raw(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def _fill(self, deadline: float) -> bool:
+        """Read more bytes; False when the server closed the connection."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AssertionError(f"no event within {self.timeout}s; have {self.buffer[:200]!r}")
+        self.sock.settimeout(remaining)
+        try:
+            data = self.sock.recv(65536)
+        except socket.timeout:
+            raise AssertionError(f"no event within {self.timeout}s; have {self.buffer[:200]!r}")
+        except ConnectionResetError:
+            return False
+        if not data:
+            return False
+        self.buffer += data
+        return True
+
+    def next_event(self, timeout: float | None = None) -> dict[str, Any]:
+        """The next event from the server; fails on timeout or close."""
+        deadline = time.monotonic() + (timeout or self.timeout)
+        while b"\0" not in self.buffer:
+            if not self._fill(deadline):
+                raise AssertionError(f"connection closed; pending {self.buffer[:200]!r}")
+        frame, _, self.buffer = self.buffer.partition(b"\0")
+        event = json.loads(frame.decode("utf-8"))
+        self.events.append(event)
+        return event
+
+    def expect(self, type_: str, **fields: Any) -> dict[str, Any]:
+        """The next event must have this type and these field values."""
+        event = self.next_event()
+        assert event.get("type") == type_, f"expected {type_}, got {event}"
+        for key, value in fields.items():
+            assert event.get(key) == value, f"{key}: expected {value!r}, got {event}"
+        return event
+
+    def wait_for(self, type_: str, **fields: Any) -> dict[str, Any]:
+        """Skip events until one of this type with these field values arrives."""
+        while True:
+            event = self.next_event()
+            if event.get("type") == type_ and all(event.get(k) == v for k, v in fields.items()):
+                return event
+
+    def sync(self) -> list[dict[str, Any]]:
+        """Round-trip a ping; return the events that arrived before its pong, in order."""
+        ref = f"sync-{time.monotonic_ns()}"
+        self.send({"type": "ping", "ref": ref})
+        before = []
+        while True:
+            event = self.next_event()
+            if event.get("type") == "pong" and event.get("ref") == ref:
+                return before
+            before.append(event)
+
+    def register(self, name: str | None = None, **fields: Any) -> dict[str, Any]:
+        hello: dict[str, Any] = {"type": "hello", **fields}
+        if name is not None:
+            hello["name"] = name
+        self.send(hello)
+        return self.expect("welcome")
+
+    def view(self) -> dict[str, Any]:
+        self.send({"type": "mode", "mode": 2})
+        return self.expect("mode", mode=2)
+
+    def closed(self, timeout: float | None = None) -> bool:
+        """True when the server closes the connection within the timeout (events may come first)."""
+        deadline = time.monotonic() + (timeout or self.timeout)
+        try:
+            while True:
+                if not self._fill(deadline):
+                    return True
+        except AssertionError:
+            return False
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+@pytest.fixture
+def start_server() -> Iterator[Callable[..., ChatServer]]:
+    """A factory for running servers on 127.0.0.1 and a free port; all stopped after the test."""
+    servers: list[ChatServer] = []
+
+    def start(**options: Any) -> ChatServer:
+        options.setdefault("log", lambda line: None)
+        server = ChatServer(ServerConfig(host="127.0.0.1", port=0, **options))
+        server.start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def server(start_server: Callable[..., ChatServer]) -> ChatServer:
+    """A server with default options (rate limit off so tests run at full speed)."""
+    return start_server(rate=0)
+
+
+@pytest.fixture
+def connect() -> Iterator[Callable[..., Peer]]:
+    """A factory for ``Peer`` connections, all closed after the test."""
+    peers: list[Peer] = []
+
+    def make(server: ChatServer, timeout: float = DEFAULT_WAIT) -> Peer:
+        peer = Peer(server.address, timeout)
+        peers.append(peer)
+        return peer
+
+    yield make
+    for peer in peers:
+        peer.close()
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for subprocess servers)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class ServerProcess:
+    """``python chat_server.py`` in a subprocess, on a free port; its output lines are kept."""
+
+    def __init__(self, *args: str) -> None:
+        self.port = free_port()
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "chat_server.py"), "--host", "127.0.0.1",
+             "--port", str(self.port), *args],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
+            encoding="utf-8", errors="replace",
+        )
+        self.address = ("127.0.0.1", self.port)
+        self.lines: list[str] = []
+        threading.Thread(target=self._collect, daemon=True).start()
+        wait_until(self._listening, 10, "the server to listen")
+
+    def _collect(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def _listening(self) -> bool:
+        if self.proc.poll() is not None and not any("listening on" in x for x in self.lines):
+            raise AssertionError("server exited: " + "\n".join(self.lines))
+        return any("listening on" in line for line in self.lines)
+
+    def wait_for_line(self, text: str, timeout: float = DEFAULT_WAIT) -> str:
+        """The first output line containing ``text``, waiting for it to appear."""
+        return wait_until(lambda: next((x for x in self.lines if text in x), None), timeout, text)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(5)
+
+
+@pytest.fixture
+def server_process() -> Iterator[Callable[..., ServerProcess]]:
+    """A factory for server subprocesses, killed after the test if still running."""
+    procs: list[ServerProcess] = []
+
+    def start(*args: str) -> ServerProcess:
+        proc = ServerProcess(*args)
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        proc.stop()
