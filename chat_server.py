@@ -427,7 +427,10 @@ class Handler:
         finally:
             if self.conn.overflowed:
                 reason = "too slow to read its messages"
-            self.room.leave(self.member, quitting)
+            stopping = self.server.stopping.is_set()
+            if stopping:
+                reason = "server stopped"
+            self.room.leave(self.member, quitting, notify=not stopping)
             self.server.forget(self.conn)
             self.server.writer.close(self.conn)
             self.server.log(

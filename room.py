@@ -244,7 +244,7 @@ class Room:
             f"{member.address} ({online} online)"
         )
 
-    def leave(self, member: Member, quitting: bool) -> None:
+    def leave(self, member: Member, quitting: bool, notify: bool = True) -> None:
         """Remove ``member``; the others get ``left`` (it quit) or ``lost`` (it vanished)."""
         with self.lock:
             if not member.registered or self._members.get(member.id) is not member:
@@ -252,8 +252,9 @@ class Room:
             del self._members[member.id]
             del self._names[member.name.casefold()]
             member.registered = False
-            kind = "left" if quitting else "lost"
-            self._deliver(self._notice(kind, member), self._members.values())
+            if notify:
+                kind = "left" if quitting else "lost"
+                self._deliver(self._notice(kind, member), self._members.values())
             online = len(self._members)
         verb = "quit" if quitting else "lost its connection"
         self.log(f"{member.name} (id {member.id}) {verb} ({online} online)")
