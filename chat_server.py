@@ -22,16 +22,16 @@ Theory of operation
 from __future__ import annotations
 
 import argparse
-import os
 import select
 import selectors
 import signal
 import socket
+import ssl
 import sys
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 from modes import PENDING_BYTES, PENDING_LIMIT, Mode
 from protocol import (
@@ -61,7 +61,6 @@ from protocol import (
     encode,
     is_http_request_line,
     line,
-    line_delivery,
     line_list,
     parse_line_command,
     plain_text,
@@ -87,6 +86,9 @@ class ServerConfig:
     max_clients: int = 1024
     rate: float = 100.0
     quiet: bool = False
+    max_per_ip: int = 0  # 0: unlimited
+    tls_cert: str | None = None
+    tls_key: str | None = None
     log: Callable[[str], None] | None = field(default=None, repr=False)
 
 
@@ -126,10 +128,56 @@ class Logger:
 # The writer: the only thread that writes (and closes) sockets.
 
 
+class TlsSession:
+    """TLS over memory buffers, so that the reader thread decrypts and the writer thread encrypts.
+
+    An ``ssl.SSLSocket`` must not be read and written by two threads at once; an ``SSLObject``
+    over ``MemoryBIO`` buffers, behind one lock, can be. Only the writer takes bytes out of
+    ``outgoing``, so TLS records leave in the order OpenSSL made them, handshake records too.
+    """
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self.incoming = ssl.MemoryBIO()
+        self.outgoing = ssl.MemoryBIO()
+        self.obj = context.wrap_bio(self.incoming, self.outgoing, server_side=True)
+        self.lock = threading.Lock()
+        self.established = False
+
+    def decrypt(self, data: bytes) -> bytes:
+        """Feed received bytes; return the plaintext they complete (raises ``ssl.SSLError``)."""
+        with self.lock:
+            if data:
+                self.incoming.write(data)
+            else:
+                self.incoming.write_eof()
+            if not self.established:
+                try:
+                    self.obj.do_handshake()
+                except ssl.SSLWantReadError:
+                    return b""
+                self.established = True
+            chunks = []
+            while True:
+                try:
+                    chunks.append(self.obj.read(RECV_SIZE))
+                except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
+                    break
+                if not chunks[-1]:
+                    break
+            return b"".join(chunks)
+
+    def encrypt(self, data: bytes) -> bytes:
+        """Encrypt ``data``; return every TLS record waiting to be sent (writer thread only)."""
+        with self.lock:
+            if data:
+                self.obj.write(data)
+            return self.outgoing.read()
+
+
 class Connection:
     """One accepted socket: its outbox (filled under the room lock) and the writer's state."""
 
-    def __init__(self, sock: socket.socket, address: str, writer: "Writer", limit: int) -> None:
+    def __init__(self, sock: socket.socket, address: str, writer: Writer, limit: int) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.address = address
@@ -143,6 +191,8 @@ class Connection:
         self.closing = False
         self.member: Member | None = None
         self.rest: memoryview | None = None  # writer only: the part of a send the kernel refused
+        self.tls: TlsSession | None = None
+        self.refused = False  # over --max-per-ip: told "server full" once its dialect is known
 
     def push(self, data: bytes) -> None:
         """Queue bytes for the writer; called with the room lock held."""
@@ -193,6 +243,13 @@ class Writer:
         self._ready.append(conn)
         self._wake()
 
+    def kick(self, conn: Connection) -> None:
+        """Have the writer look at ``conn`` though nothing was pushed (TLS handshake records)."""
+        with self.lock:
+            if not conn.queued and not conn.closing:
+                conn.queued = True
+                self.ready(conn)
+
     def abort(self, conn: Connection) -> None:
         """Disconnect a connection now (its reader sees the end and reports it lost)."""
         self._aborted.append(conn)
@@ -234,19 +291,30 @@ class Writer:
                     if conn in self._waiting:
                         continue  # blocked: stays queued, its outbox is taken when it drains
                     conn.queued = False
-                    if conn.out:
+                    if conn.out or conn.tls is not None:
                         batches.append((conn, conn.out))
                         conn.out = []
             for conn in writable:
                 self._drain(conn)
             for conn, chunks in batches:
-                self._send(conn, chunks[0] if len(chunks) == 1 else b"".join(chunks))
+                self._send(conn, self._bytes_of(conn, chunks))
             for conn in aborted:
                 self._shutdown(conn)
             for conn in closing:
                 self._finish(conn)
             if not running:
                 return
+
+    def _bytes_of(self, conn: Connection, chunks: list[bytes]) -> bytes:
+        """What goes on the wire for these outbox chunks: joined, and encrypted under TLS."""
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        if conn.tls is None:
+            return data
+        try:
+            return conn.tls.encrypt(data)
+        except ssl.SSLError:
+            self._shutdown(conn)
+            return b""
 
     def _drain(self, conn: Connection) -> None:
         """A blocked socket became writable: send the refused part, then what queued meanwhile."""
@@ -256,12 +324,14 @@ class Writer:
             chunks, conn.out = conn.out, []
             conn.queued = False
         if chunks:
-            self._send(conn, b"".join(chunks))
+            self._send(conn, self._bytes_of(conn, chunks))
 
     def _send(self, conn: Connection, data: bytes | memoryview) -> bool:
         """One non-blocking send; keep what the kernel refuses and wait for room. True: all sent."""
         if conn.sock.fileno() < 0:
             return False
+        if not data:
+            return True
         try:
             sent = conn.sock.send(data)
         except BlockingIOError:
@@ -295,10 +365,11 @@ class Writer:
         if conn.sock.fileno() < 0:
             return
         if not conn.overflowed:
+            data = self._bytes_of(conn, chunks) if chunks else b""
             if conn.rest is not None:
-                chunks.insert(0, bytes(conn.rest))
-            if chunks:
-                self._send(conn, b"".join(chunks))
+                data = bytes(conn.rest) + data
+            if data:
+                self._send(conn, data)
         if conn in self._waiting:
             self._waiting.discard(conn)
             self._selector.unregister(conn.sock)
@@ -332,7 +403,7 @@ class Disconnect(Exception):
 class Handler:
     """Reads one connection, in its own thread, until it ends."""
 
-    def __init__(self, server: "ChatServer", conn: Connection) -> None:
+    def __init__(self, server: ChatServer, conn: Connection) -> None:
         self.server = server
         self.config = server.config
         self.room = server.room
@@ -393,7 +464,17 @@ class Handler:
                 return b""
             self.last_heard = time.monotonic()
             self.ping_sent = None
-            return data
+            tls = self.conn.tls
+            if tls is None:
+                return data
+            try:
+                plaintext = tls.decrypt(data)
+            except ssl.SSLError as error:
+                raise Disconnect(reason=f"TLS failed: {error.reason or error}") from None
+            if tls.outgoing.pending:
+                self.server.writer.kick(self.conn)  # handshake records to send
+            if plaintext or not data:
+                return plaintext
 
     def throttle(self, frames: int) -> None:
         """Delay before handling ``frames`` frames when over the rate (never drops them)."""
@@ -418,11 +499,13 @@ class Handler:
             if first is not None:
                 dialect, data = first
                 self.server.dialect_known(self.conn, dialect)
+                if self.conn.refused:
+                    self.refuse(dialect)
                 {Dialect.NATIVE: self.run_native, Dialect.LINE: self.run_line,
                  Dialect.PLAIN: self.run_plain}[dialect](data)
         except Disconnect as end:
             quitting, reason = end.quitting, end.reason or reason
-        except Exception as error:  # one broken connection never takes the server down
+        except Exception as error:  # noqa: BLE001 - one broken connection never takes the server down
             reason = f"internal error: {error!r}"
         finally:
             if self.conn.overflowed:
@@ -437,6 +520,15 @@ class Handler:
                 f"disconnected: {self.conn.address} ({reason}; {self.room.online} online)"
             )
 
+    def refuse(self, dialect: Dialect) -> None:
+        """Answer "server full" in the connection's own dialect and end it."""
+        if dialect is Dialect.NATIVE:
+            self.error(ProtocolError(ErrorCode.SERVER_FULL,
+                                     "Too many connections from your address; try again later."))
+        elif dialect is Dialect.LINE:
+            self.send_line(LineReply.BUSY.value)
+        raise Disconnect(reason="too many connections from its address")
+
     def detect(self) -> tuple[Dialect, bytes] | None:
         """Read until the dialect is known: ``{`` native, else a line or a NUL frame first."""
         data = b""
@@ -447,6 +539,8 @@ class Handler:
             data += chunk
             if data[:1] == b"{":
                 return Dialect.NATIVE, data
+            if data[:1] == b"\x16" and self.conn.tls is None:
+                raise Disconnect(reason="a TLS handshake on a plain port")
             newline, nul = data.find(LF), data.find(NUL)
             if newline < 0 and nul < 0:
                 if len(data) > self.config.max_frame:
@@ -644,6 +738,14 @@ class Handler:
 # The server: acceptor, connections, shutdown.
 
 
+def tls_context(cert: str, key: str | None) -> ssl.SSLContext:
+    """A server context: TLS 1.2 or newer, with this certificate chain and key."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert, key)
+    return context
+
+
 class ChatServer:
     """Listens, accepts and runs a ``Handler`` thread per connection until ``stop()``."""
 
@@ -659,6 +761,7 @@ class ChatServer:
         self._stop_r, self._stop_w = socket.socketpair()
         self._acceptor: threading.Thread | None = None
         self.address: tuple[str, int] = (config.host, config.port)
+        self._tls_context = tls_context(config.tls_cert, config.tls_key) if config.tls_cert else None
 
     def start(self) -> None:
         """Bind, listen and start serving in background threads."""
@@ -670,7 +773,8 @@ class ChatServer:
         self.writer.thread.start()
         self._acceptor = threading.Thread(target=self._accept_loop, name="acceptor", daemon=True)
         self._acceptor.start()
-        self.log(f"chat server listening on {self.address[0]}:{self.address[1]}")
+        secure = " (TLS)" if self._tls_context is not None else ""
+        self.log(f"chat server listening on {self.address[0]}:{self.address[1]}{secure}")
 
     def _accept_loop(self) -> None:
         assert self._listener is not None
@@ -698,7 +802,14 @@ class ChatServer:
         except OSError:
             pass
         conn = Connection(sock, address, self.writer, self.config.output_limit)
+        if self._tls_context is not None:
+            conn.tls = TlsSession(self._tls_context)
+        ip = address.rsplit(":", 1)[0]
         with self.room.lock:
+            if self.config.max_per_ip > 0:
+                conn.refused = sum(
+                    1 for other in self._connections if other.address.rsplit(":", 1)[0] == ip
+                ) >= self.config.max_per_ip
             # Connections not yet registered are bounded too, so a crowd of idle sockets cannot
             # exhaust threads: registered ones are limited by --max-clients at registration.
             if len(self._connections) >= 2 * self.config.max_clients + 16:
@@ -792,19 +903,30 @@ def parse_args(argv: Sequence[str] | None) -> ServerConfig:
     parser.add_argument("--rate", type=float, default=100.0,
                         help="frames per second per client, burst twice that; 0 = off (default 100)")
     parser.add_argument("--quiet", action="store_true", help="do not log message texts")
+    parser.add_argument("--max-per-ip", type=int, default=0,
+                        help="most connections from one address; 0 = unlimited (default)")
+    parser.add_argument("--tls-cert", metavar="FILE", help="serve TLS with this certificate (PEM)")
+    parser.add_argument("--tls-key", metavar="FILE", help="the certificate's private key (PEM)")
     args = parser.parse_args(argv)
+    if args.tls_key and not args.tls_cert:
+        parser.error("--tls-key needs --tls-cert")
     return ServerConfig(
         host=args.host, port=args.port, max_frame=args.max_frame, pending_limit=args.pending_limit,
         output_limit=args.output_limit, heartbeat=args.heartbeat,
         hello_timeout=args.hello_timeout, max_clients=args.max_clients, rate=args.rate,
-        quiet=args.quiet,
+        quiet=args.quiet, max_per_ip=args.max_per_ip, tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
     )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the server until Ctrl-C or SIGTERM; exit code 0 on a clean stop."""
     config = parse_args(argv)
-    server = ChatServer(config)
+    try:
+        server = ChatServer(config)
+    except (OSError, ssl.SSLError) as error:
+        print(f"chat-server: cannot load the TLS certificate or key: {error}", file=sys.stderr)
+        return 1
     try:
         server.start()
     except OSError as error:

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from enum import Enum
-from typing import Any, Iterator, Union
+from typing import Any, Union
 
 MAX_FRAME = 65_536
 """Largest frame (bytes before its terminator) a peer may send; the server's ``--max-frame``."""
@@ -135,7 +136,7 @@ class Splitter:
 
 def utc_timestamp(when: float | None = None) -> str:
     """UTC time in ISO 8601 with milliseconds, as in ``2026-11-22T06:00:00.123Z``."""
-    moment = datetime.now(timezone.utc) if when is None else datetime.fromtimestamp(when, timezone.utc)
+    moment = datetime.now(UTC) if when is None else datetime.fromtimestamp(when, UTC)
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
@@ -169,7 +170,7 @@ def message_frame(from_json: str, to_json: str, text: str, ts: str) -> bytes:
     return (
         f'{{"type":"message","from":{from_json},"to":{to_json},'
         f'"text":{json_string(text)},"ts":"{ts}",'
-    ).encode("utf-8") + _LIVE_TAIL
+    ).encode() + _LIVE_TAIL
 
 
 def held_variant(frame: bytes) -> bytes:
