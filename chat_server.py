@@ -30,7 +30,8 @@ import ssl
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
 from dataclasses import dataclass, field
 
 from modes import PENDING_BYTES, PENDING_LIMIT, Mode
@@ -53,6 +54,7 @@ from protocol import (
     ProtocolError,
     Quit,
     Ref,
+    Request,
     RequestDecoder,
     Say,
     SetMode,
@@ -68,6 +70,7 @@ from protocol import (
 from room import Dialect, Member, Room
 
 RECV_SIZE = 256 * 1024
+T = TypeVar("T")
 OUTPUT_LIMIT = 8 * 1024 * 1024
 
 
@@ -476,18 +479,30 @@ class Handler:
             if plaintext or not data:
                 return plaintext
 
-    def throttle(self, frames: int) -> None:
-        """Delay before handling ``frames`` frames when over the rate (never drops them)."""
+    def admitted(self, items: list[T]) -> Iterator[list[T]]:
+        """``items`` in slices no faster than ``--rate`` allows: excess waits, nothing is dropped.
+
+        A token bucket holding up to twice the rate (the burst). While this thread waits it
+        does not read, so TCP pushes back on this sender alone.
+        """
         rate = self.config.rate
-        if rate <= 0 or frames == 0:
+        if rate <= 0:
+            if items:
+                yield items
             return
-        now = time.monotonic()
-        self.tokens = min(2.0 * rate, self.tokens + (now - self.refilled) * rate)
-        self.refilled = now
-        self.tokens -= frames
-        if self.tokens < 0:
-            if self.server.stopping.wait(-self.tokens / rate):
-                raise Disconnect(reason="server stopping")
+        start = 0
+        while start < len(items):
+            now = time.monotonic()
+            self.tokens = min(2.0 * rate, self.tokens + (now - self.refilled) * rate)
+            self.refilled = now
+            if self.tokens < 1:
+                if self.server.stopping.wait((1 - self.tokens) / rate):
+                    raise Disconnect(reason="server stopping")
+                continue
+            count = min(len(items) - start, int(self.tokens))
+            self.tokens -= count
+            yield items[start : start + count]
+            start += count
 
     # -- the connection's life ----------------------------------------------------------------
 
@@ -567,31 +582,33 @@ class Handler:
     def run_native(self, data: bytes) -> None:
         decoder = RequestDecoder(self.config.max_frame)
         while data:
-            items = decoder.feed(data)
-            self.throttle(len(items))
-            index = 0
-            while index < len(items):
-                item = items[index]
-                if isinstance(item, Say) and self.member.registered:
-                    # A run of broadcasts is delivered as one: one put per recipient.
-                    end = index + 1
-                    while end < len(items) and isinstance(items[end], Say):
-                        end += 1
-                    self.say([s for s in items[index:end] if isinstance(s, Say)])
-                    index = end
-                    continue
-                index += 1
-                if isinstance(item, ProtocolError):
-                    if not self.member.registered and item.kind not in (None, "hello"):
-                        item = ProtocolError(ErrorCode.NOT_REGISTERED,
-                                             'Register first with "hello".', item.ref)
-                    self.error(item)
-                else:
-                    try:
-                        self.handle(item)
-                    except ProtocolError as error:
-                        self.error(error)
+            for batch in self.admitted(decoder.feed(data)):
+                self.handle_batch(batch)
             data = self.receive()
+
+    def handle_batch(self, items: list[Request | ProtocolError]) -> None:
+        index = 0
+        while index < len(items):
+            item = items[index]
+            if isinstance(item, Say) and self.member.registered:
+                # A run of broadcasts is delivered as one: one put per recipient.
+                end = index + 1
+                while end < len(items) and isinstance(items[end], Say):
+                    end += 1
+                self.say([s for s in items[index:end] if isinstance(s, Say)])
+                index = end
+                continue
+            index += 1
+            if isinstance(item, ProtocolError):
+                if not self.member.registered and item.kind not in (None, "hello"):
+                    item = ProtocolError(ErrorCode.NOT_REGISTERED,
+                                         'Register first with "hello".', item.ref)
+                self.error(item)
+            else:
+                try:
+                    self.handle(item)
+                except ProtocolError as error:
+                    self.error(error)
 
     def say(self, requests: list[Say]) -> None:
         texts = [request.text for request in requests]
@@ -659,13 +676,12 @@ class Handler:
         self.member.mode = Mode.VIEWING
         splitter = Splitter(LF, self.config.max_frame)
         while data:
-            frames = splitter.feed(data)
-            self.throttle(len(frames))
-            for raw in frames:
-                if isinstance(raw, Oversized):
-                    self.send_line(LineReply.BAD_BODY.value)
-                    continue
-                self.handle_line(raw)
+            for batch in self.admitted(splitter.feed(data)):
+                for raw in batch:
+                    if isinstance(raw, Oversized):
+                        self.send_line(LineReply.BAD_BODY.value)
+                    else:
+                        self.handle_line(raw)
             data = self.receive()
 
     def handle_line(self, raw: bytes) -> None:
@@ -707,25 +723,24 @@ class Handler:
         self.member.mode = Mode.VIEWING
         splitter = Splitter(NUL, self.config.max_frame)
         while data:
-            frames = splitter.feed(data)
-            self.throttle(len(frames))
-            texts: list[str] = []
-            for raw in frames:
-                if isinstance(raw, Oversized):
-                    continue
-                text = plain_text(raw)
-                if text == PLAIN_QUIT:
-                    self.flush_plain(texts)
-                    raise Disconnect(quitting=True, reason="quit")
-                if not text:
-                    continue
-                if not self.member.registered:
-                    try:
-                        self.room.register(self.member, None)
-                    except ProtocolError:
-                        raise Disconnect(reason="server full") from None
-                texts.append(text)
-            self.flush_plain(texts)
+            for batch in self.admitted(splitter.feed(data)):
+                texts: list[str] = []
+                for raw in batch:
+                    if isinstance(raw, Oversized):
+                        continue
+                    text = plain_text(raw)
+                    if text == PLAIN_QUIT:
+                        self.flush_plain(texts)
+                        raise Disconnect(quitting=True, reason="quit")
+                    if not text:
+                        continue
+                    if not self.member.registered:
+                        try:
+                            self.room.register(self.member, None)
+                        except ProtocolError:
+                            raise Disconnect(reason="server full") from None
+                    texts.append(text)
+                self.flush_plain(texts)
             data = self.receive()
 
     def flush_plain(self, texts: list[str]) -> None:

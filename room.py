@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Protocol
 
 from modes import PENDING_BYTES, PENDING_LIMIT, HoldQueue, Mode, dropped_text
 from protocol import (
@@ -57,7 +58,7 @@ class Outbox(Protocol):
 class Event:
     """A ``message`` or ``notice`` as each dialect receives it, encoded once for all recipients."""
 
-    __slots__ = ("live", "_held", "line", "plain")
+    __slots__ = ("_held", "line", "live", "plain")
 
     def __init__(self, live: bytes, line: bytes | None, plain: bytes | None) -> None:
         self.live = live  # native frame with queued false
