@@ -1,0 +1,284 @@
+"""The write side of the server: every socket's output, written by one thread.
+
+``Connection.push`` (called under the room lock) appends bytes to a connection's outbox and,
+when the outbox was empty, hands the connection to the ``Writer``, waking it at most once
+however many frames arrive. The writer takes whole outboxes and writes each with one
+non-blocking ``send``, so many frames leave in one system call. A socket whose kernel buffer is
+full waits in the writer's selector while everyone else is served; past its output limit the
+connection is shut down, and its reader reports it lost.
+
+Invariant: only the writer thread sends on or closes a socket, so bytes leave in the order they
+were pushed, and a file descriptor (a member's id) is never reused while anything may still
+write to it.
+"""
+
+from __future__ import annotations
+
+import selectors
+import socket
+import ssl
+import threading
+from collections.abc import Callable
+
+from room import Member
+
+RECV_SIZE = 256 * 1024
+
+
+class TlsSession:
+    """TLS over memory buffers, so that the reader thread decrypts and the writer thread encrypts.
+
+    An ``ssl.SSLSocket`` must not be read and written by two threads at once; an ``SSLObject``
+    over ``MemoryBIO`` buffers, behind one lock, can be. Only the writer takes bytes out of
+    ``outgoing``, so TLS records leave in the order OpenSSL made them, handshake records too.
+    """
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self.incoming = ssl.MemoryBIO()
+        self.outgoing = ssl.MemoryBIO()
+        self.obj = context.wrap_bio(self.incoming, self.outgoing, server_side=True)
+        self.lock = threading.Lock()
+        self.established = False
+
+    def decrypt(self, data: bytes) -> bytes:
+        """Feed received bytes; return the plaintext they complete (raises ``ssl.SSLError``)."""
+        with self.lock:
+            if data:
+                self.incoming.write(data)
+            else:
+                self.incoming.write_eof()
+            if not self.established:
+                try:
+                    self.obj.do_handshake()
+                except ssl.SSLWantReadError:
+                    return b""
+                self.established = True
+            chunks = []
+            while True:
+                try:
+                    chunks.append(self.obj.read(RECV_SIZE))
+                except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
+                    break
+                if not chunks[-1]:
+                    break
+            return b"".join(chunks)
+
+    def encrypt(self, data: bytes) -> bytes:
+        """Encrypt ``data``; return every TLS record waiting to be sent (writer thread only)."""
+        with self.lock:
+            if data:
+                self.obj.write(data)
+            return self.outgoing.read()
+
+
+class Connection:
+    """One accepted socket: its outbox (filled under the room lock) and the writer's state."""
+
+    def __init__(self, sock: socket.socket, address: str, writer: Writer, limit: int) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.address = address
+        self.writer = writer
+        self.limit = limit
+        self.out: list[bytes] = []  # pushed, not yet taken by the writer (room lock)
+        self.pushed = 0  # bytes pushed in all (room lock)
+        self.sent = 0  # bytes written in all (writer thread only)
+        self.queued = False  # handed to the writer and not yet taken (room lock)
+        self.overflowed = False
+        self.closing = False
+        self.member: Member | None = None
+        self.rest: memoryview | None = None  # writer only: the part of a send the kernel refused
+        self.tls: TlsSession | None = None
+        self.refused = False  # over --max-per-ip: told "server full" once its dialect is known
+
+    def push(self, data: bytes) -> None:
+        """Queue bytes for the writer; called with the room lock held."""
+        if self.overflowed or self.closing:
+            return
+        self.out.append(data)
+        self.pushed += len(data)
+        if self.pushed - self.sent > self.limit:
+            # A reader this slow is dropped, so that nobody waits for it and memory stays bounded.
+            self.overflowed = True
+            self.out.clear()
+            self.writer.abort(self)
+            return
+        if not self.queued:
+            self.queued = True
+            self.writer.ready(self)
+
+
+class Writer:
+    """Writes every connection's outbox with non-blocking sends, in one thread."""
+
+    def __init__(self, lock: threading.Lock, log: Callable[[str], None]) -> None:
+        self.lock = lock  # the room lock: guards outboxes and the lists below
+        self.log = log
+        self._ready: list[Connection] = []
+        self._closing: list[Connection] = []
+        self._aborted: list[Connection] = []
+        self._awake = False
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._waiting: set[Connection] = set()  # blocked sockets, registered for EVENT_WRITE
+        self._running = True
+        self.thread = threading.Thread(target=self._run, name="writer", daemon=True)
+
+    # Called with the room lock held.
+    def _wake(self) -> None:
+        if not self._awake:
+            self._awake = True
+            try:
+                self._wake_w.send(b"\0")
+            except (BlockingIOError, OSError):
+                pass  # already full of wake-ups: the writer is bound to look
+
+    def ready(self, conn: Connection) -> None:
+        self._ready.append(conn)
+        self._wake()
+
+    def kick(self, conn: Connection) -> None:
+        """Have the writer look at ``conn`` though nothing was pushed (TLS handshake records)."""
+        with self.lock:
+            if not conn.queued and not conn.closing:
+                conn.queued = True
+                self.ready(conn)
+
+    def abort(self, conn: Connection) -> None:
+        """Disconnect a connection now (its reader sees the end and reports it lost)."""
+        self._aborted.append(conn)
+        self._wake()
+
+    def close(self, conn: Connection) -> None:
+        """Write what is queued for ``conn``, then close it (called by its reader, lock free)."""
+        with self.lock:
+            conn.closing = True
+            self._closing.append(conn)
+            self._wake()
+
+    def stop(self) -> None:
+        with self.lock:
+            self._running = False
+            self._wake()
+
+    def _run(self) -> None:
+        while True:
+            events = self._selector.select()
+            writable = []
+            for key, _ in events:
+                if key.data is None:
+                    try:
+                        while self._wake_r.recv(4096):
+                            pass
+                    except (BlockingIOError, OSError):
+                        pass
+                else:
+                    writable.append(key.data)
+            with self.lock:
+                self._awake = False
+                ready, self._ready = self._ready, []
+                closing, self._closing = self._closing, []
+                aborted, self._aborted = self._aborted, []
+                running = self._running
+                batches = []
+                for conn in ready:
+                    if conn in self._waiting:
+                        continue  # blocked: stays queued, its outbox is taken when it drains
+                    conn.queued = False
+                    if conn.out or conn.tls is not None:
+                        batches.append((conn, conn.out))
+                        conn.out = []
+            for conn in writable:
+                self._drain(conn)
+            for conn, chunks in batches:
+                self._send(conn, self._bytes_of(conn, chunks))
+            for conn in aborted:
+                self._shutdown(conn)
+            for conn in closing:
+                self._finish(conn)
+            if not running:
+                return
+
+    def _bytes_of(self, conn: Connection, chunks: list[bytes]) -> bytes:
+        """What goes on the wire for these outbox chunks: joined, and encrypted under TLS."""
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        if conn.tls is None:
+            return data
+        try:
+            return conn.tls.encrypt(data)
+        except ssl.SSLError:
+            self._shutdown(conn)
+            return b""
+
+    def _drain(self, conn: Connection) -> None:
+        """A blocked socket became writable: send the refused part, then what queued meanwhile."""
+        if conn.rest is None or not self._send(conn, conn.rest):
+            return
+        with self.lock:
+            chunks, conn.out = conn.out, []
+            conn.queued = False
+        if chunks:
+            self._send(conn, self._bytes_of(conn, chunks))
+
+    def _send(self, conn: Connection, data: bytes | memoryview) -> bool:
+        """One non-blocking send; keep what the kernel refuses and wait for room. True: all sent."""
+        if conn.sock.fileno() < 0:
+            return False
+        if not data:
+            return True
+        try:
+            sent = conn.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._shutdown(conn)  # the reader sees the end and reports the connection lost
+            return False
+        conn.sent += sent
+        if sent < len(data):
+            conn.rest = memoryview(data)[sent:]
+            if conn not in self._waiting:
+                self._waiting.add(conn)
+                self._selector.register(conn.sock, selectors.EVENT_WRITE, conn)
+            return False
+        conn.rest = None
+        if conn in self._waiting:
+            self._waiting.discard(conn)
+            self._selector.unregister(conn.sock)
+        return True
+
+    def _shutdown(self, conn: Connection) -> None:
+        try:
+            conn.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _finish(self, conn: Connection) -> None:
+        """Last write (best effort, never blocking), then close the socket."""
+        with self.lock:
+            chunks, conn.out = conn.out, []
+        if conn.sock.fileno() < 0:
+            return
+        if not conn.overflowed:
+            data = self._bytes_of(conn, chunks) if chunks else b""
+            if conn.rest is not None:
+                data = bytes(conn.rest) + data
+            if data:
+                self._send(conn, data)
+        if conn in self._waiting:
+            self._waiting.discard(conn)
+            self._selector.unregister(conn.sock)
+        try:
+            # Read what the peer sent and we will never read: closing with unread data would
+            # send a reset, which can destroy our last reply before the peer reads it.
+            while conn.sock.recv(RECV_SIZE):
+                pass
+        except OSError:
+            pass
+        try:
+            conn.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        conn.sock.close()
