@@ -1,0 +1,185 @@
+"""The room's delivery decisions, without sockets: fake outboxes record what each member gets."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from modes import Mode
+from protocol import ErrorCode, ProtocolError
+from room import Dialect, Member, Room
+
+
+class RecordingOutbox:
+    """Collects pushed bytes, as a connection's outbox would before the writer sends them."""
+
+    def __init__(self) -> None:
+        self.data = b""
+
+    def push(self, data: bytes) -> None:
+        self.data += data
+
+    def frames(self) -> list[Any]:
+        """Native frames decoded; taken, so the next call sees only newer ones."""
+        frames = [json.loads(f) for f in self.data.split(b"\0")[:-1]]
+        self.data = b""
+        return frames
+
+    def take(self) -> bytes:
+        data, self.data = self.data, b""
+        return data
+
+
+def member(room: Room, id_: int, name: str | None, dialect: Dialect = Dialect.NATIVE) -> Member:
+    new = Member(id_, RecordingOutbox(), dialect)
+    if dialect is not Dialect.NATIVE:
+        new.mode = Mode.VIEWING
+    room.register(new, name)
+    return new
+
+
+def outbox(m: Member) -> RecordingOutbox:
+    assert isinstance(m.outbox, RecordingOutbox)
+    return m.outbox
+
+
+def test_register_welcomes_and_announces_to_others_only() -> None:
+    """A new member gets its welcome; members already there get a held joined notice."""
+    room = Room()
+    alice = member(room, 5, "alice")
+    assert outbox(alice).frames()[0]["online"] == 1
+    bob = member(room, 6, "bob")
+    welcome = outbox(bob).frames()
+    assert [f["type"] for f in welcome] == ["welcome"]
+    assert welcome[0]["online"] == 2
+    assert len(alice.hold) == 1 and outbox(alice).frames() == []
+
+
+def test_name_rules_and_taken_names() -> None:
+    """Bad names, names taken in another case, and a second registration are refused."""
+    room = Room()
+    alice = member(room, 5, "alice")
+    for name, code in [("ALICE", ErrorCode.NAME_TAKEN), ("", ErrorCode.BAD_NAME),
+                       ("123", ErrorCode.BAD_NAME), ("All", ErrorCode.BAD_NAME),
+                       ("a" * 33, ErrorCode.BAD_NAME), ("sp ace", ErrorCode.BAD_NAME)]:
+        with pytest.raises(ProtocolError) as failure:
+            room.register(Member(9, RecordingOutbox(), Dialect.NATIVE), name)
+        assert failure.value.code is code, name
+    with pytest.raises(ProtocolError) as failure:
+        room.register(alice, "again")
+    assert failure.value.code is ErrorCode.ALREADY_REGISTERED
+    assert [u["name"] for u in room.users()] == ["alice"]
+
+
+def test_automatic_names_count_up_and_skip_taken_ones() -> None:
+    """Members without a name get user1, user2, ..., skipping a name someone chose."""
+    room = Room()
+    member(room, 1, "user2")
+    assert member(room, 2, None).name == "user1"
+    assert member(room, 3, None).name == "user3"
+
+
+def test_server_full_changes_nothing() -> None:
+    """Past max_clients a registration is refused with server-full and nobody is told."""
+    room = Room(max_clients=1)
+    alice = member(room, 1, "alice")
+    with pytest.raises(ProtocolError) as failure:
+        room.register(Member(2, RecordingOutbox(), Dialect.NATIVE), "bob")
+    assert failure.value.code is ErrorCode.SERVER_FULL
+    assert len(alice.hold) == 0
+
+
+def test_broadcast_counts_live_and_held_recipients_per_dialect() -> None:
+    """A broadcast is live for viewers, line and plain members, held for typists."""
+    room = Room()
+    sender = member(room, 1, "alice")
+    viewer = member(room, 2, "bob")
+    room.set_mode(viewer, Mode.VIEWING, b"")
+    typist = member(room, 3, "carol")
+    liner = member(room, 4, "dave", Dialect.LINE)
+    plain = member(room, 5, None, Dialect.PLAIN)
+    for m in (sender, viewer, typist, liner, plain):
+        outbox(m).take()
+    delivery = room.broadcast(sender, ["hi\nthere", "again"])
+    assert (delivery.delivered, delivery.queued) == (3, 1)
+    assert [f["text"] for f in outbox(viewer).frames()] == ["hi\nthere", "again"]
+    assert outbox(liner).take() == b"DELIVERY alice hi there\nDELIVERY alice again\n"
+    assert outbox(plain).take() == b"alice: hi\nthere\0alice: again\0"
+    assert outbox(sender).take() == b""
+    assert len(typist.hold) == 2 + 2  # two joined notices, then the two messages
+
+
+def test_flush_sends_reply_then_dropped_notice_then_held_in_order() -> None:
+    """Entering viewing pushes the reply, a dropped notice, then the newest held events in order."""
+    room = Room(pending_limit=3)
+    sender = member(room, 1, "alice")
+    typist = member(room, 2, "bob")
+    outbox(typist).take()
+    room.broadcast(sender, [f"m{i}" for i in range(5)])
+    room.set_mode(typist, Mode.VIEWING, b'{"type":"mode","mode":2}\0')
+    frames = outbox(typist).frames()
+    assert frames[0] == {"type": "mode", "mode": 2}
+    assert frames[1]["event"] == "dropped" and frames[1]["count"] == 2
+    assert frames[1]["queued"] is True
+    assert [(f["text"], f["queued"]) for f in frames[2:]] == [
+        ("m2", True), ("m3", True), ("m4", True)]
+    room.broadcast(sender, ["live"])
+    assert [(f["text"], f["queued"]) for f in outbox(typist).frames()] == [("live", False)]
+
+
+def test_direct_message_by_name_id_and_errors() -> None:
+    """A dm finds its recipient by name in any case or by id, and refuses missing or unavailable users."""
+    room = Room()
+    alice = member(room, 7, "alice")
+    bob = member(room, 8, "bob")
+    room.set_mode(bob, Mode.VIEWING, b"")
+    outbox(bob).take()
+    for target in ("BOB", 8, "8"):
+        recipient, delivery = room.direct(alice, target, "psst")
+        assert recipient is bob and (delivery.delivered, delivery.queued) == (1, 0)
+    frames = outbox(bob).frames()
+    assert [f["to"] for f in frames] == [{"id": 8, "name": "bob"}] * 3
+    assert frames[0]["from"]["name"] == "alice"
+    with pytest.raises(ProtocolError) as failure:
+        room.direct(alice, "client4", "x", ref=3)
+    assert (failure.value.code, failure.value.message, failure.value.ref) == (
+        ErrorCode.NO_SUCH_USER, 'User "client4" is not connected to the server.', 3)
+    assert room.set_status(bob, None) == "unavailable"
+    with pytest.raises(ProtocolError) as failure:
+        room.direct(alice, "bob", "x")
+    assert failure.value.code is ErrorCode.UNAVAILABLE
+    assert outbox(bob).take() == b""
+
+
+def test_leave_announces_left_or_lost_once() -> None:
+    """Leaving tells the others once: left for a quit, lost otherwise; a second leave does nothing."""
+    room = Room()
+    alice = member(room, 1, "alice")
+    bob = member(room, 2, "bob")
+    carol = member(room, 3, "carol")
+    room.set_mode(carol, Mode.VIEWING, b"")
+    outbox(carol).take()
+    room.leave(alice, quitting=True)
+    room.leave(alice, quitting=False)
+    room.leave(bob, quitting=False)
+    texts = [(f["event"], f["text"]) for f in outbox(carol).frames()]
+    assert texts == [("left", "alice is quitting."), ("lost", "bob has lost its connection.")]
+    assert [u["name"] for u in room.users()] == ["carol"]
+    assert member(room, 4, "alice").name == "alice"  # the name is free again
+
+
+def test_user_objects_follow_status_and_mode_changes() -> None:
+    """users() reflects each member's current status and mode, in registration order."""
+    room = Room()
+    alice = member(room, 1, "alice")
+    bob = member(room, 2, "bob")
+    room.set_status(alice, "unavailable")
+    room.set_mode(bob, Mode.VIEWING, b"")
+    assert room.users() == [
+        {"id": 1, "name": "alice", "title": None, "company": None, "status": "unavailable",
+         "mode": 1},
+        {"id": 2, "name": "bob", "title": None, "company": None, "status": "available",
+         "mode": 2},
+    ]
