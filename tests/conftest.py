@@ -96,7 +96,7 @@ class Peer:
         """Round-trip a ping; return the events that arrived before its pong, in order."""
         ref = f"sync-{time.monotonic_ns()}"
         self.send({"type": "ping", "ref": ref})
-        before = []
+        before: list[dict[str, Any]] = []
         while True:
             event = self.next_event()
             if event.get("type") == "pong" and event.get("ref") == ref:
