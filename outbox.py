@@ -166,41 +166,48 @@ class Writer:
 
     def _run(self) -> None:
         while True:
-            events = self._selector.select()
-            writable = []
-            for key, _ in events:
-                if key.data is None:
-                    try:
-                        while self._wake_r.recv(4096):
-                            pass
-                    except (BlockingIOError, OSError):
+            try:
+                if not self._step():
+                    return
+            except Exception as error:  # noqa: BLE001 - the writer must outlive any one bug
+                self.log(f"writer: unexpected error, carrying on: {error!r}")
+
+    def _step(self) -> bool:
+        """One round: wait, then write everything that is ready. False once stopped."""
+        events = self._selector.select()
+        writable = []
+        for key, _ in events:
+            if key.data is None:
+                try:
+                    while self._wake_r.recv(4096):
                         pass
-                else:
-                    writable.append(key.data)
-            with self.lock:
-                self._awake = False
-                ready, self._ready = self._ready, []
-                closing, self._closing = self._closing, []
-                aborted, self._aborted = self._aborted, []
-                running = self._running
-                batches = []
-                for conn in ready:
-                    if conn in self._waiting:
-                        continue  # blocked: stays queued, its outbox is taken when it drains
-                    conn.queued = False
-                    if conn.out or conn.tls is not None:
-                        batches.append((conn, conn.out))
-                        conn.out = []
-            for conn in writable:
-                self._drain(conn)
-            for conn, chunks in batches:
-                self._send(conn, self._bytes_of(conn, chunks))
-            for conn in aborted:
-                self._shutdown(conn)
-            for conn in closing:
-                self._finish(conn)
-            if not running:
-                return
+                except (BlockingIOError, OSError):
+                    pass
+            else:
+                writable.append(key.data)
+        with self.lock:
+            self._awake = False
+            ready, self._ready = self._ready, []
+            closing, self._closing = self._closing, []
+            aborted, self._aborted = self._aborted, []
+            running = self._running
+            batches = []
+            for conn in ready:
+                if conn in self._waiting:
+                    continue  # blocked: stays queued, its outbox is taken when it drains
+                conn.queued = False
+                if conn.out or conn.tls is not None:
+                    batches.append((conn, conn.out))
+                    conn.out = []
+        for conn in writable:
+            self._drain(conn)
+        for conn, chunks in batches:
+            self._send(conn, self._bytes_of(conn, chunks))
+        for conn in aborted:
+            self._shutdown(conn)
+        for conn in closing:
+            self._finish(conn)
+        return running
 
     def _bytes_of(self, conn: Connection, chunks: list[bytes]) -> bytes:
         """What goes on the wire for these outbox chunks: joined, and encrypted under TLS."""
