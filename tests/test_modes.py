@@ -1,0 +1,200 @@
+"""modes.py: the hold queue's bounds and order, and how the client reads what the user types."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from modes import (
+    AskSend,
+    Broadcast,
+    DirectMessage,
+    HelpCommand,
+    HistoryCommand,
+    HoldQueue,
+    Invalid,
+    Mode,
+    Nothing,
+    QuitCommand,
+    StatusCommand,
+    SwitchMode,
+    UsersCommand,
+    ViewAction,
+    dropped_text,
+    read_mode_choice,
+    read_typed_line,
+    read_view_key,
+)
+
+# --------------------------------------------------------------------------------------------
+# HoldQueue
+
+
+def test_hold_queue_flushes_in_arrival_order() -> None:
+    """Held events come back in the order they were held, with nothing dropped."""
+    queue: HoldQueue[str] = HoldQueue(limit=10, max_bytes=100)
+    for item in ("a", "b", "c"):
+        queue.hold(item, 1)
+    assert (len(queue), queue.size) == (3, 3)
+    assert queue.flush() == (0, ["a", "b", "c"])
+
+
+def test_hold_queue_drops_oldest_past_count_limit() -> None:
+    """Past ``limit`` events the oldest go, and the flush says how many."""
+    queue: HoldQueue[int] = HoldQueue(limit=3, max_bytes=1000)
+    for item in range(5):
+        queue.hold(item, 10)
+    assert (len(queue), queue.size, queue.dropped) == (3, 30, 2)
+    assert queue.flush() == (2, [2, 3, 4])
+
+
+def test_hold_queue_drops_oldest_past_byte_limit() -> None:
+    """Past ``max_bytes`` the oldest go until the rest fits."""
+    queue: HoldQueue[str] = HoldQueue(limit=100, max_bytes=10)
+    queue.hold("a", 4)
+    queue.hold("b", 4)
+    queue.hold("c", 4)
+    assert (queue.size, queue.dropped) == (8, 1)
+    queue.hold("big", 9)
+    assert queue.flush() == (3, ["big"])
+
+
+def test_hold_queue_drops_an_event_larger_than_the_byte_limit() -> None:
+    """An event bigger than ``max_bytes`` alone is dropped too, leaving the queue empty."""
+    queue: HoldQueue[str] = HoldQueue(limit=100, max_bytes=10)
+    queue.hold("a", 2)
+    queue.hold("huge", 11)
+    assert (len(queue), queue.size) == (0, 0)
+    assert queue.flush() == (2, [])
+
+
+def test_hold_queue_flush_resets_counts() -> None:
+    """After a flush the queue is empty and the dropped count starts again from 0."""
+    queue: HoldQueue[int] = HoldQueue(limit=1, max_bytes=100)
+    queue.hold(1, 1)
+    queue.hold(2, 1)
+    assert queue.flush() == (1, [2])
+    assert (len(queue), queue.size, queue.dropped) == (0, 0, 0)
+    queue.hold(3, 1)
+    assert queue.flush() == (0, [3])
+
+
+@given(st.lists(st.integers(min_value=0, max_value=20), max_size=60),
+       st.integers(min_value=1, max_value=10), st.integers(min_value=1, max_value=60))
+def test_hold_queue_keeps_the_newest_suffix_within_bounds(
+        sizes: list[int], limit: int, max_bytes: int) -> None:
+    """Whatever is held, the flush is the newest events in order, within both bounds, all counted."""
+    queue: HoldQueue[int] = HoldQueue(limit=limit, max_bytes=max_bytes)
+    for index, size in enumerate(sizes):
+        queue.hold(index, size)
+    dropped, items = queue.flush()
+    assert items == list(range(dropped, len(sizes)))
+    assert len(items) <= limit
+    assert sum(sizes[i] for i in items) <= max_bytes
+
+
+def test_dropped_text_singular_and_plural() -> None:
+    """The dropped notice's sentence agrees with its count."""
+    assert dropped_text(1) == "1 older message was dropped while you were typing."
+    assert dropped_text(3) == "3 older messages were dropped while you were typing."
+
+
+# --------------------------------------------------------------------------------------------
+# read_typed_line
+
+
+@pytest.mark.parametrize("line", ["#quite", "#quit", "/quit", "!quit", "quit", "  quit  "])
+def test_quit_words(line: str) -> None:
+    """Every quit word of the seeds and SPEC 4.4 means quit."""
+    assert read_typed_line(line) == QuitCommand()
+
+
+@pytest.mark.parametrize("line, expected", [
+    ("#view", SwitchMode(Mode.VIEWING)),
+    ("/help", HelpCommand()),
+    ("/HELP", HelpCommand()),
+    ("/users", UsersCommand()),
+    ("!who", UsersCommand()),
+    ("/status", StatusCommand()),
+    ("chs", StatusCommand()),
+    ("send", AskSend()),
+    ("history", HistoryCommand()),
+    ("/history bob", HistoryCommand("bob")),
+    ("/history 12", HistoryCommand("12")),
+    ("", Nothing()),
+    ("   ", Nothing()),
+])
+def test_commands(line: str, expected: object) -> None:
+    """Each command word is read as its command."""
+    assert read_typed_line(line) == expected
+
+
+@pytest.mark.parametrize("line, expected", [
+    ('/dm client2 "Hello there!"', DirectMessage("client2", "Hello there!")),
+    ("/dm 7 'single quotes'", DirectMessage("7", "single quotes")),
+    ("/dm bob no quotes at all", DirectMessage("bob", "no quotes at all")),
+    ('/dm bob "say \\"hi\\""', DirectMessage("bob", 'say "hi"')),
+    ('/dm bob "unbalanced', DirectMessage("bob", '"unbalanced')),
+    ("@bob  hi there", DirectMessage("bob", "hi there")),
+    ("@12 yo", DirectMessage("12", "yo")),
+])
+def test_direct_messages(line: str, expected: DirectMessage) -> None:
+    """/dm <user> "text" and @<user> text name the user and carry the text (quotes removed)."""
+    assert read_typed_line(line) == expected
+
+
+@pytest.mark.parametrize("line, expected", [
+    ('/bc "Hello!"', Broadcast("Hello!")),
+    ("/bc plain words", Broadcast("plain words")),
+    ("hello  world ", Broadcast("hello  world ")),
+    ("//etc/passwd is a path", Broadcast("/etc/passwd is a path")),
+    ("#views", Broadcast("#views")),
+    ("@", Broadcast("@")),
+])
+def test_broadcasts(line: str, expected: Broadcast) -> None:
+    """/bc and any other line broadcast; // escapes a leading slash; spaces inside are kept."""
+    assert read_typed_line(line) == expected
+
+
+@pytest.mark.parametrize("line, reason", [
+    ("/dm", 'Usage: /dm <user> "text"'),
+    ("/dm bob", 'Usage: /dm <user> "text"'),
+    ('/dm bob ""', 'Usage: /dm <user> "text"'),
+    ("/bc", 'Usage: /bc "text"'),
+    ("@bob", "Usage: @<user> text"),
+    ("/history", "Usage: /history <user>"),
+    ("/nope", "Unknown command /nope; /help lists the commands (// sends a leading /)."),
+    ("/help me", "Unknown command /help; /help lists the commands (// sends a leading /)."),
+])
+def test_invalid_commands_say_how_to_write_them(line: str, reason: str) -> None:
+    """A command written wrongly is refused with its usage, not broadcast."""
+    assert read_typed_line(line) == Invalid(reason)
+
+
+# --------------------------------------------------------------------------------------------
+# read_view_key and read_mode_choice
+
+
+@pytest.mark.parametrize("key, expected", [
+    ("e", ViewAction(mode=Mode.TYPING)),
+    ("E", ViewAction(mode=Mode.TYPING)),
+    ("e\n", ViewAction(mode=Mode.TYPING)),
+    ("q", ViewAction(quit=True)),
+    ("Q\n", ViewAction(quit=True)),
+    ("x", ViewAction()),
+    ("", ViewAction()),
+    ("quit", ViewAction()),
+])
+def test_view_keys(key: str, expected: ViewAction) -> None:
+    """In mode 2, e types, q quits (a key or a line from a pipe), anything else does nothing."""
+    assert read_view_key(key) == expected
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("1", Mode.TYPING), ("2", Mode.VIEWING), (" 2\n", Mode.VIEWING),
+    ("3", None), ("", None), ("one", None), ("12", None),
+])
+def test_mode_choice(text: str, expected: Mode | None) -> None:
+    """The mode menu accepts 1 or 2 and nothing else."""
+    assert read_mode_choice(text) == expected
