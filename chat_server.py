@@ -361,8 +361,6 @@ class Handler:
 
     def handle(self, request: object) -> None:
         member = self.member
-        if isinstance(request, Pong):
-            return
         if isinstance(request, Hello):
             if member.registered:
                 raise ProtocolError(ErrorCode.ALREADY_REGISTERED, "You are already registered.",
@@ -379,6 +377,8 @@ class Handler:
         ref = getattr(request, "ref", None)
         if not member.registered:
             raise ProtocolError(ErrorCode.NOT_REGISTERED, 'Register first with "hello".', ref)
+        if isinstance(request, Pong):
+            return  # it already counted as a sign of life when it arrived
         if isinstance(request, Say):
             self.say([request])
         elif isinstance(request, Dm):

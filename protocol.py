@@ -365,7 +365,7 @@ def _parse_hello(obj: dict[str, Any], ref: Ref) -> Request:
 
 def _parse_mode(obj: dict[str, Any], ref: Ref) -> Request:
     mode = obj.get("mode")
-    if isinstance(mode, bool) or mode not in (1, 2):
+    if type(mode) is not int or mode not in (1, 2):  # not True, not 1.0
         raise ProtocolError(ErrorCode.BAD_REQUEST, '"mode" must be 1 or 2.', ref)
     return SetMode(int(mode), ref)
 

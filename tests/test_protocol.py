@@ -1,0 +1,775 @@
+"""The native protocol and the line-protocol helpers of protocol.py, without sockets (SPEC 1, 2.1).
+
+Every decoder case runs whole, one byte at a time and with neighbouring frames, as h11's tests do;
+hypothesis checks the decoder's invariants over arbitrary splits and arbitrary bytes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import tracemalloc
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from protocol import (
+    MAX_FRAME,
+    Dm,
+    ErrorCode,
+    EventDecoder,
+    Hello,
+    LineList,
+    LineLogin,
+    LineReply,
+    LineSend,
+    ListUsers,
+    Oversized,
+    Ping,
+    Pong,
+    ProtocolError,
+    Quit,
+    Request,
+    RequestDecoder,
+    Say,
+    ServerLine,
+    SetMode,
+    SetStatus,
+    Splitter,
+    encode,
+    encode_request,
+    name_problem,
+    no_such_user_message,
+    parse_line_command,
+    parse_server_line,
+    parse_target,
+    split_names,
+    utc_timestamp,
+)
+
+REQUEST_CLASSES = (Hello, SetMode, Say, Dm, ListUsers, SetStatus, Ping, Pong, Quit)
+
+BAD_LENGTH_OR_CHARS = "A name is 1 to 32 characters: ASCII letters, digits, '_', '-' and '.'."
+ALL_DIGITS = "A name cannot be all digits (those are ids)."
+
+
+def frame(obj: Any) -> bytes:
+    """A frame holding ``obj`` as the test writes it (json.dumps, so \\u escapes are allowed)."""
+    return json.dumps(obj).encode("utf-8") + b"\0"
+
+
+def decode_whole(data: bytes, max_frame: int = MAX_FRAME) -> list[Request | ProtocolError]:
+    return RequestDecoder(max_frame).feed(data)
+
+
+def decode_bytewise(data: bytes, max_frame: int = MAX_FRAME) -> list[Request | ProtocolError]:
+    decoder = RequestDecoder(max_frame)
+    out: list[Request | ProtocolError] = []
+    for index in range(len(data)):
+        out.extend(decoder.feed(data[index : index + 1]))
+    return out
+
+
+def decode_one(data: bytes) -> Request | ProtocolError:
+    """Decode one frame whole, byte by byte, and between two pings; all three must agree."""
+    whole = decode_whole(data)
+    assert decode_bytewise(data) == whole
+    ping = frame({"type": "ping"})
+    assert decode_whole(ping + data + ping) == [Ping(), *whole, Ping()]
+    assert len(whole) == 1, whole
+    return whole[0]
+
+
+def error(code: ErrorCode, message: str, ref: Any = None) -> ProtocolError:
+    return ProtocolError(code, message, ref)
+
+
+# --------------------------------------------------------------------------------------------
+# Splitter.
+
+
+def test_splitter_returns_frames_without_terminators_in_order() -> None:
+    """Several frames in one feed come out in order, without their NUL, and a tail waits."""
+    splitter = Splitter()
+    assert splitter.feed(b"ab\0\0cd\0ef") == [b"ab", b"", b"cd"]
+    assert splitter.pending == 2
+    assert splitter.feed(b"g\0") == [b"efg"]
+    assert splitter.pending == 0
+
+
+def test_splitter_byte_by_byte_matches_one_feed() -> None:
+    """Feeding a stream one byte at a time yields the same frames as feeding it at once."""
+    data = b"one\0two\0\0three\0"
+    splitter = Splitter()
+    frames: list[bytes | Oversized] = []
+    for byte in data:
+        frames.extend(splitter.feed(bytes([byte])))
+    assert frames == Splitter().feed(data) == [b"one", b"two", b"", b"three"]
+
+
+def test_splitter_limit_is_inclusive() -> None:
+    """A frame of exactly max_size bytes is kept; one byte more becomes an Oversized marker."""
+    splitter = Splitter(max_size=8)
+    assert splitter.feed(b"x" * 8 + b"\0" + b"y" * 9 + b"\0" + b"ok\0") == [
+        b"x" * 8,
+        Oversized(9),
+        b"ok",
+    ]
+
+
+def test_splitter_oversized_frame_counted_across_feeds() -> None:
+    """An oversized frame streamed in pieces is dropped, reported once with its size, and the next
+    frame decodes."""
+    splitter = Splitter(max_size=10)
+    assert splitter.feed(b"a" * 6) == []
+    assert splitter.feed(b"a" * 6) == []
+    assert splitter.pending <= 10
+    assert splitter.feed(b"a" * 100) == []
+    assert splitter.pending <= 10
+    assert splitter.feed(b"aa\0next\0") == [Oversized(114), b"next"]
+    assert splitter.pending == 0
+
+
+def test_splitter_memory_bound_without_terminator() -> None:
+    """Feeding 10 MiB without a NUL never leaves more than max_size bytes pending."""
+    splitter = Splitter(max_size=MAX_FRAME)
+    chunk = b"z" * 4096
+    for _ in range(10 * 1024 * 1024 // len(chunk)):
+        assert splitter.feed(chunk) == []
+        assert splitter.pending <= MAX_FRAME
+    assert splitter.feed(b"\0{}\0") == [Oversized(10 * 1024 * 1024), b"{}"]
+
+
+def test_splitter_line_delimiter() -> None:
+    """The splitter also cuts on newline for the line protocol."""
+    assert Splitter(b"\n").feed(b"LIST\nWHO\r\nSEN") == [b"LIST", b"WHO\r"]
+
+
+def test_splitter_rejects_multibyte_delimiter() -> None:
+    """A delimiter must be exactly one byte (a local misuse, so a ValueError)."""
+    with pytest.raises(ValueError):
+        Splitter(b"\r\n")
+
+
+frames_strategy = st.lists(
+    st.binary(max_size=40).map(lambda data: data.replace(b"\0", b"")), max_size=12
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(frames=frames_strategy, cuts=st.lists(st.integers(min_value=0), max_size=20))
+def test_splitter_any_split_matches_model(frames: list[bytes], cuts: list[int]) -> None:
+    """For any frames and any split of their stream, the splitter yields each frame or
+    Oversized(len) in order."""
+    limit = 16
+    stream = b"".join(f + b"\0" for f in frames)
+    points = sorted({c % (len(stream) + 1) for c in cuts} | {0, len(stream)})
+    splitter = Splitter(max_size=limit)
+    out: list[bytes | Oversized] = []
+    for start, end in itertools.pairwise(points):
+        out.extend(splitter.feed(stream[start:end]))
+        assert splitter.pending <= limit
+    assert out == [f if len(f) <= limit else Oversized(len(f)) for f in frames]
+    assert splitter.pending == 0
+
+
+# --------------------------------------------------------------------------------------------
+# RequestDecoder: whole frames, split frames, many frames.
+
+
+VALID_FRAMES: list[tuple[dict[str, Any], Request]] = [
+    ({"type": "hello"}, Hello()),
+    ({"type": "hello", "name": None}, Hello()),
+    (
+        {"type": "hello", "name": "alice", "title": "dev", "company": "acme", "ref": 1},
+        Hello("alice", "dev", "acme", 1),
+    ),
+    ({"type": "hello", "name": ""}, Hello("")),  # the name's rules are the server's: bad-name
+    ({"type": "mode", "mode": 1}, SetMode(1)),
+    ({"type": "mode", "mode": 2, "ref": "m"}, SetMode(2, "m")),
+    ({"type": "say", "text": "hi"}, Say("hi")),
+    (
+        {"type": "say", "text": "line1\nline2\u0000end", "ref": "r"},
+        Say("line1\nline2\u0000end", "r"),
+    ),
+    ({"type": "say", "text": "\ud83d\ude00"}, Say("\U0001f600")),  # a surrogate pair is fine
+    ({"type": "dm", "to": "bob", "text": "x"}, Dm("bob", "x")),
+    ({"type": "dm", "to": 7, "text": "x"}, Dm(7, "x")),
+    ({"type": "dm", "to": "7", "text": "x"}, Dm("7", "x")),
+    ({"type": "users"}, ListUsers()),
+    ({"type": "users", "ref": -3}, ListUsers(-3)),
+    ({"type": "status"}, SetStatus()),
+    ({"type": "status", "status": None}, SetStatus()),
+    ({"type": "status", "status": "available"}, SetStatus("available")),
+    ({"type": "status", "status": "unavailable"}, SetStatus("unavailable")),
+    ({"type": "ping"}, Ping()),
+    ({"type": "pong", "ref": 5}, Pong(5)),
+    ({"type": "quit", "extra": [1, {"a": None}]}, Quit()),  # unknown fields are ignored
+]
+
+
+@pytest.mark.parametrize("obj,expected", VALID_FRAMES, ids=[json.dumps(o) for o, _ in VALID_FRAMES])
+def test_valid_request_decodes(obj: dict[str, Any], expected: Request) -> None:
+    """Each valid request decodes to its typed value, whole, byte by byte and between other
+    frames."""
+    assert decode_one(frame(obj)) == expected
+
+
+def test_many_frames_in_one_feed_and_byte_by_byte() -> None:
+    """All the valid frames in one feed decode the same as when fed one byte at a time."""
+    stream = b"".join(frame(obj) for obj, _ in VALID_FRAMES)
+    expected = [request for _, request in VALID_FRAMES]
+    assert decode_whole(stream) == expected
+    assert decode_bytewise(stream) == expected
+
+
+def test_raw_utf8_text_split_inside_a_character() -> None:
+    """A multi-byte UTF-8 character split between two feeds decodes whole."""
+    data = '{"type":"say","text":"é😀"}\0'.encode()
+    decoder = RequestDecoder()
+    cut = data.index("😀".encode()) + 2
+    assert decoder.feed(data[:cut]) == []
+    assert decoder.feed(data[cut:]) == [Say("é😀")]
+
+
+def test_frame_of_exactly_max_frame_bytes_decodes() -> None:
+    """A frame of exactly max_frame bytes before its NUL is accepted."""
+    head = b'{"type":"say","text":"'
+    tail = b'"}'
+    body = head + b"x" * (MAX_FRAME - len(head) - len(tail)) + tail
+    assert len(body) == MAX_FRAME
+    assert decode_whole(body + b"\0") == [Say("x" * (MAX_FRAME - len(head) - len(tail)))]
+
+
+def test_frame_too_large_then_next_frame_decodes() -> None:
+    """A 65,537-byte frame yields frame-too-large, and the valid frame after it still decodes."""
+    big = b'{"type":"say","text":"' + b"x" * (MAX_FRAME + 1 - 24) + b'"}'
+    assert len(big) == MAX_FRAME + 1
+    data = big + b"\0" + frame({"type": "ping", "ref": 1})
+    expected = [
+        error(
+            ErrorCode.FRAME_TOO_LARGE,
+            f"The frame of {MAX_FRAME + 1} bytes is over the limit of {MAX_FRAME} bytes.",
+        ),
+        Ping(1),
+    ]
+    assert decode_whole(data) == expected
+    assert decode_bytewise(data) == expected
+
+
+def test_decoder_memory_bounded_for_10_mib_without_nul() -> None:
+    """Streaming 10 MiB without a NUL in 64 KiB pieces keeps the decoder's memory under a few
+    frames."""
+    decoder = RequestDecoder()
+    chunk = b"[" * 65536
+    tracemalloc.start()
+    try:
+        baseline = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        for _ in range(160):
+            assert decoder.feed(chunk) == []
+        peak = tracemalloc.get_traced_memory()[1] - baseline
+    finally:
+        tracemalloc.stop()
+    # A kept buffer would be 10 MiB; joining one partial frame and one chunk costs about 2 frames.
+    assert peak < 4 * MAX_FRAME, peak
+    assert decoder.feed(b"\0" + frame({"type": "ping"})) == [
+        error(
+            ErrorCode.FRAME_TOO_LARGE,
+            f"The frame of {160 * 65536} bytes is over the limit of {MAX_FRAME} bytes.",
+        ),
+        Ping(),
+    ]
+
+
+def test_custom_max_frame_applies() -> None:
+    """RequestDecoder(max_frame=N) rejects frames longer than N bytes."""
+    data = frame({"type": "ping"})
+    assert decode_whole(data, max_frame=len(data) - 1) == [Ping()]
+    assert decode_whole(data, max_frame=len(data) - 2) == [
+        error(
+            ErrorCode.FRAME_TOO_LARGE,
+            f"The frame of {len(data) - 1} bytes is over the limit of {len(data) - 2} bytes.",
+        ),
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# RequestDecoder: bad frames (bad-frame, bad-request, unknown-type) and the ref they echo.
+
+NOT_UTF8 = "The frame is not valid UTF-8."
+NOT_JSON = "The frame is not valid JSON."
+NOT_OBJECT = "The frame is not a JSON object."
+NO_TYPE = 'The frame has no string "type".'
+
+BAD_FRAMES: list[tuple[bytes, ProtocolError]] = [
+    (b'{"type":"say","text":"\xff"}', error(ErrorCode.BAD_FRAME, NOT_UTF8)),
+    (b'{"type":"say","text":"\xc3"}', error(ErrorCode.BAD_FRAME, NOT_UTF8)),  # truncated sequence
+    (
+        b'{"type":"say","text":"\xed\xa0\x80"}',
+        error(ErrorCode.BAD_FRAME, NOT_UTF8),
+    ),  # raw surrogate
+    (b'{"type":"say","text":"\xc0\xaf"}', error(ErrorCode.BAD_FRAME, NOT_UTF8)),  # overlong "/"
+    (b"", error(ErrorCode.BAD_FRAME, NOT_JSON)),
+    (b"not json", error(ErrorCode.BAD_FRAME, NOT_JSON)),
+    (b'{"type":"ping"', error(ErrorCode.BAD_FRAME, NOT_JSON)),
+    (b'{"type":"ping"}{"type":"ping"}', error(ErrorCode.BAD_FRAME, NOT_JSON)),
+    (b"[" * 60_000, error(ErrorCode.BAD_FRAME, NOT_JSON)),
+    (
+        b'{"type":"ping","n":' + b"[" * 30_000 + b"]" * 30_000 + b"}",
+        error(ErrorCode.BAD_FRAME, NOT_JSON),
+    ),
+    (b'{"type":"ping","n":NaN}', error(ErrorCode.BAD_FRAME, NOT_JSON)),
+    (b'{"type":"ping","n":Infinity}', error(ErrorCode.BAD_FRAME, NOT_JSON)),
+    (b'{"type":"ping","n":-Infinity}', error(ErrorCode.BAD_FRAME, NOT_JSON)),
+    (b'{"type":"ping","n":1e400}', error(ErrorCode.BAD_FRAME, NOT_JSON)),
+    (b'{"type":"ping","n":-1e400}', error(ErrorCode.BAD_FRAME, NOT_JSON)),
+    (b'{"type":"ping","n":' + str(10**100).encode() + b"}", error(ErrorCode.BAD_FRAME, NOT_JSON)),
+    (b'{"type":"ping","n":' + b"9" * 60_000 + b"}", error(ErrorCode.BAD_FRAME, NOT_JSON)),
+    (b"[]", error(ErrorCode.BAD_FRAME, NOT_OBJECT)),
+    (b'[{"type":"ping"}]', error(ErrorCode.BAD_FRAME, NOT_OBJECT)),
+    (b'"ping"', error(ErrorCode.BAD_FRAME, NOT_OBJECT)),
+    (b"42", error(ErrorCode.BAD_FRAME, NOT_OBJECT)),
+    (b"null", error(ErrorCode.BAD_FRAME, NOT_OBJECT)),
+    (b"true", error(ErrorCode.BAD_FRAME, NOT_OBJECT)),
+    (b"{}", error(ErrorCode.BAD_FRAME, NO_TYPE)),
+    (b'{"text":"hi","ref":"r1"}', error(ErrorCode.BAD_FRAME, NO_TYPE, "r1")),
+    (b'{"type":null,"ref":2}', error(ErrorCode.BAD_FRAME, NO_TYPE, 2)),
+    (b'{"type":5}', error(ErrorCode.BAD_FRAME, NO_TYPE)),
+    (b'{"type":["say"]}', error(ErrorCode.BAD_FRAME, NO_TYPE)),
+    (b'{"type":true}', error(ErrorCode.BAD_FRAME, NO_TYPE)),
+]
+
+
+@pytest.mark.parametrize("data,expected", BAD_FRAMES, ids=[repr(d[:40]) for d, _ in BAD_FRAMES])
+def test_bad_frame(data: bytes, expected: ProtocolError) -> None:
+    """Frames that are not UTF-8, not JSON, not an object, or have no string type are bad-frame."""
+    assert decode_one(data + b"\0") == expected
+
+
+def test_100000_open_brackets_is_bad_frame_not_a_crash() -> None:
+    """Nesting 100,000 levels deep (with a limit that lets the frame through) is bad-frame, not a
+    RecursionError."""
+    data = b"[" * 100_000 + b"\0" + b'{"type":"ping"}\0'
+    assert decode_whole(data, max_frame=200_000) == [error(ErrorCode.BAD_FRAME, NOT_JSON), Ping()]
+
+
+LONE_SURROGATES = [
+    {"type": "say", "text": "\ud800"},
+    {"type": "say", "text": "ok \udfff ok", "ref": "s"},
+    {"type": "dm", "to": "bob", "text": "\udc00"},
+    {"type": "hello", "name": "al\ud800ice"},
+    {"type": "ping", "extra": ["\ud800"]},
+    {"type": "ping", "\ud800": 1},
+]
+
+
+@pytest.mark.parametrize("obj", LONE_SURROGATES, ids=[repr(o) for o in LONE_SURROGATES])
+def test_lone_surrogate_is_bad_request(obj: dict[str, Any]) -> None:
+    """A string holding a lone surrogate (written as a \\u escape) is bad-request, with the ref
+    echoed."""
+    assert decode_one(frame(obj)) == error(
+        ErrorCode.BAD_REQUEST, "The text holds a lone surrogate.", obj.get("ref")
+    )
+
+
+TEXT_MESSAGE = '"text" must be a non-empty string.'
+BAD_REQUESTS: list[tuple[dict[str, Any], str]] = [
+    ({"type": "hello", "name": 5}, '"name" must be a string.'),
+    ({"type": "hello", "name": ["a"]}, '"name" must be a string.'),
+    ({"type": "hello", "name": "a", "title": 1}, '"title" must be a string.'),
+    ({"type": "hello", "name": "a", "company": {}}, '"company" must be a string.'),
+    ({"type": "mode"}, '"mode" must be 1 or 2.'),
+    ({"type": "mode", "mode": 3}, '"mode" must be 1 or 2.'),
+    ({"type": "mode", "mode": 0}, '"mode" must be 1 or 2.'),
+    ({"type": "mode", "mode": "2"}, '"mode" must be 1 or 2.'),
+    ({"type": "mode", "mode": True}, '"mode" must be 1 or 2.'),
+    ({"type": "mode", "mode": None}, '"mode" must be 1 or 2.'),
+    ({"type": "say"}, TEXT_MESSAGE),
+    ({"type": "say", "text": ""}, TEXT_MESSAGE),
+    ({"type": "say", "text": None}, TEXT_MESSAGE),
+    ({"type": "say", "text": 5}, TEXT_MESSAGE),
+    ({"type": "say", "text": ["hi"]}, TEXT_MESSAGE),
+    ({"type": "dm", "text": "x"}, '"to" must be a name or an id.'),
+    ({"type": "dm", "to": "", "text": "x"}, '"to" must be a name or an id.'),
+    ({"type": "dm", "to": None, "text": "x"}, '"to" must be a name or an id.'),
+    ({"type": "dm", "to": True, "text": "x"}, '"to" must be a name or an id.'),
+    ({"type": "dm", "to": 1.5, "text": "x"}, '"to" must be a name or an id.'),
+    ({"type": "dm", "to": ["bob"], "text": "x"}, '"to" must be a name or an id.'),
+    ({"type": "dm", "to": "bob"}, TEXT_MESSAGE),
+    ({"type": "dm", "to": "bob", "text": ""}, TEXT_MESSAGE),
+    ({"type": "dm", "to": 3, "text": 3}, TEXT_MESSAGE),
+    ({"type": "status", "status": "busy"}, '"status" must be "available" or "unavailable".'),
+    ({"type": "status", "status": "Available"}, '"status" must be "available" or "unavailable".'),
+    ({"type": "status", "status": 1}, '"status" must be "available" or "unavailable".'),
+]
+
+
+@pytest.mark.parametrize("obj,message", BAD_REQUESTS, ids=[json.dumps(o) for o, _ in BAD_REQUESTS])
+def test_bad_request_fields(obj: dict[str, Any], message: str) -> None:
+    """A missing or wrongly typed field, or an empty text, is bad-request, with and without a
+    ref."""
+    assert decode_one(frame(obj)) == error(ErrorCode.BAD_REQUEST, message)
+    assert decode_one(frame({**obj, "ref": "r9"})) == error(ErrorCode.BAD_REQUEST, message, "r9")
+    assert decode_one(frame({**obj, "ref": 9})) == error(ErrorCode.BAD_REQUEST, message, 9)
+
+
+@pytest.mark.parametrize("kind", ["foo", "", "HELLO", "Say", "message", "welcome"])
+def test_unknown_type(kind: str) -> None:
+    """A request whose type is not one of the nine is unknown-type, with its ref echoed."""
+    assert decode_one(frame({"type": kind, "ref": "u"})) == error(
+        ErrorCode.UNKNOWN_TYPE, f'Unknown request type "{kind}".', "u"
+    )
+
+
+@pytest.mark.parametrize("ref", [1.5, True, False, None, [1], {"a": 1}])
+def test_ref_that_is_not_string_or_int_is_not_echoed(ref: Any) -> None:
+    """A ref that is not a string or an integer is ignored, so neither the request nor its error
+    carries it."""
+    assert decode_one(frame({"type": "ping", "ref": ref})) == Ping()
+    assert decode_one(frame({"type": "say", "ref": ref})) == error(
+        ErrorCode.BAD_REQUEST, TEXT_MESSAGE
+    )
+
+
+@pytest.mark.parametrize("ref", ["", "x" * 100, "é", 0, -1, 10**17])
+def test_ref_is_kept(ref: Any) -> None:
+    """A string or integer ref is kept on the request exactly."""
+    assert decode_one(frame({"type": "users", "ref": ref})) == ListUsers(ref)
+
+
+# --------------------------------------------------------------------------------------------
+# Hypothesis: any split of valid frames, and arbitrary bytes.
+
+ids = st.integers(min_value=-(10**18) + 1, max_value=10**18 - 1)
+refs = st.none() | st.text(max_size=8) | ids
+texts = st.text(min_size=1, max_size=30)
+optional_texts = st.none() | st.text(max_size=10)
+requests_strategy: st.SearchStrategy[Request] = st.one_of(
+    st.builds(Hello, optional_texts, optional_texts, optional_texts, refs),
+    st.builds(SetMode, st.sampled_from([1, 2]), refs),
+    st.builds(Say, texts, refs),
+    st.builds(Dm, texts | ids, texts, refs),
+    st.builds(ListUsers, refs),
+    st.builds(SetStatus, st.sampled_from([None, "available", "unavailable"]), refs),
+    st.builds(Ping, refs),
+    st.builds(Pong, refs),
+    st.builds(Quit, refs),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    requests=st.lists(requests_strategy, max_size=10),
+    cuts=st.lists(st.integers(min_value=0), max_size=30),
+)
+def test_any_split_of_valid_frames_decodes_the_same(
+    requests: list[Request], cuts: list[int]
+) -> None:
+    """Any split of any stream of encoded requests decodes to exactly those requests, in order."""
+    stream = b"".join(encode_request(request) for request in requests)
+    points = sorted({c % (len(stream) + 1) for c in cuts} | {0, len(stream)})
+    decoder = RequestDecoder()
+    out: list[Request | ProtocolError] = []
+    for start, end in itertools.pairwise(points):
+        out.extend(decoder.feed(stream[start:end]))
+    assert out == requests
+
+
+chunk_strategy = st.one_of(
+    st.binary(max_size=64),
+    st.just(b"\0"),
+    st.sampled_from([frame(obj) for obj, _ in VALID_FRAMES]),
+    st.sampled_from([data + b"\0" for data, _ in BAD_FRAMES if len(data) < 200]),
+    st.text(max_size=20).map(lambda t: t.encode("utf-8")),
+    st.builds(
+        lambda obj: json.dumps(obj).encode() + b"\0",
+        st.dictionaries(
+            st.sampled_from(["type", "text", "to", "ref", "name", "mode", "status"]),
+            st.none()
+            | st.booleans()
+            | st.integers()
+            | st.floats()
+            | st.text(max_size=5)
+            | st.sampled_from(["say", "dm", "hello", "mode", "status", "\ud800"]),
+            max_size=5,
+        ),
+    ),
+)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(chunks=st.lists(chunk_strategy, max_size=20), max_frame=st.sampled_from([8, 64, MAX_FRAME]))
+def test_arbitrary_bytes_never_raise(chunks: list[bytes], max_frame: int) -> None:
+    """Arbitrary bytes yield only Request values or ProtocolError values, never an exception."""
+    decoder = RequestDecoder(max_frame)
+    for chunk in chunks:
+        for item in decoder.feed(chunk):
+            assert isinstance(item, REQUEST_CLASSES + (ProtocolError,)), item
+            if isinstance(item, ProtocolError):
+                assert isinstance(item.code, ErrorCode)
+                assert item.ref is None or (
+                    isinstance(item.ref, (str, int)) and not isinstance(item.ref, bool)
+                )
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.binary(max_size=300))
+def test_event_decoder_never_raises(data: bytes) -> None:
+    """The client's EventDecoder skips anything that is not an object with a string type, never
+    raising."""
+    for event in EventDecoder().feed(data + b"\0"):
+        assert isinstance(event, dict) and isinstance(event["type"], str)
+
+
+# --------------------------------------------------------------------------------------------
+# Encoding.
+
+
+def test_encode_is_compact_raw_utf8_with_escaped_nul() -> None:
+    """encode() writes compact JSON with raw UTF-8, escapes U+0000 and control characters, and ends
+    with one NUL."""
+    data = encode({"type": "message", "text": "a\u0000b\nc é 😀", "n": [1, None]})
+    assert data == '{"type":"message","text":"a\\u0000b\\nc é 😀","n":[1,null]}\0'.encode()
+    assert data.count(b"\0") == 1 and data.endswith(b"\0")
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(min_size=1))
+def test_encoded_text_round_trips(text: str) -> None:
+    """Any text, NUL and newlines included, survives encode() and both decoders unchanged."""
+    data = encode({"type": "say", "text": text})
+    assert data.index(b"\0") == len(data) - 1
+    assert RequestDecoder().feed(data) == [Say(text)]
+    assert EventDecoder().feed(data) == [{"type": "say", "text": text}]
+
+
+def test_encode_refuses_nan() -> None:
+    """encode() never writes NaN, which our own decoder would reject as bad-frame."""
+    with pytest.raises(ValueError):
+        encode({"type": "x", "n": float("nan")})
+
+
+@settings(max_examples=200, deadline=None)
+@given(request=requests_strategy)
+def test_encode_request_round_trips(request: Request) -> None:
+    """encode_request() of any request decodes back to an equal request."""
+    assert RequestDecoder().feed(encode_request(request)) == [request]
+
+
+def test_encode_request_omits_empty_optionals() -> None:
+    """A request without a ref or a toggle status leaves those fields out of the wire object."""
+    assert encode_request(SetStatus()) == b'{"type":"status"}\0'
+    assert encode_request(Dm(4, "hi", "r")) == b'{"type":"dm","to":4,"text":"hi","ref":"r"}\0'
+
+
+def test_utc_timestamp_format() -> None:
+    """Timestamps are UTC ISO 8601 with milliseconds and a Z."""
+    assert utc_timestamp(0) == "1970-01-01T00:00:00.000Z"
+    assert utc_timestamp(1_700_000_000.1234) == "2023-11-14T22:13:20.123Z"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", utc_timestamp())
+
+
+# --------------------------------------------------------------------------------------------
+# Names and targets.
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "a",
+        "A",
+        "x" * 32,
+        "alice",
+        "Bob_2",
+        "a-b.c",
+        "_",
+        ".",
+        "-",
+        "1a",
+        "a1",
+        "007bond",
+        "servers",
+        "all1",
+        "allison",
+        "Server_",
+        "ALL.x",
+    ],
+)
+def test_good_names(name: str) -> None:
+    """Names of 1 to 32 letters, digits, _ - and . that are not all digits nor reserved are
+    allowed."""
+    assert name_problem(name) is None
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "",
+        "x" * 33,
+        "al ice",
+        " alice",
+        "alice ",
+        "alice\n",
+        "alice\t",
+        "é",
+        "ali\u00e9",
+        "a!",
+        "a/b",
+        "a@b",
+        "a,b",
+        "a:b",
+        "a\u0000",
+        "\u0661\u0662",
+        "ｆｕｌｌ",
+        "a\x1b[31m",
+        "😀",
+    ],
+)
+def test_names_with_bad_length_or_characters(name: str) -> None:
+    """A name that is empty, longer than 32, or has any other character is refused with the rule's
+    sentence."""
+    assert name_problem(name) == BAD_LENGTH_OR_CHARS
+
+
+@pytest.mark.parametrize("name", ["0", "1", "42", "0000", "9" * 32])
+def test_all_digit_names(name: str) -> None:
+    """A name of digits only is refused, since it would read as an id."""
+    assert name_problem(name) == ALL_DIGITS
+
+
+@pytest.mark.parametrize(
+    "name", ["server", "Server", "SERVER", "sErVeR", "all", "All", "ALL", "aLl"]
+)
+def test_reserved_names_in_any_case(name: str) -> None:
+    """server and all are reserved in any case."""
+    assert name_problem(name) == f'The name "{name}" is reserved.'
+
+
+@pytest.mark.parametrize(
+    "to,expected",
+    [
+        (4, 4),
+        (0, 0),
+        ("4", 4),
+        ("0042", 42),
+        ("bob", "bob"),
+        ("4bob", "4bob"),
+        ("b4", "b4"),
+        ("-1", "-1"),
+        (" 4", " 4"),
+        ("\u0664", "\u0664"),
+        ("４", "４"),
+    ],
+)
+def test_parse_target(to: str | int, expected: str | int) -> None:
+    """An int or a string of ASCII digits is an id; any other string is a name."""
+    result = parse_target(to)
+    assert result == expected
+    assert type(result) is type(expected)
+
+
+def test_no_such_user_message_reads_as_seed_004() -> None:
+    """The no-such-user sentence is exactly the one of seed 004."""
+    assert no_such_user_message("client4") == 'User "client4" is not connected to the server.'
+    assert no_such_user_message(12) == 'User "12" is not connected to the server.'
+
+
+# --------------------------------------------------------------------------------------------
+# Line protocol helpers (SPEC 2.1, 4.9).
+
+LINE_COMMANDS: list[tuple[bytes, Any]] = [
+    (b"HELLO-FROM alice", LineLogin("alice")),
+    (b"HELLO-FROM alice\r", LineLogin("alice")),
+    (b"HELLO-FROM", LineReply.BAD_BODY),
+    (b"HELLO-FROM ", LineReply.BAD_BODY),
+    (b"HELLO-FROM al ice", LineReply.BAD_BODY),
+    (b"hello-from alice", LineReply.BAD_HEADER),
+    (b"LIST", LineList(who=False)),
+    (b"LIST\r", LineList(who=False)),
+    (b"WHO", LineList(who=True)),
+    (b"LIST extra", LineReply.BAD_BODY),
+    (b"WHO extra", LineReply.BAD_BODY),
+    (b"list", LineReply.BAD_HEADER),
+    (b"who", LineReply.BAD_HEADER),
+    (b"SEND bob hi", LineSend("bob", "hi")),
+    (b"SEND bob  two  spaces  ", LineSend("bob", " two  spaces  ")),
+    (b"SEND bob hi\r", LineSend("bob", "hi")),
+    (b"SEND bob h\xc3\xa9", LineSend("bob", "hé")),
+    (b"SEND bob", LineReply.BAD_BODY),
+    (b"SEND bob ", LineReply.BAD_BODY),
+    (b"SEND", LineReply.BAD_BODY),
+    (b"send bob hi", LineReply.BAD_HEADER),
+    (b"", LineReply.BAD_HEADER),
+    (b"\r", LineReply.BAD_HEADER),
+    (b"FOO", LineReply.BAD_HEADER),
+    (b"DELIVERY bob hi", LineReply.BAD_HEADER),
+]
+
+
+@pytest.mark.parametrize("raw,expected", LINE_COMMANDS, ids=[repr(r) for r, _ in LINE_COMMANDS])
+def test_parse_line_command(raw: bytes, expected: Any) -> None:
+    """Each line of SPEC 2.1 parses to its command, BAD-RQST-HDR for a bad head or BAD-RQST-BODY for
+    a bad body."""
+    assert parse_line_command(raw) == expected
+
+
+SERVER_LINES: list[tuple[bytes, ServerLine]] = [
+    (b"HELLO alice", ServerLine("HELLO", "alice")),
+    (b"HELLO alice\r", ServerLine("HELLO", "alice")),
+    (b"IN-USE", ServerLine("IN-USE")),
+    (b"IN_USE", ServerLine("IN-USE")),
+    (b"BUSY", ServerLine("BUSY")),
+    (b"BAD-RQST-HDR", ServerLine("BAD-RQST-HDR")),
+    (b"BAD_RQST_HDR", ServerLine("BAD-RQST-HDR")),
+    (b"BAD_RQST_BODY", ServerLine("BAD-RQST-BODY")),
+    (b"LIST-OK a,b", ServerLine("LIST-OK", "a,b")),
+    (b"WHO-OK a,b", ServerLine("WHO-OK", "a,b")),
+    (b"WHO_OK a b", ServerLine("WHO-OK", "a b")),
+    (b"SEND-OK", ServerLine("SEND-OK")),
+    (b"SEND_OK", ServerLine("SEND-OK")),
+    (b"BAD-DEST-USER", ServerLine("BAD-DEST-USER")),
+    (b"BAD_DEST_USER", ServerLine("BAD-DEST-USER")),
+    (b"UNKNOWN", ServerLine("UNKNOWN")),
+    (b"DELIVERY bob hi  there", ServerLine("DELIVERY", "bob hi  there")),
+    (b"welcome to the server", ServerLine("OTHER", "welcome to the server")),
+]
+
+
+@pytest.mark.parametrize("raw,expected", SERVER_LINES, ids=[repr(r) for r, _ in SERVER_LINES])
+def test_parse_server_line(raw: bytes, expected: ServerLine) -> None:
+    """Server lines are classified, the underscored variants normalised to hyphens."""
+    assert parse_server_line(raw) == expected
+
+
+@pytest.mark.parametrize(
+    "body,names",
+    [
+        ("alice,bob,carol", ["alice", "bob", "carol"]),
+        ("alice, bob", ["alice", "bob"]),
+        ("alice bob  carol", ["alice", "bob", "carol"]),
+        ("alice,,bob,", ["alice", "bob"]),
+        ("alice", ["alice"]),
+        ("", []),
+        (" , ", []),
+    ],
+)
+def test_split_names(body: str, names: list[str]) -> None:
+    """A user list splits on commas and/or spaces, empty pieces ignored."""
+    assert split_names(body) == names
+
+
+def test_mode_must_be_an_integer_not_a_float_or_bool() -> None:
+    """A mode of 1.0 or true is bad-request: the mode is the integer 1 or 2."""
+    from protocol import ErrorCode, ProtocolError, parse_request
+
+    for raw in (b'{"type":"mode","mode":1.0}', b'{"type":"mode","mode":true}'):
+        try:
+            parse_request(raw)
+        except ProtocolError as error:
+            assert error.code is ErrorCode.BAD_REQUEST
+        else:
+            raise AssertionError(f"{raw!r} was accepted")
