@@ -189,6 +189,7 @@ class Handler:
 
     def receive(self) -> bytes:
         """The next bytes from the peer, serving deadlines while waiting; b"" at the end."""
+        self.server.writer.wait_for_room()  # a saturated writer slows the senders down
         while True:
             try:
                 data = self.sock.recv(RECV_SIZE)
@@ -621,8 +622,7 @@ class ChatServer:
         self.room.shutdown(
             [conn.member for conn, dialect in connections if dialect and conn.member is not None]
         )
-        for conn, _ in connections:
-            self.writer.close(conn)
+        self.writer.close_all([conn for conn, _ in connections])
         self.writer.stop()
         self.writer.thread.join(1)
         deadline = time.monotonic() + 1

@@ -80,14 +80,18 @@ class Connection:
         self.address = address
         self.writer = writer
         self.limit = limit
-        self.out: list[bytes] = []  # pushed, not yet taken by the writer (room lock)
-        self.pushed = 0  # bytes pushed in all (room lock)
-        self.sent = 0  # bytes written in all (writer thread only)
-        self.queued = False  # handed to the writer and not yet taken (room lock)
+        # Guarded by the room lock:
+        self.out: list[bytes] = []  # pushed, not yet taken by the writer
+        self.out_bytes = 0  # bytes in ``out``
+        self.pushed = 0  # bytes pushed in all
+        self.queued = False  # handed to the writer and not yet taken
+        self.blocked = False  # the kernel refused part of a send: waiting for the peer to read
         self.overflowed = False
         self.closing = False
+        # Writer thread only:
+        self.sent = 0  # bytes written in all
+        self.rest: memoryview | None = None  # the part of a send the kernel refused
         self.member: Member | None = None
-        self.rest: memoryview | None = None  # writer only: the part of a send the kernel refused
         self.tls: TlsSession | None = None
         self.refused = False  # over --max-per-ip: told "server full" once its dialect is known
 
@@ -95,21 +99,38 @@ class Connection:
         """Queue bytes for the writer; called with the room lock held."""
         if self.overflowed or self.closing:
             return
+        size = len(data)
         self.out.append(data)
-        self.pushed += len(data)
-        if self.pushed - self.sent > self.limit:
-            # A reader this slow is dropped, so that nobody waits for it and memory stays bounded.
-            self.overflowed = True
-            self.out.clear()
-            self.writer.abort(self)
-            return
+        self.out_bytes += size
+        self.pushed += size
+        if self.blocked:
+            if self.pushed - self.sent > self.limit:
+                # This peer does not read: drop it, so nobody waits and memory stays bounded.
+                self.overflowed = True
+                self.out.clear()
+                self.out_bytes = 0
+                self.writer.abort(self)
+                return
+        else:
+            self.writer.owe(size)
         if not self.queued:
             self.queued = True
             self.writer.ready(self)
 
 
+BACKLOG_HIGH = 64 * 1024 * 1024
+BACKLOG_LOW = 16 * 1024 * 1024
+
+
 class Writer:
-    """Writes every connection's outbox with non-blocking sends, in one thread."""
+    """Writes every connection's outbox with non-blocking sends, in one thread.
+
+    Two kinds of lag are told apart. A peer that does not read blocks its own socket: its
+    output waits in its outbox, and past the connection's limit it is dropped. A writer that
+    cannot keep up with everybody (the server is saturated) is the server's own lag: then the
+    bytes waiting for unblocked sockets (the backlog) pass ``BACKLOG_HIGH`` and reader threads
+    wait in ``wait_for_room`` before reading more, so TCP slows the senders down instead.
+    """
 
     def __init__(self, lock: threading.Lock, log: Callable[[str], None]) -> None:
         self.lock = lock  # the room lock: guards outboxes and the lists below
@@ -118,6 +139,9 @@ class Writer:
         self._closing: list[Connection] = []
         self._aborted: list[Connection] = []
         self._awake = False
+        self.backlog = 0  # bytes in the outboxes of connections that are not blocked
+        self._room = threading.Event()  # set while the backlog is small enough to add to
+        self._room.set()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -127,7 +151,8 @@ class Writer:
         self._running = True
         self.thread = threading.Thread(target=self._run, name="writer", daemon=True)
 
-    # Called with the room lock held.
+    # -- called with the room lock held -------------------------------------------------------
+
     def _wake(self) -> None:
         if not self._awake:
             self._awake = True
@@ -140,6 +165,24 @@ class Writer:
         self._ready.append(conn)
         self._wake()
 
+    def owe(self, size: int) -> None:
+        self.backlog += size
+        if self.backlog > BACKLOG_HIGH and self._room.is_set():
+            self._room.clear()
+
+    def abort(self, conn: Connection) -> None:
+        """Disconnect a connection now (its reader sees the end and reports it lost)."""
+        self._aborted.append(conn)
+        self._wake()
+
+    # -- called by other threads, lock free ---------------------------------------------------
+
+    def wait_for_room(self) -> None:
+        """Block while the writer is far behind (see the class docstring); returns once stopped."""
+        while not self._room.wait(0.1):
+            if not self._running:
+                return
+
     def kick(self, conn: Connection) -> None:
         """Have the writer look at ``conn`` though nothing was pushed (TLS handshake records)."""
         with self.lock:
@@ -147,22 +190,25 @@ class Writer:
                 conn.queued = True
                 self.ready(conn)
 
-    def abort(self, conn: Connection) -> None:
-        """Disconnect a connection now (its reader sees the end and reports it lost)."""
-        self._aborted.append(conn)
-        self._wake()
-
     def close(self, conn: Connection) -> None:
-        """Write what is queued for ``conn``, then close it (called by its reader, lock free)."""
+        """Write what is queued for ``conn``, then close it (called by its reader)."""
+        self.close_all([conn])
+
+    def close_all(self, conns: list[Connection]) -> None:
+        """``close`` for many connections at once (server shutdown): one lock, one wake-up."""
         with self.lock:
-            conn.closing = True
-            self._closing.append(conn)
+            for conn in conns:
+                conn.closing = True
+            self._closing.extend(conns)
             self._wake()
 
     def stop(self) -> None:
         with self.lock:
             self._running = False
+            self._room.set()
             self._wake()
+
+    # -- the writer thread --------------------------------------------------------------------
 
     def _run(self) -> None:
         while True:
@@ -192,13 +238,19 @@ class Writer:
             aborted, self._aborted = self._aborted, []
             running = self._running
             batches = []
+            taken = 0
             for conn in ready:
-                if conn in self._waiting:
-                    continue  # blocked: stays queued, its outbox is taken when it drains
+                if conn.blocked:
+                    continue  # stays queued: its outbox is taken when the socket drains
                 conn.queued = False
                 if conn.out or conn.tls is not None:
                     batches.append((conn, conn.out))
+                    taken += conn.out_bytes
                     conn.out = []
+                    conn.out_bytes = 0
+            self.backlog -= taken
+            if self.backlog < BACKLOG_LOW and not self._room.is_set():
+                self._room.set()
         for conn in writable:
             self._drain(conn)
         for conn, chunks in batches:
@@ -224,9 +276,13 @@ class Writer:
         """A blocked socket became writable: send the refused part, then what queued meanwhile."""
         if conn.rest is None or not self._send(conn, conn.rest):
             return
+        self._selector.unregister(conn.sock)
+        self._waiting.discard(conn)
         with self.lock:
-            chunks, conn.out = conn.out, []
+            conn.blocked = False
             conn.queued = False
+            chunks, conn.out = conn.out, []
+            conn.out_bytes = 0  # never counted in the backlog while blocked
         if chunks:
             self._send(conn, self._bytes_of(conn, chunks))
 
@@ -235,6 +291,7 @@ class Writer:
         if conn.sock.fileno() < 0:
             return False
         if not data:
+            conn.rest = None
             return True
         try:
             sent = conn.sock.send(data)
@@ -244,17 +301,18 @@ class Writer:
             self._shutdown(conn)  # the reader sees the end and reports the connection lost
             return False
         conn.sent += sent
-        if sent < len(data):
-            conn.rest = memoryview(data)[sent:]
-            if conn not in self._waiting:
-                self._waiting.add(conn)
-                self._selector.register(conn.sock, selectors.EVENT_WRITE, conn)
-            return False
-        conn.rest = None
-        if conn in self._waiting:
-            self._waiting.discard(conn)
-            self._selector.unregister(conn.sock)
-        return True
+        if sent == len(data):
+            conn.rest = None
+            return True
+        conn.rest = memoryview(data)[sent:]
+        if conn not in self._waiting:
+            self._waiting.add(conn)
+            self._selector.register(conn.sock, selectors.EVENT_WRITE, conn)
+            with self.lock:
+                conn.blocked = True
+                conn.queued = True  # later pushes wait in the outbox until the socket drains
+                self.backlog -= conn.out_bytes
+        return False
 
     def _shutdown(self, conn: Connection) -> None:
         try:
@@ -266,6 +324,9 @@ class Writer:
         """Last write (best effort, never blocking), then close the socket."""
         with self.lock:
             chunks, conn.out = conn.out, []
+            if not conn.blocked:
+                self.backlog -= conn.out_bytes
+            conn.out_bytes = 0
         if conn.sock.fileno() < 0:
             return
         if not conn.overflowed:
