@@ -1600,3 +1600,30 @@ def test_pong_before_hello_is_not_registered(server, connect) -> None:
     peer = connect(server)
     peer.send({"type": "pong", "ref": 4})
     assert peer.expect("error", code="not-registered")["ref"] == 4
+
+
+def test_fast_readers_are_not_dropped_when_a_burst_exceeds_the_output_limit(
+    start_server, connect
+) -> None:
+    """A burst far larger than --output-limit reaches viewers that keep reading, and none is dropped."""
+    server = start_server(rate=0, output_limit=4096)
+    viewers = [connect(server) for _ in range(5)]
+    for index, viewer in enumerate(viewers):
+        viewer.register(f"viewer{index}")
+        viewer.view()
+    sender = connect(server)
+    sender.register("sender")
+    for viewer in viewers:
+        viewer.expect("notice", event="joined")
+        viewer.sync()
+    burst = b"".join(
+        json.dumps({"type": "say", "text": f"message {i:05d} " + "x" * 100}).encode() + b"\0"
+        for i in range(2000)
+    )
+    threading.Thread(target=sender.send_raw, args=(burst,), daemon=True).start()
+    for viewer in viewers:
+        texts = [viewer.expect("message")["text"][:13] for _ in range(2000)]
+        assert texts == [f"message {i:05d}" for i in range(2000)]
+    sender.send({"type": "users"})
+    names = [u["name"] for u in sender.wait_for("users")["users"]]
+    assert names == [f"viewer{i}" for i in range(5)] + ["sender"]
