@@ -605,16 +605,22 @@ class ChatServer:
         self.log("\n".join(lines))
 
     def stop(self) -> None:
-        """Tell everyone, close every socket and the listener, and wait for the threads."""
+        """Tell everyone, close every socket and the listener, and wait (briefly) for the threads.
+
+        The whole stop takes well under a second: threads still busy after that are daemons
+        and end with the process.
+        """
         if self.stopping.is_set():
             return
+        deadline = time.monotonic() + 0.8
         self.stopping.set()
+        self.room.closing = True
         try:
             self._stop_w.send(b"\0")
         except OSError:
             pass
         if self._acceptor is not None:
-            self._acceptor.join(1)
+            self._acceptor.join(0.2)
         if self._listener is not None:
             self._listener.close()
         with self.room.lock:
@@ -624,8 +630,7 @@ class ChatServer:
         )
         self.writer.close_all([conn for conn, _ in connections])
         self.writer.stop()
-        self.writer.thread.join(1)
-        deadline = time.monotonic() + 1
+        self.writer.thread.join(max(0.0, deadline - time.monotonic()))
         for thread in list(self._threads):
             thread.join(max(0.0, deadline - time.monotonic()))
         self._stop_r.close()

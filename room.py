@@ -143,6 +143,9 @@ class Room:
         self._names: dict[str, Member] = {}  # by casefolded name
         self._next_auto = 1
         self._ts_cache = (0, "")
+        # Set (without the lock) when the server stops: members leaving then are not announced.
+        # Checked under the lock, so a crowd of leaving threads drains in microseconds each.
+        self.closing = False
 
     # -- helpers (lock held) ------------------------------------------------------------------
 
@@ -253,7 +256,7 @@ class Room:
             del self._members[member.id]
             del self._names[member.name.casefold()]
             member.registered = False
-            if notify:
+            if notify and not self.closing:
                 kind = "left" if quitting else "lost"
                 self._deliver(self._notice(kind, member), self._members.values())
             online = len(self._members)
