@@ -24,9 +24,9 @@ import pytest
 from conftest import ROOT, Peer, free_port
 
 import chat_client
-from chat_client import (
+from chat_client import ask_address, parse_port
+from client_display import (
     Palette,
-    ask_address,
     describe_user,
     format_delivery,
     format_failure,
@@ -36,7 +36,6 @@ from chat_client import (
     history_line,
     history_path,
     local_time,
-    parse_port,
     sanitize,
     use_colour,
 )

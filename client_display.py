@@ -1,0 +1,224 @@
+"""What the chat client shows and keeps: sanitising, formatting, colours and the history files.
+
+Pure helpers (no sockets, threads or terminal), and ``History``, the only code that touches the
+direct-message log files. Its one invariant: every string that comes from the network goes
+through ``sanitize`` before it reaches the terminal or a history file, so control characters and
+bidirectional overrides are shown, never interpreted.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TextIO
+from urllib.parse import quote
+
+from colorama import Fore, Style
+
+# C0 controls, DEL, C1 controls, and the invisible characters that reorder or break lines:
+# bidirectional marks, embeddings, overrides and isolates (the "Trojan Source" set), U+2028/9.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def _visible(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    if code < 0x20:
+        return "^" + chr(code + 0x40)  # caret notation: ESC is ^[, BEL is ^G
+    if code <= 0xFF:
+        return f"\\x{code:02x}"  # DEL and C1 (\x9b is a one-byte CSI)
+    return f"\\u{code:04x}"
+
+
+def sanitize(text: Any, newline: str | None = None) -> str:
+    """``text`` made safe to print: every control or bidi character shown visibly, never obeyed.
+
+    A newline is shown as ``^J`` unless ``newline`` says what to put in its place.
+    """
+    if not isinstance(text, str):
+        text = "-" if text is None else str(text)
+    if newline is None:
+        return _UNSAFE.sub(_visible, text)
+    return newline.join(_UNSAFE.sub(_visible, part) for part in text.split("\n"))
+
+
+def local_time(ts: Any, fmt: str = "%H:%M:%S") -> str:
+    """A server timestamp (UTC, ISO 8601) as local time; ``--:--:--`` when it is not one."""
+    try:
+        moment = datetime.fromisoformat(ts)
+    except (TypeError, ValueError):
+        return "--:--:--"
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone().strftime(fmt)
+
+
+@dataclass(frozen=True)
+class Palette:
+    """Terminal colours; with ``enabled`` False every method returns its text unchanged."""
+
+    enabled: bool = False
+
+    def paint(self, text: str, colour: str) -> str:
+        return f"{colour}{text}{Style.RESET_ALL}" if self.enabled else text
+
+    def time(self, text: str) -> str:
+        return self.paint(text, Style.DIM)
+
+    def name(self, text: str) -> str:
+        return self.paint(text, Fore.CYAN + Style.BRIGHT)
+
+    def direct(self, text: str) -> str:
+        return self.paint(text, Fore.MAGENTA + Style.BRIGHT)
+
+    def notice(self, text: str) -> str:
+        return self.paint(text, Fore.YELLOW)
+
+    def good(self, text: str) -> str:
+        return self.paint(text, Fore.GREEN)
+
+    def bad(self, text: str) -> str:
+        return self.paint(text, Fore.RED + Style.BRIGHT)
+
+
+def use_colour(no_color_flag: bool, environ: Mapping[str, str], stream: TextIO) -> bool:
+    """Colour only on a terminal, without ``--no-color`` and without ``NO_COLOR`` (no-color.org)."""
+    if no_color_flag or environ.get("NO_COLOR"):
+        return False
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+CONTINUATION = "\n    "
+"""What a newline inside a message text becomes on screen: an indented continuation line."""
+
+
+def describe_user(user: Any) -> str:
+    """``name (id 5, title: Engineer, company: Acme)``; absent title or company left out."""
+    if not isinstance(user, dict):
+        return "?"
+    details = [f"id {sanitize(user.get('id'))}"]
+    for field in ("title", "company"):
+        if user.get(field):
+            details.append(f"{field}: {sanitize(user[field])}")
+    return f"{sanitize(user.get('name'))} ({', '.join(details)})"
+
+
+def format_message(event: dict[str, Any], palette: Palette = Palette()) -> str:
+    """A ``message`` event as one screen line (continuation lines for newlines in the text)."""
+    raw = event.get("from")
+    sender: dict[str, Any] = raw if isinstance(raw, dict) else {}
+    stamp = palette.time(local_time(event.get("ts")))
+    text = sanitize(event.get("text"), CONTINUATION)
+    if event.get("to") is None:
+        return f"{stamp} {palette.name(sanitize(sender.get('name')))}: {text}"
+    return f"{stamp} {palette.direct('[direct]')} {palette.name(describe_user(sender))}: {text}"
+
+
+def format_delivery_line(sender: str, text: str, when: datetime,
+                         palette: Palette = Palette()) -> str:
+    """A line-protocol ``DELIVERY`` as a direct message: that protocol has no ids or details."""
+    stamp = palette.time(when.strftime("%H:%M:%S"))
+    return (f"{stamp} {palette.direct('[direct]')} {palette.name(sanitize(sender))}: "
+            f"{sanitize(text, CONTINUATION)}")
+
+
+def format_notice(event: dict[str, Any], palette: Palette = Palette()) -> str:
+    """A ``notice`` event (joined, left, lost, dropped, shutdown) as one screen line."""
+    stamp = palette.time(local_time(event.get("ts")))
+    return f"{stamp} {palette.notice('* ' + sanitize(event.get('text'), CONTINUATION))}"
+
+
+def format_users(users: Any, own_id: Any = None) -> list[str]:
+    """The ``users`` reply as an aligned table: id, name, title, company, status."""
+    header = ("id", "name", "title", "company", "status")
+    rows = [header]
+    for user in users if isinstance(users, list) else []:
+        if isinstance(user, dict):
+            name = sanitize(user.get("name")) + (" (you)" if user.get("id") == own_id else "")
+            rows.append((sanitize(user.get("id")), name, sanitize(user.get("title")),
+                         sanitize(user.get("company")), sanitize(user.get("status"))))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+
+
+def format_names(names: list[str], own_name: str | None = None) -> list[str]:
+    """A line-protocol member list (names only): a header, then one name a line, marking oneself."""
+    own = own_name.casefold() if own_name else None
+    return [f"users ({len(names)}):"] + [
+        "  " + sanitize(name) + (" (you)" if name.casefold() == own else "") for name in names
+    ]
+
+
+def format_delivery(reply: dict[str, Any]) -> str:
+    """The ``ok`` reply to a send, for people."""
+    return (f"message sent (delivered to {sanitize(reply.get('delivered', 0))}, "
+            f"held for {sanitize(reply.get('queued', 0))})")
+
+
+def format_failure(reply: dict[str, Any]) -> str:
+    """An ``error`` reply to a send, with the server's own sentence (seed 004)."""
+    return f"failed to deliver message because {sanitize(reply.get('message'))}"
+
+
+HistoryKey = int | str
+"""Whose log: a peer id (native protocol), or a peer name (line protocol, which has no ids)."""
+
+
+def history_path(directory: Path, peer: HistoryKey) -> Path:
+    """The direct-message log with one peer: ``<id>.log``, or ``name-<name>.log`` for a name.
+
+    An id is an int, and a name is case-folded and percent-encoded (``/`` is ``%2F``), so no
+    peer can name a file outside ``directory``; the ``name-`` prefix keeps names and ids apart.
+    """
+    if isinstance(peer, int):
+        return directory / f"{int(peer)}.log"
+    return directory / f"name-{quote(peer.casefold(), safe='')}.log"
+
+
+def history_line(when: datetime, direction: str, peer_name: Any, text: Any) -> str:
+    """One log line: ``2026-11-22 07:00:01 sent to bob: hi`` (newlines in the text as ``\\n``)."""
+    return f"{when.strftime('%Y-%m-%d %H:%M:%S')} {direction} {sanitize(peer_name)}: " + sanitize(
+        text, "\\n"
+    )
+
+
+def is_history_key(peer: Any) -> bool:
+    """True for an int id (not a bool) or a non-empty name."""
+    if isinstance(peer, bool):
+        return False
+    return isinstance(peer, int) or (isinstance(peer, str) and peer != "")
+
+
+class History:
+    """Direct-message logs, one append-only file per peer (seed 003)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._lock = threading.Lock()  # the receiver logs what arrives, the main thread what it sends
+
+    def record(self, peer: Any, line: str) -> str | None:
+        """Append ``line`` to the peer's log; a sentence when it could not be written."""
+        if not is_history_key(peer):
+            return None
+        try:
+            with self._lock:
+                self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+                with history_path(self.directory, peer).open("a", encoding="utf-8") as log:
+                    log.write(line + "\n")
+        except OSError as error:
+            return f"could not write the history file: {sanitize(error.strerror or error)}"
+        return None
+
+    def read(self, peer: HistoryKey) -> list[str]:
+        """The peer's log lines, made safe to print; empty when there is none."""
+        try:
+            with history_path(self.directory, peer).open(encoding="utf-8", errors="replace") as log:
+                return [sanitize(line.rstrip("\n")) for line in log if line.strip()]
+        except (OSError, ValueError):
+            return []
