@@ -15,6 +15,8 @@ Theory of operation
   therefore never delays anyone, and once its unsent output passes ``--output-limit`` it is
   disconnected. Only the writer closes sockets, so a socket's file descriptor (a member's id)
   is never reused while anything may still write to it.
+* With ``--redis`` the room also has a backplane (cluster.py) that joins this server to others
+  sharing the Redis; the room calls it only outside its lock. Without it, redis is never imported.
 * Rate limiting delays the reader thread of a flooding connection; it stops reading, so TCP
   pushes back on that sender alone. Heartbeat and hello deadlines are the reader's wait timeouts.
 """
@@ -32,7 +34,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from modes import PENDING_BYTES, PENDING_LIMIT, Mode
 from outbox import RECV_SIZE, Connection, TlsSession, Writer
@@ -70,6 +72,9 @@ from protocol import (
 )
 from room import Dialect, Member, Room
 
+if TYPE_CHECKING:
+    from cluster import Backplane
+
 T = TypeVar("T")
 OUTPUT_LIMIT = 8 * 1024 * 1024
 
@@ -92,6 +97,9 @@ class ServerConfig:
     max_per_ip: int = 0  # 0: unlimited
     tls_cert: str | None = None
     tls_key: str | None = None
+    redis_url: str | None = None  # join the cluster of servers sharing this Redis (cluster.py)
+    cluster_ttl: float = 3.0  # seconds without a heartbeat before a node counts as dead
+    cluster_retry: float = 0.5  # seconds between attempts to reach Redis again after an outage
     log: Callable[[str], None] | None = field(default=None, repr=False)
 
 
@@ -149,7 +157,7 @@ class Handler:
         self.room = server.room
         self.conn = conn
         self.sock = conn.sock
-        self.member = Member(conn.fd, conn, Dialect.NATIVE, conn.address)
+        self.member = Member(server.id_base + conn.fd, conn, Dialect.NATIVE, conn.address)
         conn.member = self.member
         self.started = time.monotonic()
         self.last_heard = self.started
@@ -505,7 +513,14 @@ class ChatServer:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.log = config.log or Logger()
-        self.room = Room(config.max_clients, config.pending_limit, config.pending_bytes, self.log)
+        self.backplane: Backplane | None = None
+        if config.redis_url is not None:
+            from cluster import Backplane  # only with --redis: the redis package is optional
+
+            self.backplane = Backplane(config.redis_url, self.log, config.cluster_ttl,
+                                       config.cluster_retry, self._drop_member)
+        self.room = Room(config.max_clients, config.pending_limit, config.pending_bytes, self.log,
+                         self.backplane)
         self.writer = Writer(self.room.lock, self.log)
         self.stopping = threading.Event()
         self._connections: dict[Connection, Dialect | None] = {}  # guarded by the room lock
@@ -523,6 +538,12 @@ class ChatServer:
         )
         self._listener = listener
         self.address = listener.getsockname()[:2]
+        if self.backplane is not None:
+            try:
+                self.backplane.start(self.room)  # before any connection: ids need the node
+            except Exception:
+                listener.close()
+                raise
         self.writer.thread.start()
         self._acceptor = threading.Thread(target=self._accept_loop, name="acceptor", daemon=True)
         self._acceptor.start()
@@ -592,6 +613,18 @@ class ChatServer:
             if conn in self._connections:
                 self._connections[conn] = dialect
 
+    @property
+    def id_base(self) -> int:
+        """Added to a socket's file descriptor to make a member id (a cluster node's offset)."""
+        return self.backplane.id_base if self.backplane is not None else 0
+
+    def _drop_member(self, member_id: int) -> None:
+        """Disconnect a member (the cluster found its name taken elsewhere after an outage)."""
+        with self.room.lock:
+            for conn in self._connections:
+                if conn.member is not None and conn.member.id == member_id:
+                    self.writer.abort(conn)
+
     def forget(self, conn: Connection) -> None:
         with self.room.lock:
             self._connections.pop(conn, None)
@@ -628,6 +661,8 @@ class ChatServer:
         self.room.shutdown(
             [conn.member for conn, dialect in connections if dialect and conn.member is not None]
         )
+        if self.backplane is not None and self.backplane.node:
+            self.backplane.stop()  # the other nodes hear that this node's users are lost
         self.writer.close_all([conn for conn, _ in connections])
         self.writer.stop()
         self.writer.thread.join(max(0.0, deadline - time.monotonic()))
@@ -664,6 +699,11 @@ def parse_args(argv: Sequence[str] | None) -> ServerConfig:
                         help="most connections from one address; 0 = unlimited (default)")
     parser.add_argument("--tls-cert", metavar="FILE", help="serve TLS with this certificate (PEM)")
     parser.add_argument("--tls-key", metavar="FILE", help="the certificate's private key (PEM)")
+    parser.add_argument("--redis", metavar="URL",
+                        help="join the cluster of servers sharing this Redis, e.g. "
+                             "redis://127.0.0.1:6379/0 (needs the 'cluster' extra)")
+    parser.add_argument("--cluster-ttl", type=float, default=3.0, metavar="S",
+                        help="with --redis: seconds before a silent node counts as dead (default 3)")
     args = parser.parse_args(argv)
     if args.tls_key and not args.tls_cert:
         parser.error("--tls-key needs --tls-cert")
@@ -672,20 +712,35 @@ def parse_args(argv: Sequence[str] | None) -> ServerConfig:
         output_limit=args.output_limit, heartbeat=args.heartbeat,
         hello_timeout=args.hello_timeout, max_clients=args.max_clients, rate=args.rate,
         quiet=args.quiet, max_per_ip=args.max_per_ip, tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
+        tls_key=args.tls_key, redis_url=args.redis, cluster_ttl=args.cluster_ttl,
     )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the server until Ctrl-C or SIGTERM; exit code 0 on a clean stop."""
     config = parse_args(argv)
+    cluster_errors: tuple[type[Exception], ...] = ()  # none without --redis
+    if config.redis_url is not None:
+        try:
+            from cluster import ClusterError
+        except ImportError:
+            print("chat-server: --redis needs the redis package: "
+                  "pip install 'chat-suite[cluster]'", file=sys.stderr)
+            return 1
+        cluster_errors = (ClusterError,)
     try:
         server = ChatServer(config)
+    except cluster_errors as error:
+        print(f"chat-server: {error}", file=sys.stderr)
+        return 1
     except (OSError, ssl.SSLError) as error:
         print(f"chat-server: cannot load the TLS certificate or key: {error}", file=sys.stderr)
         return 1
     try:
         server.start()
+    except cluster_errors as error:
+        print(f"chat-server: {error}", file=sys.stderr)
+        return 1
     except OSError as error:
         print(f"chat-server: cannot listen on {config.host}:{config.port}: {error.strerror}",
               file=sys.stderr)

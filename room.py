@@ -6,9 +6,13 @@ bytes each dialect gets. It talks back to the connections through one narrow int
 member's ``Outbox.push(bytes)``; the socket shell behind it does the writing.
 
 Invariant: one lock (``Room.lock``) guards the registry and every ``push`` and ``hold``, and it
-is held only for those decisions and queue puts, never for socket I/O. Because every event a
-member receives is put in its outbox or hold queue under that lock, each member receives events
-in one total order, and a flush of held events is never overtaken by a live one.
+is held only for those decisions and queue puts, never for socket or Redis I/O. Because every
+event a member receives is put in its outbox or hold queue under that lock, each member receives
+events in one total order, and a flush of held events is never overtaken by a live one.
+
+In a cluster (``--redis``, cluster.py) the room also keeps a mirror of the members of the other
+nodes (``node`` set, no outbox), fed by the backplane's subscriber through ``remote()``; a room
+without a backplane has an empty mirror and behaves exactly as a single server.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any, Protocol
 
@@ -55,6 +59,32 @@ class Outbox(Protocol):
     def push(self, data: bytes) -> None: ...
 
 
+class Backplane(Protocol):
+    """What the room asks of a cluster backplane (cluster.py); never called with the lock held."""
+
+    node: int
+
+    def claim(self, name: str, record: dict[str, Any]) -> bool | None: ...
+    def release(self, name: str, member_id: int) -> None: ...
+    def auto_number(self) -> int | None: ...
+    def lookup(self, target: str | int) -> dict[str, Any] | None: ...
+    def joined(self, record: dict[str, Any], claimed: bool) -> None: ...
+    def left(self, record: dict[str, Any], kind: str) -> None: ...
+    def updated(self, record: dict[str, Any]) -> None: ...
+    def said(self, record: dict[str, Any], texts: list[str], ts: str) -> None: ...
+    def sent(self, record: dict[str, Any], to: dict[str, Any], text: str, ts: str) -> None: ...
+
+
+class _Nowhere:
+    """The outbox of a member of another node: the room never pushes to it."""
+
+    def push(self, data: bytes) -> None:
+        raise AssertionError("pushed to a member of another node")
+
+
+NOWHERE = _Nowhere()
+
+
 class Event:
     """A ``message`` or ``notice`` as each dialect receives it, encoded once for all recipients."""
 
@@ -89,6 +119,8 @@ class Member:
     mode: Mode = Mode.TYPING
     hold: HoldQueue[Event] = field(default_factory=HoldQueue)
     registered: bool = False
+    node: int | None = None  # None: connected here; else the cluster node it is connected to
+    joined_at: float = 0.0  # registration time: the cluster's users are listed in this order
     _user_json: str | None = None
 
     def user(self) -> dict[str, Any]:
@@ -107,6 +139,20 @@ class Member:
     def changed(self) -> None:
         self._user_json = None
 
+    def record(self, node: int) -> dict[str, Any]:
+        """What the cluster stores and publishes about this member (``user()`` and routing)."""
+        return {**self.user(), "node": node, "dialect": self.dialect.value, "at": self.joined_at}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> Member:
+        """A member of another node, from its cluster record."""
+        return cls(
+            int(record["id"]), NOWHERE, Dialect(record["dialect"]), name=record["name"],
+            title=record["title"], company=record["company"], status=record["status"],
+            mode=Mode(record["mode"]), registered=True, node=int(record["node"]),
+            joined_at=float(record["at"]),
+        )
+
 
 @dataclass(frozen=True)
 class Delivery:
@@ -114,6 +160,9 @@ class Delivery:
 
     delivered: int
     queued: int
+
+    def __add__(self, other: Delivery) -> Delivery:
+        return Delivery(self.delivered + other.delivered, self.queued + other.queued)
 
 
 NOTICE_TEXTS = {
@@ -133,8 +182,10 @@ class Room:
         pending_limit: int = PENDING_LIMIT,
         pending_bytes: int = PENDING_BYTES,
         log: Callable[[str], None] = lambda line: None,
+        backplane: Backplane | None = None,
     ) -> None:
         self.lock = threading.Lock()
+        self.backplane = backplane
         self.max_clients = max_clients
         self.pending_limit = pending_limit
         self.pending_bytes = pending_bytes
@@ -143,6 +194,9 @@ class Room:
         self._names: dict[str, Member] = {}  # by casefolded name
         self._next_auto = 1
         self._ts_cache = (0, "")
+        # Members of the other nodes (cluster only), by id and by casefolded name.
+        self._remote: dict[int, Member] = {}
+        self._remote_names: dict[str, Member] = {}
         # Set (without the lock) when the server stops: members leaving then are not announced.
         # Checked under the lock, so a crowd of leaving threads drains in microseconds each.
         self.closing = False
@@ -185,15 +239,17 @@ class Room:
     def _others(self, member: Member) -> list[Member]:
         return [other for other in self._members.values() if other is not member]
 
-    def _notice(self, kind: str, member: Member) -> Event:
+    def _notice(self, kind: str, member: Member, ts: str | None = None) -> Event:
         text = NOTICE_TEXTS[kind].format(name=member.name)
         obj = {"type": "notice", "event": kind, "user": member.user(), "text": text,
-               "ts": self._timestamp()}
+               "ts": ts or self._timestamp()}
         return Event(event_frame(obj), None, plain_frame(text))
 
-    def _message(self, sender: Member, text: str, to: Member | None) -> Event:
+    def _message(
+        self, sender: Member, text: str, to: Member | None, ts: str | None = None
+    ) -> Event:
         to_json = "null" if to is None else encode_json({"id": to.id, "name": to.name})
-        live = message_frame(sender.user_json(), to_json, text, self._timestamp())
+        live = message_frame(sender.user_json(), to_json, text, ts or self._timestamp())
         return Event(live, line_delivery(sender.name, text), plain_frame(f"{sender.name}: {text}"))
 
     # -- registration -------------------------------------------------------------------------
@@ -209,47 +265,110 @@ class Room:
         """Add ``member`` under ``name`` (None: automatic) and tell the others it joined.
 
         Raises ``ProtocolError`` (``bad-name``, ``name-taken``, ``server-full``,
-        ``already-registered``) and changes nothing then.
+        ``already-registered``) and changes nothing then. In a cluster the name is first
+        claimed in Redis (outside the lock), and released again if registering here fails.
         """
-        with self.lock:
-            if member.registered:
-                raise ProtocolError(ErrorCode.ALREADY_REGISTERED, "You are already registered.", ref)
-            if name is not None:
-                problem = name_problem(name)
-                if problem:
-                    raise ProtocolError(ErrorCode.BAD_NAME, problem, ref)
-                if name.casefold() in self._names:
+        backplane = self.backplane
+        claimed = False
+        record: dict[str, Any] = {}
+        if backplane is not None:
+            member.joined_at = time.time()
+            name, claimed = self._claim(member, name, title, company, ref)
+        try:
+            with self.lock:
+                if member.registered:
                     raise ProtocolError(
-                        ErrorCode.NAME_TAKEN, f'The name "{name}" is taken; choose another.', ref
+                        ErrorCode.ALREADY_REGISTERED, "You are already registered.", ref
                     )
-            if len(self._members) >= self.max_clients:
-                raise ProtocolError(
-                    ErrorCode.SERVER_FULL,
-                    f"The server is full ({self.max_clients} clients); try again later.", ref,
-                )
-            member.name = name if name is not None else self._auto_name()
-            member.title, member.company = title, company
-            member.registered = True
-            member.hold = HoldQueue(self.pending_limit, self.pending_bytes)
-            member.changed()
-            if member.dialect is Dialect.NATIVE:
-                welcome = {"type": "welcome", **member.user(), "online": len(self._members) + 1}
-                if ref is not None:
-                    welcome["ref"] = ref
-                member.outbox.push(encode(welcome))
-            elif member.dialect is Dialect.LINE:
-                member.outbox.push(f"HELLO {member.name}\n".encode())
-            self._deliver(self._notice("joined", member), self._members.values())
-            self._members[member.id] = member
-            self._names[member.name.casefold()] = member
-            online = len(self._members)
+                if name is not None:
+                    problem = name_problem(name)
+                    if problem:
+                        raise ProtocolError(ErrorCode.BAD_NAME, problem, ref)
+                    if name.casefold() in self._names:
+                        raise _name_taken(name, ref)
+                if len(self._members) >= self.max_clients:
+                    raise ProtocolError(
+                        ErrorCode.SERVER_FULL,
+                        f"The server is full ({self.max_clients} clients); try again later.", ref,
+                    )
+                member.name = name if name is not None else self._auto_name()
+                member.title, member.company = title, company
+                member.registered = True
+                member.hold = HoldQueue(self.pending_limit, self.pending_bytes)
+                member.changed()
+                if member.dialect is Dialect.NATIVE:
+                    online = len(self._members) + len(self._remote) + 1
+                    welcome = {"type": "welcome", **member.user(), "online": online}
+                    if ref is not None:
+                        welcome["ref"] = ref
+                    member.outbox.push(encode(welcome))
+                elif member.dialect is Dialect.LINE:
+                    member.outbox.push(f"HELLO {member.name}\n".encode())
+                self._deliver(self._notice("joined", member), self._members.values())
+                self._members[member.id] = member
+                self._names[member.name.casefold()] = member
+                online = len(self._members)
+                if backplane is not None:
+                    record = member.record(backplane.node)
+        except ProtocolError:
+            if claimed and backplane is not None and name is not None:
+                backplane.release(name, member.id)
+            raise
+        if backplane is not None:
+            backplane.joined(record, claimed)
         self.log(
             f"{member.name} (id {member.id}, {member.dialect.value}) joined from "
             f"{member.address} ({online} online)"
         )
 
+    def _claim(
+        self, member: Member, name: str | None, title: str | None, company: str | None, ref: Ref
+    ) -> tuple[str | None, bool]:
+        """Claim ``name``, or the cluster's next automatic name, in Redis (lock not held).
+
+        The member's record is stored with the claim, so that any node can find it as soon as
+        it is welcomed. Returns the name to register and whether it was claimed: not with
+        Redis away, when only this node's names can be checked (the backplane claims it once
+        Redis is back).
+        """
+        assert self.backplane is not None
+        node = self.backplane.node
+
+        def record(name: str) -> dict[str, Any]:
+            return replace(member, name=name, title=title, company=company).record(node)
+
+        if member.registered:
+            raise ProtocolError(ErrorCode.ALREADY_REGISTERED, "You are already registered.", ref)
+        if name is not None:
+            problem = name_problem(name)
+            if problem:
+                raise ProtocolError(ErrorCode.BAD_NAME, problem, ref)
+            with self.lock:
+                taken = name.casefold() in self._names
+            if not taken:
+                claimed = self.backplane.claim(name, record(name))
+                if claimed is not False:
+                    return name, bool(claimed)
+            raise _name_taken(name, ref)
+        while True:
+            number = self.backplane.auto_number()
+            if number is None:
+                return None, False
+            candidate = f"user{number}"
+            with self.lock:
+                # Keep the local counter ahead, for automatic names while Redis is away.
+                self._next_auto = max(self._next_auto, number + 1)
+                if candidate.casefold() in self._names:
+                    continue
+            claimed = self.backplane.claim(candidate, record(candidate))
+            if claimed is None:
+                return None, False
+            if claimed:
+                return candidate, True
+
     def leave(self, member: Member, quitting: bool, notify: bool = True) -> None:
         """Remove ``member``; the others get ``left`` (it quit) or ``lost`` (it vanished)."""
+        backplane = self.backplane
         with self.lock:
             if not member.registered or self._members.get(member.id) is not member:
                 return
@@ -260,19 +379,42 @@ class Room:
                 kind = "left" if quitting else "lost"
                 self._deliver(self._notice(kind, member), self._members.values())
             online = len(self._members)
+            record = member.record(backplane.node) if backplane is not None else {}
+        if backplane is not None:
+            # A node that stops takes its users with it: to the other nodes they are lost.
+            backplane.left(record, "left" if quitting else "lost")
         verb = "quit" if quitting else "lost its connection"
         self.log(f"{member.name} (id {member.id}) {verb} ({online} online)")
 
     # -- messages -----------------------------------------------------------------------------
 
     def broadcast(self, sender: Member, texts: list[str]) -> Delivery:
-        """Send each text to every other registered member; one delivery count for them all."""
+        """Send each text to every other registered member; one delivery count for them all.
+
+        In a cluster the count includes the other nodes' members as this node last heard of
+        them (viewing or line or plain: delivered; typing: queued), and the texts are published
+        after the lock, from the sender's thread, so its events keep their order everywhere.
+        """
+        backplane = self.backplane
         with self.lock:
             others = self._others(sender)
-            if len(texts) == 1:
-                delivery = self._deliver(self._message(sender, texts[0], None), others)
+            if backplane is None:
+                if len(texts) == 1:
+                    delivery = self._deliver(self._message(sender, texts[0], None), others)
+                else:
+                    delivery = self._deliver_run(
+                        [self._message(sender, t, None) for t in texts], others
+                    )
+                return delivery
+            ts = self._timestamp()
+            events = [self._message(sender, t, None, ts) for t in texts]
+            if len(events) == 1:
+                delivery = self._deliver(events[0], others)
             else:
-                delivery = self._deliver_run([self._message(sender, t, None) for t in texts], others)
+                delivery = self._deliver_run(events, others)
+            delivery += _reach(self._remote.values())
+            record = sender.record(backplane.node)
+        backplane.said(record, texts, ts)
         return delivery
 
     def _deliver_run(self, events: list[Event], recipients: list[Member]) -> Delivery:
@@ -305,40 +447,64 @@ class Room:
             return self._find(target)
 
     def _find(self, target: str | int) -> Member | None:
+        """A member of this node or, in a cluster, of another node as last heard of here."""
         key = parse_target(target)
         if isinstance(key, int):
-            return self._members.get(key)
-        return self._names.get(key.casefold())
+            return self._members.get(key) or self._remote.get(key)
+        folded = key.casefold()
+        return self._names.get(folded) or self._remote_names.get(folded)
 
     def direct(self, sender: Member, target: str | int, text: str, ref: Ref = None) -> tuple[Member, Delivery]:
-        """Send ``text`` to one member; raises ``no-such-user`` or ``unavailable``."""
+        """Send ``text`` to one member; raises ``no-such-user`` or ``unavailable``.
+
+        A member of another node is found in this node's mirror, or else asked of Redis (it
+        may have joined a moment ago); the message is published after the lock.
+        """
+        backplane = self.backplane
         with self.lock:
             recipient = self._find(target)
-            if recipient is None:
+            if recipient is None and backplane is None:
                 raise ProtocolError(ErrorCode.NO_SUCH_USER, no_such_user_message(target), ref)
-            if recipient.status == UNAVAILABLE:
-                raise ProtocolError(
-                    ErrorCode.UNAVAILABLE, f"{recipient.name} is unavailable right now.", ref
-                )
-            delivery = self._deliver(self._message(sender, text, recipient), [recipient])
-        return recipient, delivery
+            if recipient is not None and recipient.node is None:
+                _check_available(recipient, ref)
+                delivery = self._deliver(self._message(sender, text, recipient), [recipient])
+                return recipient, delivery
+        assert backplane is not None
+        if recipient is None:
+            record = backplane.lookup(target)
+            if record is None or record["node"] == backplane.node:
+                raise ProtocolError(ErrorCode.NO_SUCH_USER, no_such_user_message(target), ref)
+            recipient = Member.from_record(record)
+        _check_available(recipient, ref)
+        with self.lock:
+            ts = self._timestamp()
+            sender_record = sender.record(backplane.node)
+        backplane.sent(sender_record, {"id": recipient.id, "name": recipient.name}, text, ts)
+        return recipient, _reach([recipient])
 
     # -- state of one member ------------------------------------------------------------------
+
+    def _everyone(self) -> Iterable[Member]:
+        """Members of this node and, in a cluster, of the others: in registration order."""
+        if not self._remote:
+            return self._members.values()
+        return sorted([*self._members.values(), *self._remote.values()], key=_joined_at)
 
     def users(self) -> list[dict[str, Any]]:
         """Every registered member's ``user`` object, in registration order."""
         with self.lock:
-            return [member.user() for member in self._members.values()]
+            return [member.user() for member in self._everyone()]
 
     def names(self) -> list[str]:
         with self.lock:
-            return [member.name for member in self._members.values()]
+            return [member.name for member in self._everyone()]
 
     def set_mode(self, member: Member, mode: Mode, reply: bytes) -> None:
         """Switch modes; push ``reply``, then on viewing everything held, before any live event."""
         with self.lock:
             member.mode = mode
             member.changed()
+            record = member.record(self.backplane.node) if self.backplane is not None else None
             member.outbox.push(reply)
             if mode is Mode.VIEWING:
                 dropped, held = member.hold.flush()
@@ -349,6 +515,8 @@ class Room:
                     member.outbox.push(encode(notice))
                 if held:
                     member.outbox.push(b"".join(event.held for event in held))
+        if record is not None and self.backplane is not None:
+            self.backplane.updated(record)
 
     def set_status(self, member: Member, status: str | None) -> str:
         """Set (or, with None, toggle) availability; return the new status."""
@@ -357,7 +525,11 @@ class Room:
                 status = UNAVAILABLE if member.status == AVAILABLE else AVAILABLE
             member.status = status
             member.changed()
-            return status
+            if self.backplane is None:
+                return status
+            record = member.record(self.backplane.node)
+        self.backplane.updated(record)
+        return status
 
     def push(self, member: Member, data: bytes) -> None:
         """Put a reply in the member's outbox (under the lock, like every other put)."""
@@ -375,3 +547,100 @@ class Room:
                     member.outbox.push(frame)
                 elif member.dialect is Dialect.PLAIN:
                     member.outbox.push(plain_frame(SHUTDOWN_TEXT))
+
+    # -- the cluster's side (cluster.py calls these; never with Redis I/O under the lock) -------
+
+    def cluster_records(self) -> list[dict[str, Any]]:
+        """The cluster record of every member registered on this node."""
+        assert self.backplane is not None
+        with self.lock:
+            return [member.record(self.backplane.node) for member in self._members.values()]
+
+    def cluster_reset(self, records: Iterable[dict[str, Any]]) -> None:
+        """Replace the mirror of the other nodes' members (empty while Redis is away)."""
+        with self.lock:
+            self._remote.clear()
+            self._remote_names.clear()
+            for record in records:
+                self._mirror(Member.from_record(record))
+
+    def remote(self, events: Iterable[dict[str, Any]]) -> None:
+        """Apply events published by another node: mirror its members, deliver to ours.
+
+        Messages and notices are rendered exactly as for a sender on this node; each event
+        carries the sender's record and timestamp, so every node shows the same ones.
+        """
+        with self.lock:
+            for event in events:
+                kind = event["k"]
+                if kind == "sync":
+                    self._sync_node(int(event["node"]), event["users"])
+                    continue
+                sender = Member.from_record(event["u"])
+                recipients = list(self._members.values())
+                if kind == "say":
+                    messages = [self._message(sender, text, None, event["ts"])
+                                for text in event["t"]]
+                    if len(messages) == 1:
+                        self._deliver(messages[0], recipients)
+                    else:
+                        self._deliver_run(messages, recipients)
+                elif kind == "dm":
+                    recipient = self._members.get(int(event["to"]["id"]))
+                    # The name too: the id's descriptor may have been reused a moment ago.
+                    if recipient is not None and recipient.name == event["to"]["name"]:
+                        message = self._message(sender, event["t"], recipient, event["ts"])
+                        self._deliver(message, [recipient])
+                elif kind == "join":
+                    self._mirror(sender)
+                    self._deliver(self._notice("joined", sender, event["ts"]), recipients)
+                elif kind == "leave":
+                    if self._unmirror(sender.id) is not None and not self.closing:
+                        self._deliver(self._notice(event["e"], sender, event["ts"]), recipients)
+                elif kind == "update":
+                    self._mirror(sender)
+
+    def _mirror(self, member: Member) -> None:
+        self._unmirror(member.id)
+        self._remote[member.id] = member
+        self._remote_names[member.name.casefold()] = member
+
+    def _unmirror(self, member_id: int) -> Member | None:
+        old = self._remote.pop(member_id, None)
+        if old is not None and self._remote_names.get(old.name.casefold()) is old:
+            del self._remote_names[old.name.casefold()]
+        return old
+
+    def _sync_node(self, node: int, records: list[dict[str, Any]]) -> None:
+        """A node (back after an outage) says who is on it: mirror exactly those, silently."""
+        for member in [m for m in self._remote.values() if m.node == node]:
+            self._unmirror(member.id)
+        for record in records:
+            self._mirror(Member.from_record(record))
+
+
+def _name_taken(name: str, ref: Ref) -> ProtocolError:
+    return ProtocolError(ErrorCode.NAME_TAKEN, f'The name "{name}" is taken; choose another.', ref)
+
+
+def _check_available(recipient: Member, ref: Ref) -> None:
+    """Direct messages to an unavailable member are refused (seed 003)."""
+    if recipient.status == UNAVAILABLE:
+        raise ProtocolError(
+            ErrorCode.UNAVAILABLE, f"{recipient.name} is unavailable right now.", ref
+        )
+
+
+def _reach(members: Iterable[Member]) -> Delivery:
+    """How a message to members of other nodes counts in ``ok``, from what this node knows."""
+    delivered = queued = 0
+    for member in members:
+        if member.dialect is Dialect.NATIVE and member.mode is Mode.TYPING:
+            queued += 1
+        else:
+            delivered += 1
+    return Delivery(delivered, queued)
+
+
+def _joined_at(member: Member) -> float:
+    return member.joined_at

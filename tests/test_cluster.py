@@ -1,0 +1,560 @@
+"""Several servers, one room, over a real Redis (``--redis``): every dialect, every direction.
+
+Each test starts its own ``redis-server`` on a free loopback port (never 6379) and stops it.
+Nodes are in-process servers, except the one killed with SIGKILL, which is a subprocess.
+The cluster's view of other nodes is updated by pub/sub, so a test that depends on it (a
+status, a mode, a user having joined elsewhere) first polls until the view shows it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from conftest import ROOT, Peer, ServerProcess, free_port, wait_until
+
+from chat_server import ChatServer
+
+REDIS_SERVER = shutil.which("redis-server")
+STRIDE = 1_000_000  # member id = node * STRIDE + fd (cluster.py)
+
+
+class RedisServer:
+    """A throwaway ``redis-server`` on a free port, without persistence; can stop and restart."""
+
+    def __init__(self) -> None:
+        if REDIS_SERVER is None:
+            pytest.fail("redis-server is not installed; the cluster tests need it "
+                        "(Debian/Ubuntu: apt-get install redis-server)")
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        assert REDIS_SERVER is not None
+        self.proc = subprocess.Popen(
+            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_until(self._answers, 5, "redis-server to answer PING")
+
+    def _answers(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"redis-server exited with {self.proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as probe:
+                probe.sendall(b"PING\r\n")
+                return probe.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(5)
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A Redis of its own for the test, stopped after it."""
+    server = RedisServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def start_node(
+    redis_server: RedisServer, start_server: Callable[..., ChatServer]
+) -> Callable[..., ChatServer]:
+    """A factory for cluster nodes on the test's Redis (stopped before Redis is)."""
+
+    def start(**options: Any) -> ChatServer:
+        options.setdefault("rate", 0)
+        options.setdefault("log", print)  # pytest shows the nodes' logs when a test fails
+        return start_server(redis_url=redis_server.url, **options)
+
+    return start
+
+
+class LineClient:
+    """A raw seed 002 client: lines out, lines in."""
+
+    def __init__(self, address: tuple[str, int]) -> None:
+        self.sock = socket.create_connection(address, timeout=5)
+        self.buffer = b""
+
+    def send(self, text: str) -> None:
+        self.sock.sendall(text.encode() + b"\n")
+
+    def read(self) -> str:
+        while b"\n" not in self.buffer:
+            data = self.sock.recv(65536)
+            assert data, f"connection closed; pending {self.buffer!r}"
+            self.buffer += data
+        line, _, self.buffer = self.buffer.partition(b"\n")
+        return line.decode()
+
+    def names(self) -> list[str]:
+        self.send("LIST")
+        reply = self.read()
+        assert reply.startswith("LIST-OK "), reply
+        return reply.removeprefix("LIST-OK ").split(",")
+
+
+class PlainClient:
+    """A raw seed 001 client: NUL-ended text frames both ways."""
+
+    def __init__(self, address: tuple[str, int]) -> None:
+        self.sock = socket.create_connection(address, timeout=5)
+        self.buffer = b""
+
+    def send(self, text: str) -> None:
+        self.sock.sendall(text.encode() + b"\0")
+
+    def read(self) -> str:
+        while b"\0" not in self.buffer:
+            data = self.sock.recv(65536)
+            assert data, f"connection closed; pending {self.buffer!r}"
+            self.buffer += data
+        frame, _, self.buffer = self.buffer.partition(b"\0")
+        return frame.decode()
+
+
+@pytest.fixture
+def dial() -> Iterator[Callable[..., Any]]:
+    """``dial(kind, server)``: a native ``Peer``, ``LineClient`` or ``PlainClient``; closed after."""
+    made: list[Any] = []
+
+    def make(kind: str, server: ChatServer | ServerProcess) -> Any:
+        client = {"native": Peer, "line": LineClient, "plain": PlainClient}[kind](server.address)
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        client.sock.close()
+
+
+def users(peer: Peer) -> list[dict[str, Any]]:
+    ref = f"users-{time.monotonic_ns()}"
+    peer.send({"type": "users", "ref": ref})
+    return peer.wait_for("users", ref=ref)["users"]
+
+
+def await_users(peer: Peer, expected: list[str], **fields: Any) -> list[dict[str, Any]]:
+    """Poll until ``peer`` sees exactly these names, in order (and these fields on all)."""
+
+    def seen() -> list[dict[str, Any]] | None:
+        found = users(peer)
+        ok = [u["name"] for u in found] == expected and all(
+            all(u.get(k) == v for k, v in fields.items()) for u in found
+        )
+        return found if ok else None
+
+    return wait_until(seen, 5, f"users {expected} {fields}")
+
+
+def converge(nodes: list[ChatServer], expected: list[str]) -> None:
+    """Wait until every node's view of the room is these names, in registration order."""
+    wait_until(lambda: all(node.room.names() == expected for node in nodes), 5,
+               f"every node to see {expected}")
+
+
+def viewer(dial: Callable[..., Any], node: ChatServer, name: str) -> Peer:
+    peer: Peer = dial("native", node)
+    peer.register(name)
+    peer.view()
+    return peer
+
+
+def no_more(peer: Peer) -> list[dict[str, Any]]:
+    """What the peer received but has not read yet (a ping round trip flushes its node)."""
+    return peer.sync()
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_without_redis_the_redis_package_is_never_imported() -> None:
+    """A server started without --redis imports neither cluster.py nor the redis package."""
+    code = (
+        "import sys; from chat_server import ChatServer, ServerConfig\n"
+        "s = ChatServer(ServerConfig(host='127.0.0.1', port=0, log=lambda l: None))\n"
+        "s.start(); s.stop()\n"
+        "print(sorted(m for m in sys.modules if m in ('redis', 'cluster')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=False, cwd=ROOT, capture_output=True,
+                         text=True, timeout=10)
+    assert out.stdout.strip() == "[]", out.stderr
+
+
+def test_unreachable_redis_is_a_clear_error_at_start() -> None:
+    """``--redis`` pointing at nothing: a one-line message and exit code 1, no traceback."""
+    port = free_port()
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "chat_server.py"), "--host", "127.0.0.1", "--port",
+         str(free_port()), "--redis", f"redis://127.0.0.1:{port}/0"],
+        check=False, capture_output=True, text=True, timeout=10,
+    )
+    assert out.returncode == 1
+    assert out.stderr.startswith(f"chat-server: cannot reach Redis at redis://127.0.0.1:{port}/0")
+    assert "Traceback" not in out.stderr
+
+
+def test_native_clients_on_two_nodes_talk_both_ways(
+    start_node: Callable[..., ChatServer], dial: Callable[..., Any]
+) -> None:
+    """say, dm by name and by id, users and joined notices work between two nodes."""
+    one, two = start_node(), start_node()
+    alice = dial("native", one)
+    welcome_alice = alice.register("alice", title="Teacher")
+    alice.view()
+    converge([one, two], ["alice"])
+    bob = dial("native", two)
+    welcome_bob = bob.register("bob")
+    assert welcome_bob["online"] == 2
+    bob.view()
+    assert welcome_alice["id"] // STRIDE == 1 and welcome_bob["id"] // STRIDE == 2
+    joined = alice.expect("notice", event="joined")
+    assert joined["user"]["id"] == welcome_bob["id"] and joined["text"] == "bob joined the chat."
+    await_users(alice, ["alice", "bob"], mode=2)
+    await_users(bob, ["alice", "bob"], mode=2)
+
+    alice.send({"type": "say", "text": "hello bob", "ref": 1})
+    assert alice.expect("ok", ref=1) == {"type": "ok", "delivered": 1, "queued": 0, "ref": 1}
+    message = bob.expect("message", text="hello bob", to=None, queued=False)
+    assert message["from"] == {"id": welcome_alice["id"], "name": "alice", "title": "Teacher",
+                               "company": None, "status": "available", "mode": 2}
+
+    bob.send({"type": "dm", "to": "ALICE", "text": "by name", "ref": 2})
+    bob.expect("ok", ref=2, delivered=1, queued=0)
+    assert alice.expect("message", text="by name")["to"] == {"id": welcome_alice["id"],
+                                                            "name": "alice"}
+    bob.send({"type": "dm", "to": welcome_alice["id"], "text": "by id", "ref": 3})
+    bob.expect("ok", ref=3)
+    alice.expect("message", text="by id")
+    alice.send({"type": "dm", "to": str(welcome_bob["id"]), "text": "by id text", "ref": 4})
+    alice.expect("ok", ref=4, delivered=1, queued=0)
+    assert bob.expect("message", text="by id text")["from"]["name"] == "alice"
+
+    listed = users(alice)
+    assert [(u["id"], u["name"]) for u in listed] == [(welcome_alice["id"], "alice"),
+                                                      (welcome_bob["id"], "bob")]
+    bob.send({"type": "dm", "to": "nobody", "text": "hi", "ref": 5})
+    assert bob.expect("error", ref=5) == {
+        "type": "error", "code": "no-such-user", "ref": 5,
+        "message": 'User "nobody" is not connected to the server.',
+    }
+    assert no_more(alice) == [] and no_more(bob) == []
+
+
+def test_dm_reaches_a_user_who_joined_another_node_a_moment_ago(
+    start_node: Callable[..., ChatServer], dial: Callable[..., Any]
+) -> None:
+    """A name registered on one node can be messaged from another at once (asked of Redis)."""
+    one, two = start_node(), start_node()
+    alice = dial("native", one)
+    alice.register("alice")
+    converge([one, two], ["alice"])
+    bob = viewer(dial, two, "bob")
+    alice.send({"type": "dm", "to": "bob", "text": "quick", "ref": 1})
+    alice.expect("ok", ref=1)
+    assert bob.expect("message", text="quick")["to"]["name"] == "bob"
+
+
+def test_status_mode_and_holding_across_nodes(
+    start_node: Callable[..., ChatServer], dial: Callable[..., Any]
+) -> None:
+    """A remote user's status refuses dms; its mode decides the ok counts; held events flush in order."""
+    one, two = start_node(), start_node()
+    alice = viewer(dial, one, "alice")
+    bob = dial("native", two)
+    bob_id = bob.register("bob")["id"]  # typing: events for bob are held on his node
+    await_users(alice, ["alice", "bob"])
+
+    for n in range(3):
+        alice.send({"type": "say", "text": f"held {n}", "ref": n})
+        assert alice.expect("ok", ref=n) == {"type": "ok", "delivered": 0, "queued": 1, "ref": n}
+    alice.send({"type": "dm", "to": "bob", "text": "held dm", "ref": "d"})
+    alice.expect("ok", ref="d", delivered=0, queued=1)
+    wait_until(lambda: len(two.room._members[bob_id].hold) == 4, 5, "4 held")
+
+    bob.send({"type": "status", "status": "unavailable", "ref": "s"})
+    bob.expect("status", status="unavailable", ref="s")
+    await_users(alice, ["alice", "bob"])
+    wait_until(lambda: users(alice)[1]["status"] == "unavailable", 5, "bob unavailable")
+    alice.send({"type": "dm", "to": "bob", "text": "refused", "ref": "u"})
+    assert alice.expect("error", ref="u") == {
+        "type": "error", "code": "unavailable", "ref": "u",
+        "message": "bob is unavailable right now.",
+    }
+    bob.send({"type": "status", "ref": "t"})
+    bob.expect("status", status="available", ref="t")
+
+    bob.send({"type": "mode", "mode": 2})
+    bob.expect("mode", mode=2)
+    held = [bob.next_event() for _ in range(4)]
+    assert [(e["text"], e["to"] is None, e["queued"]) for e in held] == [
+        ("held 0", True, True), ("held 1", True, True), ("held 2", True, True),
+        ("held dm", False, True),
+    ]
+    await_users(alice, ["alice", "bob"], status="available", mode=2)
+    alice.send({"type": "say", "text": "live", "ref": "l"})
+    alice.expect("ok", ref="l", delivered=1, queued=0)
+    bob.expect("message", text="live", queued=False)
+
+
+def test_three_dialects_on_three_nodes_talk_in_every_direction(
+    start_node: Callable[..., ChatServer], dial: Callable[..., Any]
+) -> None:
+    """Native, line and plain clients, each on its own node, reach each other every way."""
+    one, two, three = start_node(), start_node(), start_node()
+    alice = viewer(dial, one, "alice")
+    lee = dial("line", two)
+    lee.send("HELLO-FROM lee")
+    assert lee.read() == "HELLO lee"
+    alice.expect("notice", event="joined", text="lee joined the chat.")
+    converge([one, two, three], ["alice", "lee"])
+    plain = dial("plain", three)
+    plain.send("hello from plain")  # a plain client joins with its first frame: user1
+    assert alice.expect("notice", event="joined")["user"]["name"] == "user1"
+    assert alice.expect("message", text="hello from plain")["from"]["name"] == "user1"
+    assert lee.read() == "DELIVERY user1 hello from plain"
+
+    assert lee.names() == ["alice", "lee", "user1"]
+    lee.send("SEND alice hi alice")
+    assert lee.read() == "SEND-OK"
+    assert alice.expect("message", text="hi alice")["from"]["name"] == "lee"
+    lee.send("SEND user1 hi plain")
+    assert lee.read() == "SEND-OK"
+    assert plain.read() == "lee: hi plain"
+    lee.send("SEND nobody hi")
+    assert lee.read() == "BAD-DEST-USER"
+
+    alice.send({"type": "say", "text": "hi everyone", "ref": 1})
+    alice.expect("ok", ref=1, delivered=2, queued=0)
+    assert lee.read() == "DELIVERY alice hi everyone"
+    assert plain.read() == "alice: hi everyone"
+    alice.send({"type": "dm", "to": "lee", "text": "just you", "ref": 2})
+    alice.expect("ok", ref=2, delivered=1, queued=0)
+    assert lee.read() == "DELIVERY alice just you"
+    alice.send({"type": "dm", "to": "user1", "text": "and you", "ref": 3})
+    alice.expect("ok", ref=3)
+    assert plain.read() == "alice: and you"
+
+    lee.sock.close()
+    assert alice.expect("notice", event="lost")["text"] == "lee has lost its connection."
+    assert plain.read() == "lee has lost its connection."
+    plain.send("q")
+    assert alice.expect("notice", event="left")["text"] == "user1 is quitting."
+    assert [u["name"] for u in users(alice)] == ["alice"]
+
+
+def test_one_senders_events_keep_their_order_on_every_node(
+    start_node: Callable[..., ChatServer], dial: Callable[..., Any]
+) -> None:
+    """A burst of says and dms from one sender arrives in sending order, live and held."""
+    one, two, three = start_node(), start_node(), start_node()
+    sender = dial("native", one)
+    sender.register("sender")
+    live = viewer(dial, two, "live")
+    typing = dial("native", three)
+    typing_id = typing.register("typing")["id"]
+    await_users(sender, ["sender", "live", "typing"])
+    expected = []
+    frames = []
+    for n in range(300):
+        if n % 7 == 3:
+            frames.append({"type": "dm", "to": "live", "text": f"dm {n}"})
+        else:
+            frames.append({"type": "say", "text": f"say {n}"})
+            expected.append(f"say {n}")
+    sender.send_raw(b"".join(json.dumps(f).encode() + b"\0" for f in frames))  # one burst
+    got_live = [live.wait_for("message")["text"] for _ in frames]
+    assert got_live == [f["text"] for f in frames]
+    wait_until(lambda: len(three.room._members[typing_id].hold) == len(expected), 5, "all held")
+    typing.send({"type": "mode", "mode": 2})
+    typing.expect("mode", mode=2)
+    held = [typing.next_event() for _ in expected]
+    assert [e["text"] for e in held] == expected and all(e["queued"] for e in held)
+
+
+def test_a_name_claimed_at_once_on_every_node_goes_to_exactly_one(
+    start_node: Callable[..., ChatServer], dial: Callable[..., Any]
+) -> None:
+    """Nine clients on three nodes asking for the same names at the same moment: one wins each."""
+    nodes = [start_node(), start_node(), start_node()]
+    names = ["zoe", "Zoe", "ZOE"]  # one name, any case
+    peers = [dial("native", nodes[i % 3]) for i in range(9)]
+    barrier = threading.Barrier(len(peers))
+    replies: list[dict[str, Any]] = []
+    lock = threading.Lock()
+
+    def ask(i: int, peer: Peer) -> None:
+        barrier.wait()
+        peer.send({"type": "hello", "name": names[i % 3]})
+        reply = peer.next_event()
+        with lock:
+            replies.append(reply)
+
+    threads = [threading.Thread(target=ask, args=(i, p)) for i, p in enumerate(peers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert sorted(r["type"] for r in replies) == ["error"] * 8 + ["welcome"]
+    assert {r["code"] for r in replies if r["type"] == "error"} == {"name-taken"}
+    line = dial("line", nodes[0])
+    line.send("HELLO-FROM zOe")
+    assert line.read() == "IN-USE"
+
+
+def test_ids_and_automatic_names_are_unique_across_nodes(
+    start_node: Callable[..., ChatServer], dial: Callable[..., Any]
+) -> None:
+    """Automatic names count up across the cluster, and ids carry their node's offset."""
+    one, two = start_node(), start_node()
+    welcomes = []
+    for node in (one, two, one, two):
+        peer = dial("native", node)
+        welcomes.append(peer.register())
+    assert [w["name"] for w in welcomes] == ["user1", "user2", "user3", "user4"]
+    assert [w["id"] // STRIDE for w in welcomes] == [1, 2, 1, 2]
+    assert len({w["id"] for w in welcomes}) == 4
+
+
+def test_a_name_is_free_on_every_node_once_its_owner_quits(
+    start_node: Callable[..., ChatServer], dial: Callable[..., Any]
+) -> None:
+    """After bob's bye on one node, another node can register bob straight away."""
+    one, two = start_node(), start_node()
+    alice = viewer(dial, one, "alice")
+    bob = dial("native", two)
+    bob.register("bob")
+    bob.send({"type": "quit"})
+    bob.expect("bye")
+    again = dial("native", one)
+    assert again.register("BOB")["name"] == "BOB"  # at once: bob's name was freed before bye
+    events = [alice.next_event() for _ in range(3)]
+    assert sorted((e["event"], e["user"]["name"]) for e in events) == [
+        ("joined", "BOB"), ("joined", "bob"), ("left", "bob"),
+    ]
+
+
+def test_a_node_that_stops_takes_its_users_with_it(
+    start_node: Callable[..., ChatServer], dial: Callable[..., Any]
+) -> None:
+    """A node stopped cleanly: the others hear its users lost at once and their names are free."""
+    one, two = start_node(), start_node()
+    alice = viewer(dial, one, "alice")
+    viewer(dial, two, "bob")
+    alice.expect("notice", event="joined")
+    two.stop()
+    lost = alice.expect("notice", event="lost")
+    assert lost["user"]["name"] == "bob" and lost["text"] == "bob has lost its connection."
+    assert dial("native", one).register("bob")["name"] == "bob"
+
+
+def test_a_killed_node_loses_only_its_own_users(
+    redis_server: RedisServer, start_node: Callable[..., ChatServer],
+    server_process: Callable[..., ServerProcess], dial: Callable[..., Any],
+) -> None:
+    """SIGKILL a node: within seconds the others announce its users lost and free their names."""
+    one = start_node(cluster_ttl=1.0)
+    alice = viewer(dial, one, "alice")
+    doomed = server_process("--redis", redis_server.url, "--cluster-ttl", "1", "--rate", "0")
+    dave = dial("native", doomed)
+    dave.register("dave")
+    lee = dial("line", doomed)
+    lee.send("HELLO-FROM lee")
+    assert lee.read() == "HELLO lee"
+    await_users(alice, ["alice", "dave", "lee"])
+    alice.sync()
+    killed_at = time.monotonic()
+    os.kill(doomed.proc.pid, signal.SIGKILL)
+    lost = [alice.expect("notice", event="lost") for _ in range(2)]
+    assert time.monotonic() - killed_at < 4
+    assert sorted(e["user"]["name"] for e in lost) == ["dave", "lee"]
+    assert [u["name"] for u in users(alice)] == ["alice"]
+    assert dial("native", one).register("dave")["name"] == "dave"
+    line = dial("line", one)
+    line.send("HELLO-FROM lee")
+    assert line.read() == "HELLO lee"
+
+
+def test_redis_outage_keeps_local_chat_and_the_cluster_comes_back(
+    redis_server: RedisServer, start_node: Callable[..., ChatServer], dial: Callable[..., Any],
+) -> None:
+    """Redis stopped: each node logs it once and serves its own clients; restarted: one room again."""
+    logs: dict[int, list[str]] = {1: [], 2: []}
+    one = start_node(log=logs[1].append)
+    two = start_node(log=logs[2].append)
+    alice = viewer(dial, one, "alice")
+    carol = viewer(dial, one, "carol")
+    converge([one, two], ["alice", "carol"])
+    bob = viewer(dial, two, "bob")
+    await_users(alice, ["alice", "carol", "bob"], mode=2)
+    assert [e["text"] for e in carol.sync()] == ["bob joined the chat."]
+    alice.sync()
+
+    redis_server.stop()
+    wait_until(lambda: all(any("lost Redis" in x for x in log) for log in logs.values()), 5,
+               "both nodes to notice")
+    carol.send({"type": "say", "text": "still here", "ref": 1})
+    carol.expect("ok", ref=1, delivered=1, queued=0)  # alice only: bob is out of reach
+    assert alice.expect("message", text="still here")["from"]["name"] == "carol"
+    assert [u["name"] for u in users(alice)] == ["alice", "carol"]
+    assert [u["name"] for u in users(bob)] == ["bob"]
+    bob.send({"type": "dm", "to": "alice", "text": "unreachable", "ref": 2})
+    bob.expect("error", ref=2, code="no-such-user")
+
+    redis_server.start()
+    wait_until(lambda: all(any("rejoined" in x for x in log) for log in logs.values()), 5,
+               "both nodes to rejoin")
+    await_users(alice, ["alice", "carol", "bob"], mode=2)
+    await_users(bob, ["alice", "carol", "bob"], mode=2)
+    bob.send({"type": "dm", "to": "alice", "text": "back again", "ref": 3})
+    bob.expect("ok", ref=3)
+    assert alice.expect("message", text="back again")["from"]["name"] == "bob"
+    alice.send({"type": "say", "text": "welcome back", "ref": 4})
+    alice.expect("ok", ref=4, delivered=2, queued=0)
+    bob.expect("message", text="welcome back")
+    carol.expect("message", text="welcome back")
+    for log in logs.values():
+        assert sum("lost Redis" in x for x in log) == 1
+        assert sum("rejoined" in x for x in log) == 1
+    late = dial("native", two)
+    late.send({"type": "hello", "name": "carol"})
+    late.expect("error", code="name-taken")
+
+
+def test_a_name_given_twice_during_an_outage_stays_with_one_client(
+    redis_server: RedisServer, start_node: Callable[..., ChatServer], dial: Callable[..., Any],
+) -> None:
+    """Two nodes that both let "sam" in while Redis was away: after it, one sam is disconnected."""
+    logs: list[str] = []
+    one, two = start_node(log=logs.append), start_node(log=logs.append)
+    redis_server.stop()
+    wait_until(lambda: sum("lost Redis" in x for x in logs) == 2, 5, "both nodes to notice")
+    sams = [dial("native", one), dial("native", two)]
+    assert [sam.register("sam")["name"] for sam in sams] == ["sam", "sam"]
+    redis_server.start()
+    wait_until(lambda: sum("rejoined" in x for x in logs) == 2, 5, "both nodes to rejoin")
+    wait_until(lambda: one.room.online + two.room.online == 1, 5, "one sam to be disconnected")
+    loser, survivor = (sams[0], sams[1]) if one.room.online == 0 else (sams[1], sams[0])
+    assert loser.closed(timeout=2)
+    assert sum("was taken on another node" in x for x in logs) == 1
+    assert [u["name"] for u in await_users(survivor, ["sam"])] == ["sam"]
