@@ -522,6 +522,7 @@ class ChatServer:
         self.room = Room(config.max_clients, config.pending_limit, config.pending_bytes, self.log,
                          self.backplane)
         self.writer = Writer(self.room.lock, self.log)
+        self.room.fan_out = self.writer.push_all  # the inlined broadcast loop
         self.stopping = threading.Event()
         self._connections: dict[Connection, Dialect | None] = {}  # guarded by the room lock
         self._threads: set[threading.Thread] = set()

@@ -85,6 +85,16 @@ class _Nowhere:
 NOWHERE = _Nowhere()
 
 
+def push_each(outboxes: Iterable[Outbox], data: bytes, skip: object = None) -> int:
+    """Push ``data`` to every outbox but ``skip``; how many got it (``Room.fan_out``'s default)."""
+    count = 0
+    for outbox in outboxes:
+        if outbox is not skip:
+            outbox.push(data)
+            count += 1
+    return count
+
+
 class Event:
     """A ``message`` or ``notice`` as each dialect receives it, encoded once for all recipients."""
 
@@ -194,6 +204,12 @@ class Room:
         self._names: dict[str, Member] = {}  # by casefolded name
         self._next_auto = 1
         self._ts_cache = (0, "")
+        # The same registered members, split by how an event reaches them: native viewers all
+        # get the same bytes (``fan_out`` pushes them in one tight loop, the hot path of a
+        # broadcast), the others one by one (typing ones hold it; line and plain get their own).
+        self._viewers: dict[int, Outbox] = {}
+        self._individual: dict[int, Member] = {}
+        self.fan_out: Callable[[Iterable[Outbox], bytes, object], int] = push_each
         # Members of the other nodes (cluster only), by id and by casefolded name.
         self._remote: dict[int, Member] = {}
         self._remote_names: dict[str, Member] = {}
@@ -236,8 +252,27 @@ class Room:
                 delivered += 1
         return Delivery(delivered, queued)
 
-    def _others(self, member: Member) -> list[Member]:
-        return [other for other in self._members.values() if other is not member]
+    def _to_everyone(self, events: list[Event], skip: Member | None = None) -> Delivery:
+        """Deliver events to every registered member of this node but ``skip``."""
+        live = events[0].live if len(events) == 1 else b"".join(e.live for e in events)
+        delivered = self.fan_out(
+            self._viewers.values(), live, skip.outbox if skip is not None else None
+        )
+        individual = [m for m in self._individual.values() if m is not skip]
+        if len(events) == 1:
+            rest = self._deliver(events[0], individual)
+        else:
+            rest = self._deliver_run(events, individual)
+        return Delivery(delivered + rest.delivered, rest.queued)
+
+    def _sort(self, member: Member) -> None:
+        """File a registered member under how events reach it (after a registration or mode change)."""
+        if member.dialect is Dialect.NATIVE and member.mode is Mode.VIEWING:
+            self._individual.pop(member.id, None)
+            self._viewers[member.id] = member.outbox
+        else:
+            self._viewers.pop(member.id, None)
+            self._individual[member.id] = member
 
     def _notice(self, kind: str, member: Member, ts: str | None = None) -> Event:
         text = NOTICE_TEXTS[kind].format(name=member.name)
@@ -304,9 +339,10 @@ class Room:
                     member.outbox.push(encode(welcome))
                 elif member.dialect is Dialect.LINE:
                     member.outbox.push(f"HELLO {member.name}\n".encode())
-                self._deliver(self._notice("joined", member), self._members.values())
+                self._to_everyone([self._notice("joined", member)])
                 self._members[member.id] = member
                 self._names[member.name.casefold()] = member
+                self._sort(member)
                 online = len(self._members)
                 if backplane is not None:
                     record = member.record(backplane.node)
@@ -374,10 +410,12 @@ class Room:
                 return
             del self._members[member.id]
             del self._names[member.name.casefold()]
+            self._viewers.pop(member.id, None)
+            self._individual.pop(member.id, None)
             member.registered = False
             if notify and not self.closing:
                 kind = "left" if quitting else "lost"
-                self._deliver(self._notice(kind, member), self._members.values())
+                self._to_everyone([self._notice(kind, member)])
             online = len(self._members)
             record = member.record(backplane.node) if backplane is not None else {}
         if backplane is not None:
@@ -397,21 +435,11 @@ class Room:
         """
         backplane = self.backplane
         with self.lock:
-            others = self._others(sender)
-            if backplane is None:
-                if len(texts) == 1:
-                    delivery = self._deliver(self._message(sender, texts[0], None), others)
-                else:
-                    delivery = self._deliver_run(
-                        [self._message(sender, t, None) for t in texts], others
-                    )
-                return delivery
             ts = self._timestamp()
             events = [self._message(sender, t, None, ts) for t in texts]
-            if len(events) == 1:
-                delivery = self._deliver(events[0], others)
-            else:
-                delivery = self._deliver_run(events, others)
+            delivery = self._to_everyone(events, sender)
+            if backplane is None:
+                return delivery
             delivery += _reach(self._remote.values())
             record = sender.record(backplane.node)
         backplane.said(record, texts, ts)
@@ -504,6 +532,8 @@ class Room:
         with self.lock:
             member.mode = mode
             member.changed()
+            if member.registered:
+                self._sort(member)
             record = member.record(self.backplane.node) if self.backplane is not None else None
             member.outbox.push(reply)
             if mode is Mode.VIEWING:
@@ -577,14 +607,10 @@ class Room:
                     self._sync_node(int(event["node"]), event["users"])
                     continue
                 sender = Member.from_record(event["u"])
-                recipients = list(self._members.values())
                 if kind == "say":
-                    messages = [self._message(sender, text, None, event["ts"])
-                                for text in event["t"]]
-                    if len(messages) == 1:
-                        self._deliver(messages[0], recipients)
-                    else:
-                        self._deliver_run(messages, recipients)
+                    self._to_everyone(
+                        [self._message(sender, text, None, event["ts"]) for text in event["t"]]
+                    )
                 elif kind == "dm":
                     recipient = self._members.get(int(event["to"]["id"]))
                     # The name too: the id's descriptor may have been reused a moment ago.
@@ -593,10 +619,10 @@ class Room:
                         self._deliver(message, [recipient])
                 elif kind == "join":
                     self._mirror(sender)
-                    self._deliver(self._notice("joined", sender, event["ts"]), recipients)
+                    self._to_everyone([self._notice("joined", sender, event["ts"])])
                 elif kind == "leave":
                     if self._unmirror(sender.id) is not None and not self.closing:
-                        self._deliver(self._notice(event["e"], sender, event["ts"]), recipients)
+                        self._to_everyone([self._notice(event["e"], sender, event["ts"])])
                 elif kind == "update":
                     self._mirror(sender)
 
