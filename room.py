@@ -209,7 +209,8 @@ class Room:
         # broadcast), the others one by one (typing ones hold it; line and plain get their own).
         self._viewers: dict[int, Outbox] = {}
         self._individual: dict[int, Member] = {}
-        self.fan_out: Callable[[Iterable[Outbox], bytes, object], int] = push_each
+        # (Any: the server passes the outboxes it knows, its own Connection objects.)
+        self.fan_out: Callable[[Iterable[Any], bytes, object], int] = push_each
         # Members of the other nodes (cluster only), by id and by casefolded name.
         self._remote: dict[int, Member] = {}
         self._remote_names: dict[str, Member] = {}
