@@ -10,9 +10,10 @@ Theory of operation
   recipient's outbox (``Connection.push``) under that lock. Nothing else happens under it.
 * One writer thread (outbox.py) is the only writer of every socket. ``push`` appends to the
   connection's outbox and, when the outbox was empty, hands the connection to the writer,
-  waking it at most once however many frames arrive. The writer takes whole outboxes and writes each with one
-  non-blocking ``send``, so many frames go out in one system call; when a socket's buffer is
-  full it waits for it to drain in its selector while it serves everyone else. A slow reader
+  waking it at most once however many frames arrive. The writer takes whole outboxes and
+  writes each with one non-blocking ``send``, so many frames go out in one system call; when a
+  socket's buffer is full it waits for it to drain in its selector while it serves everyone
+  else. A slow reader
   therefore never delays anyone, and once its unsent output passes ``--output-limit`` it is
   disconnected. Only the writer closes sockets, so a socket's file descriptor (a member's id)
   is never reused while anything may still write to it.
