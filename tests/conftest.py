@@ -9,8 +9,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -34,46 +35,92 @@ def wait_until(predicate: Callable[[], Any], timeout: float = DEFAULT_WAIT, what
         time.sleep(0.005)
 
 
-class Peer:
-    """A raw native-protocol client for tests: JSON objects out, decoded events in."""
+class RawConnection:
+    """A TCP connection read up to a one-byte terminator, with a deadline on every read."""
 
-    def __init__(self, address: tuple[str, int], timeout: float = DEFAULT_WAIT) -> None:
-        self.sock = socket.create_connection(address, timeout=timeout)
+    terminator = b"\0"  # NUL ends native and plain frames; line clients use b"\n"
+
+    def __init__(self, sock: socket.socket, timeout: float = DEFAULT_WAIT) -> None:
+        self.sock = sock
         self.timeout = timeout
         self.buffer = b""
-        self.events: list[dict[str, Any]] = []
-
-    def send(self, obj: dict[str, Any]) -> None:
-        self.sock.sendall(json.dumps(obj, ensure_ascii=False).encode("utf-8", "surrogatepass") + b"\0")
+        self.eof = False
 
     def send_raw(self, data: bytes) -> None:
         self.sock.sendall(data)
 
     def _fill(self, deadline: float) -> bool:
-        """Read more bytes; False when the server closed the connection."""
+        """Read more bytes into the buffer; False once the server has closed the connection."""
+        if self.eof:
+            return False
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise AssertionError(f"no event within {self.timeout}s; have {self.buffer[:200]!r}")
+            raise AssertionError(
+                f"nothing complete within the deadline; have {self.buffer[:200]!r}")
         self.sock.settimeout(remaining)
         try:
             data = self.sock.recv(65536)
-        except socket.timeout:
-            raise AssertionError(f"no event within {self.timeout}s; have {self.buffer[:200]!r}")
-        except ConnectionResetError:
-            return False
+        except TimeoutError:
+            raise AssertionError(
+                f"nothing complete within the deadline; have {self.buffer[:200]!r}"
+            ) from None
+        except (ConnectionResetError, ConnectionAbortedError):
+            data = b""
         if not data:
+            self.eof = True
             return False
         self.buffer += data
         return True
 
-    def next_event(self, timeout: float | None = None) -> dict[str, Any]:
-        """The next event from the server; fails on timeout or close."""
+    def read_unit(self, timeout: float | None = None) -> bytes:
+        """The next terminated unit, without its terminator; fails on timeout or close."""
         deadline = time.monotonic() + (timeout or self.timeout)
-        while b"\0" not in self.buffer:
+        while self.terminator not in self.buffer:
             if not self._fill(deadline):
                 raise AssertionError(f"connection closed; pending {self.buffer[:200]!r}")
-        frame, _, self.buffer = self.buffer.partition(b"\0")
-        event = json.loads(frame.decode("utf-8"))
+        unit, _, self.buffer = self.buffer.partition(self.terminator)
+        return unit
+
+    def read_until_closed(self, timeout: float | None = None) -> bytes:
+        """Every byte still to come, once the server closes; fails if it does not close in time."""
+        deadline = time.monotonic() + (timeout or self.timeout)
+        while self._fill(deadline):
+            pass
+        data, self.buffer = self.buffer, b""
+        return data
+
+    def closed(self, timeout: float | None = None) -> bool:
+        """True when the server closes the connection within the timeout (data may come first)."""
+        deadline = time.monotonic() + (timeout or self.timeout)
+        try:
+            while True:
+                if not self._fill(deadline):
+                    return True
+        except AssertionError:
+            return False
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+class Peer(RawConnection):
+    """A raw native-protocol client for tests: JSON objects out, decoded events in."""
+
+    def __init__(self, address: tuple[str, int], timeout: float = DEFAULT_WAIT, *,
+                 sock: socket.socket | None = None) -> None:
+        # ``sock``: an already connected socket (a TLS-wrapped one) instead of dialing ``address``.
+        super().__init__(sock or socket.create_connection(address, timeout=timeout), timeout)
+        self.events: list[dict[str, Any]] = []
+
+    def send(self, obj: dict[str, Any]) -> None:
+        self.sock.sendall(json.dumps(obj, ensure_ascii=False).encode("utf-8", "surrogatepass") + b"\0")
+
+    def next_event(self, timeout: float | None = None) -> dict[str, Any]:
+        """The next event from the server; fails on timeout or close."""
+        event = json.loads(self.read_unit(timeout).decode("utf-8"))
         self.events.append(event)
         return event
 
@@ -113,22 +160,6 @@ class Peer:
     def view(self) -> dict[str, Any]:
         self.send({"type": "mode", "mode": 2})
         return self.expect("mode", mode=2)
-
-    def closed(self, timeout: float | None = None) -> bool:
-        """True when the server closes the connection within the timeout (events may come first)."""
-        deadline = time.monotonic() + (timeout or self.timeout)
-        try:
-            while True:
-                if not self._fill(deadline):
-                    return True
-        except AssertionError:
-            return False
-
-    def close(self) -> None:
-        try:
-            self.sock.close()
-        except OSError:
-            pass
 
 
 @pytest.fixture

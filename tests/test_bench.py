@@ -15,15 +15,15 @@ from typing import Any
 import pytest
 from conftest import ROOT, ServerProcess, free_port
 
-from chat_bench import (
+from bench_scenarios import (
     Options,
-    format_table,
     percentile,
     run_all2all,
     run_conns,
     run_fanout,
     run_latency,
 )
+from chat_bench import format_table
 
 SMALL = Options(procs=2, timeout=30.0, stall=10.0)
 

@@ -21,6 +21,19 @@ from typing import Any
 
 import pexpect
 import pytest
+from client_helpers import (
+    CHOICE,
+    CLIENT,
+    PROMPT,
+    STAMP,
+    TIME,
+    TIMEOUT,
+    ClientPrograms,
+    choose_typing,
+    command,
+    ended,
+    output,
+)
 from conftest import ROOT, Peer, free_port
 
 import chat_client
@@ -40,13 +53,6 @@ from client_display import (
     use_colour,
 )
 from modes import HELP_TEXT
-
-CLIENT = str(ROOT / "chat_client.py")
-TIMEOUT = 3
-PROMPT = "type in your text: "
-CHOICE = r"your choice \(1 or 2\): "
-TIME = r"\d\d:\d\d:\d\d"
-STAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d"
 
 # --------------------------------------------------------------------------------------------
 # Pure helpers.
@@ -232,35 +238,9 @@ def address(server: Any) -> list[str]:
 @pytest.fixture
 def spawn(tmp_path: Path) -> Iterator[Callable[..., pexpect.spawn]]:
     """Start ``chat_client.py`` in a pseudo-terminal; every child is killed after the test."""
-    children: list[pexpect.spawn] = []
-
-    def start(*args: str, env: dict[str, str] | None = None) -> pexpect.spawn:
-        environment = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
-        environment.update({"TERM": "xterm", **(env or {})})
-        child = pexpect.spawn(
-            sys.executable, [CLIENT, *args, "--history-dir", str(tmp_path / "history")],
-            env=environment, encoding="utf-8", codec_errors="replace", timeout=TIMEOUT,
-            dimensions=(40, 250),
-        )
-        child.logfile_read = io.StringIO()  # the whole output, for "never this" checks
-        children.append(child)
-        return child
-
-    yield start
-    for child in children:
-        child.close(force=True)
-
-
-def output(child: pexpect.spawn) -> str:
-    """Everything the child printed so far."""
-    return child.logfile_read.getvalue()
-
-
-def ended(child: pexpect.spawn) -> int:
-    """Wait for the child to end; its exit code."""
-    child.expect(pexpect.EOF)
-    child.close()
-    return child.exitstatus
+    programs = ClientPrograms(tmp_path / "history")
+    yield programs.start
+    programs.close()
 
 
 def typing_client(spawn: Callable[..., pexpect.spawn], server: Any, *names: str,
@@ -271,17 +251,7 @@ def typing_client(spawn: Callable[..., pexpect.spawn], server: Any, *names: str,
     child.expect_exact("you are now connected to the server")
     child.expect(f"welcome {names[0]}, your id is \\d+ \\(\\d+ online\\)")
     child.expect_exact("1- type in your own message, 2- View other user messages")
-    child.expect(CHOICE)
-    child.sendline("1")
-    child.expect_exact(PROMPT)
-    return child
-
-
-def command(child: pexpect.spawn, line: str) -> str:
-    """Type ``line`` in mode 1; what the client printed before the next prompt."""
-    child.sendline(line)
-    child.expect_exact(PROMPT)
-    return child.before.replace("\r\n", "\n").removeprefix(line + "\n")
+    return choose_typing(child)
 
 
 def registered_peer(connect: Callable[..., Peer], server: Any, name: str,

@@ -10,11 +10,8 @@ The client runs as the real program in a pseudo-terminal (pexpect); waits are ex
 
 from __future__ import annotations
 
-import io
-import os
 import re
 import socket
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from datetime import datetime
@@ -23,18 +20,23 @@ from typing import Any
 
 import pexpect
 import pytest
-from conftest import ROOT, Peer
+from client_helpers import (
+    PROMPT,
+    STAMP,
+    TIME,
+    TIMEOUT,
+    ClientPrograms,
+    choose_typing,
+    command,
+    ended,
+    output,
+)
+from conftest import Peer
 
 from client_display import format_delivery_line, format_names, history_path
 from client_line import LINE_HELP
 from modes import HELP_TEXT
 
-CLIENT = str(ROOT / "chat_client.py")
-TIMEOUT = 3
-PROMPT = "type in your text: "
-CHOICE = r"your choice \(1 or 2\): "
-TIME = r"\d\d:\d\d:\d\d"
-STAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d"
 BUSY = "the server is busy: it has no room for another client; try again later"
 NO_BROADCAST = 'the line protocol cannot broadcast: use /dm <user> "text"'
 
@@ -194,53 +196,20 @@ def fake() -> Iterator[Callable[..., FakeLineServer]]:
 @pytest.fixture
 def spawn(tmp_path: Path) -> Iterator[Callable[..., pexpect.spawn]]:
     """Start ``chat_client.py --protocol line`` on a port in a pseudo-terminal; killed after."""
-    children: list[pexpect.spawn] = []
+    programs = ClientPrograms(tmp_path / "history")
 
     def start(port: int, *args: str) -> pexpect.spawn:
-        environment = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
-        environment["TERM"] = "xterm"
-        child = pexpect.spawn(
-            sys.executable,
-            [CLIENT, *args, "--protocol", "line", "--host", "127.0.0.1", "--port", str(port),
-             "--no-color", "--history-dir", str(tmp_path / "history")],
-            env=environment, encoding="utf-8", codec_errors="replace", timeout=TIMEOUT,
-            dimensions=(40, 250),
-        )
-        child.logfile_read = io.StringIO()
-        children.append(child)
-        return child
+        return programs.start(*args, "--protocol", "line", "--host", "127.0.0.1",
+                              "--port", str(port), "--no-color")
 
     yield start
-    for child in children:
-        child.close(force=True)
-
-
-def output(child: pexpect.spawn) -> str:
-    """Everything the child printed so far."""
-    return child.logfile_read.getvalue()
-
-
-def ended(child: pexpect.spawn) -> int:
-    """Wait for the child to end; its exit code."""
-    child.expect(pexpect.EOF)
-    child.close()
-    return child.exitstatus
+    programs.close()
 
 
 def typing(child: pexpect.spawn, name: str = "alice") -> pexpect.spawn:
     """Wait for the welcome, choose mode 1, wait for the prompt."""
     child.expect_exact(f"welcome {name}\r\n")
-    child.expect(CHOICE)
-    child.sendline("1")
-    child.expect_exact(PROMPT)
-    return child
-
-
-def command(child: pexpect.spawn, line: str) -> str:
-    """Type ``line`` in mode 1; what the client printed before the next prompt."""
-    child.sendline(line)
-    child.expect_exact(PROMPT)
-    return child.before.replace("\r\n", "\n").removeprefix(line + "\n")
+    return choose_typing(child)
 
 
 # --------------------------------------------------------------------------------------------

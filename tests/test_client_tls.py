@@ -6,11 +6,8 @@ Certificates come from ``trustme`` (a throwaway authority per module); the serve
 
 from __future__ import annotations
 
-import io
-import os
 import socket
 import ssl
-import sys
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -19,13 +16,16 @@ from typing import Any
 import pexpect
 import pytest
 import trustme
-from conftest import ROOT, Peer
+from client_helpers import (
+    TIME,
+    ClientPrograms,
+    choose_typing,
+    command,
+    ended,
+    output,
+)
+from conftest import Peer
 
-CLIENT = str(ROOT / "chat_client.py")
-TIMEOUT = 3
-PROMPT = "type in your text: "
-CHOICE = r"your choice \(1 or 2\): "
-TIME = r"\d\d:\d\d:\d\d"
 WARNING = ("WARNING: --insecure: the server's identity is NOT checked; anyone on the network "
            "could read or change this chat.")
 
@@ -72,10 +72,7 @@ class TlsPeer(Peer):
         context = ssl.create_default_context()
         ca.configure_trust(context)
         raw = socket.create_connection(address, timeout=5)
-        self.sock = context.wrap_socket(raw, server_hostname="localhost")
-        self.timeout = 5.0
-        self.buffer = b""
-        self.events: list[dict[str, Any]] = []
+        super().__init__(address, 5.0, sock=context.wrap_socket(raw, server_hostname="localhost"))
 
 
 @pytest.fixture
@@ -96,53 +93,27 @@ def tls_peers(ca: trustme.CA) -> Iterator[Callable[..., TlsPeer]]:
 @pytest.fixture
 def spawn(tmp_path: Path) -> Iterator[Callable[..., pexpect.spawn]]:
     """Start ``chat_client.py`` on a port in a pseudo-terminal; every child is killed after."""
-    children: list[pexpect.spawn] = []
+    programs = ClientPrograms(tmp_path / "history")
 
     def start(port: int, *args: str, host: str = "127.0.0.1") -> pexpect.spawn:
-        child = pexpect.spawn(
-            sys.executable,
-            [CLIENT, *args, "--host", host, "--port", str(port), "--no-color",
-             "--history-dir", str(tmp_path / "history")],
-            env={**os.environ, "TERM": "xterm"}, encoding="utf-8", codec_errors="replace",
-            timeout=TIMEOUT, dimensions=(40, 250),
-        )
-        child.logfile_read = io.StringIO()
-        children.append(child)
-        return child
+        return programs.start(*args, "--host", host, "--port", str(port), "--no-color")
 
     yield start
-    for child in children:
-        child.close(force=True)
-
-
-def output(child: pexpect.spawn) -> str:
-    """Everything the child printed so far."""
-    return child.logfile_read.getvalue()
+    programs.close()
 
 
 def failed(child: pexpect.spawn, sentence: str) -> None:
     """The child prints ``sentence`` on a line of its own and exits 1, without a traceback."""
     child.expect_exact(sentence + "\r\n")
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 1
+    assert ended(child) == 1
     assert "Traceback" not in output(child)
-
-
-def command(child: pexpect.spawn, line: str) -> str:
-    """Type ``line`` in mode 1; what the client printed before the next prompt."""
-    child.sendline(line)
-    child.expect_exact(PROMPT)
-    return child.before.replace("\r\n", "\n").removeprefix(line + "\n")
 
 
 def typing(child: pexpect.spawn, welcome: str) -> None:
     """Wait for the TLS connection and ``welcome``, then choose mode 1."""
     child.expect_exact("you are now connected to the server over TLS\r\n")
     child.expect(welcome)
-    child.expect(CHOICE)
-    child.sendline("1")
-    child.expect_exact(PROMPT)
+    choose_typing(child)
 
 
 # --------------------------------------------------------------------------------------------
@@ -167,9 +138,7 @@ def test_native_client_chats_over_tls(
     child.expect(f"{TIME} \\[direct\\] bob \\(id \\d+\\): got them\r\n")
     child.send("q")
     child.expect_exact("bye\r\n")
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 0
+    assert ended(child) == 0
     assert bob.wait_for("notice", event="left")["text"] == "alice is quitting."
     assert WARNING not in output(child)
 

@@ -1,8 +1,9 @@
 """Black-box tests of the two older dialects the server accepts on its one port (SPEC section 2).
 
 Every line-protocol (seed 002) and plain-protocol (seed 001) client here is a raw socket written in
-this file, with its own line reader and NUL-frame reader, so the tests check the bytes on the wire
-and not our own codec (protocol.py is deliberately not used). Native peers come from conftest.
+this file, read up to its terminator (``\n`` or NUL) by conftest's ``RawConnection``, so the tests
+check the bytes on the wire and not our own codec (protocol.py is deliberately not used). Native
+peers come from conftest.
 Nothing sleeps for a fixed time: every read has a deadline, every "nothing else arrived" is checked
 with a round trip (a native ``ping``, or a line ``LIST``) that the server answers in order.
 """
@@ -17,7 +18,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from conftest import Peer, wait_until
+from conftest import Peer, RawConnection, wait_until
 
 from chat_server import ChatServer
 
@@ -33,72 +34,25 @@ StartServer = Callable[..., ChatServer]
 # Raw clients of the two older dialects.
 
 
-class RawClient:
-    """A TCP connection read up to a one-byte terminator, with a deadline on every read."""
+class RawClient(RawConnection):
+    """A raw TCP client of the older dialects (its reader is conftest's ``RawConnection``)."""
 
     terminator = b"\n"
 
     def __init__(self, address: Address, *, rcvbuf: int | None = None,
                  timeout: float = READ_TIMEOUT) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         if rcvbuf is not None:
             # Set before connect so the window the server sees is small from the start.
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock.settimeout(timeout)
-        self.sock.connect(address)
-        self.timeout = timeout
-        self.buffer = b""
-        self.eof = False
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(timeout)
+        sock.connect(address)
+        super().__init__(sock, timeout)
 
     def send(self, data: bytes) -> None:
         """Write raw bytes."""
-        self.sock.sendall(data)
-
-    def _fill(self, deadline: float) -> bool:
-        """Read more bytes into the buffer; False once the server has closed the connection."""
-        if self.eof:
-            return False
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise AssertionError(f"nothing complete within the deadline; have {self.buffer[:200]!r}")
-        self.sock.settimeout(remaining)
-        try:
-            data = self.sock.recv(65536)
-        except TimeoutError:
-            raise AssertionError(
-                f"nothing complete within the deadline; have {self.buffer[:200]!r}"
-            ) from None
-        except (ConnectionResetError, ConnectionAbortedError):
-            data = b""
-        if not data:
-            self.eof = True
-            return False
-        self.buffer += data
-        return True
-
-    def read_unit(self, timeout: float | None = None) -> bytes:
-        """The next terminated unit, without its terminator; fails on timeout or close."""
-        deadline = time.monotonic() + (timeout or self.timeout)
-        while self.terminator not in self.buffer:
-            if not self._fill(deadline):
-                raise AssertionError(f"connection closed; pending {self.buffer[:200]!r}")
-        unit, _, self.buffer = self.buffer.partition(self.terminator)
-        return unit
-
-    def read_until_closed(self, timeout: float | None = None) -> bytes:
-        """Every byte still to come, once the server closes; fails if it does not close in time."""
-        deadline = time.monotonic() + (timeout or self.timeout)
-        while self._fill(deadline):
-            pass
-        data, self.buffer = self.buffer, b""
-        return data
-
-    def close(self) -> None:
-        try:
-            self.sock.close()
-        except OSError:
-            pass
+        self.send_raw(data)
 
 
 class LineClient(RawClient):
@@ -119,10 +73,14 @@ class LineClient(RawClient):
         got = self.read_line()
         assert got == text, f"expected {text!r}, got {got!r}"
 
+    def exchange(self, text: str, reply: str) -> None:
+        """Send the command line ``text``; the next line must be exactly ``reply``."""
+        self.command(text)
+        self.expect(reply)
+
     def login(self, name: str) -> None:
         """``HELLO-FROM name``, answered by ``HELLO name``."""
-        self.command(f"HELLO-FROM {name}")
-        self.expect(f"HELLO {name}")
+        self.exchange(f"HELLO-FROM {name}", f"HELLO {name}")
 
     def sync(self, command: str = "LIST") -> tuple[list[str], str]:
         """Round-trip a ``LIST`` (or ``WHO``): ``(lines that came before its answer, the answer)``."""
@@ -156,12 +114,14 @@ class PlainClient(RawClient):
 
 @pytest.fixture
 def line_client() -> Iterator[Callable[..., LineClient]]:
-    """A factory for line-protocol clients, all closed after the test."""
+    """A factory for line-protocol clients (logged in when ``login`` names them), closed after."""
     clients: list[LineClient] = []
 
-    def make(server: ChatServer, **options: Any) -> LineClient:
+    def make(server: ChatServer, *, login: str | None = None, **options: Any) -> LineClient:
         client = LineClient(server.address, **options)
         clients.append(client)
+        if login is not None:
+            client.login(login)  # most tests need a member, not the login exchange itself
         return client
 
     yield make
@@ -274,6 +234,18 @@ def plain_join(server: ChatServer, plain_client: Callable[..., PlainClient], obs
     return plain
 
 
+def assert_closed_unanswered(server: ChatServer, alice: Peer, data: bytes) -> None:
+    """A raw connection sending ``data`` is closed unanswered; ``alice`` (alone) hears nothing."""
+    browser = RawClient(server.address)
+    try:
+        browser.send(data)
+        assert browser.read_until_closed() == b""
+    finally:
+        browser.close()
+    assert alice.sync() == []
+    assert names_of(alice) == ["alice"]
+
+
 # --------------------------------------------------------------------------------------------
 # Dialect detection by the first byte.
 
@@ -345,14 +317,7 @@ def test_http_request_line_is_closed_at_once(server: ChatServer, connect: Connec
                                              request_line: bytes) -> None:
     """A connection that begins with an HTTP request line is closed, unanswered and unregistered."""
     alice = viewer(server, connect, "alice")
-    browser = RawClient(server.address)
-    try:
-        browser.send(request_line)
-        assert browser.read_until_closed() == b""
-    finally:
-        browser.close()
-    assert alice.sync() == []
-    assert names_of(alice) == ["alice"]
+    assert_closed_unanswered(server, alice, request_line)
 
 
 def test_http_post_carrying_chat_commands_is_not_obeyed(
@@ -362,14 +327,7 @@ def test_http_post_carrying_chat_commands_is_not_obeyed(
     body = b"HELLO-FROM mallory\nSEND alice you have been pwned\n"
     request = (b"POST / HTTP/1.1\r\nHost: 127.0.0.1:4040\r\nContent-Type: text/plain\r\n"
                b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-    browser = RawClient(server.address)
-    try:
-        browser.send(request)
-        assert browser.read_until_closed() == b""
-    finally:
-        browser.close()
-    assert alice.sync() == []
-    assert names_of(alice) == ["alice"]
+    assert_closed_unanswered(server, alice, request)
 
 
 # --------------------------------------------------------------------------------------------
@@ -391,13 +349,10 @@ def test_line_login_is_answered_with_hello_and_registers(
 def test_line_login_in_use_leaves_connection_open(
         server: ChatServer, line_client: Callable[..., LineClient]) -> None:
     """A name already taken by a line client gets IN-USE and the connection may try again."""
-    bob = line_client(server)
-    bob.login("bob")
+    line_client(server, login="bob")
     other = line_client(server)
-    other.command("HELLO-FROM bob")
-    other.expect("IN-USE")
-    other.command("HELLO-FROM Bob")
-    other.expect("IN-USE")
+    other.exchange("HELLO-FROM bob", "IN-USE")
+    other.exchange("HELLO-FROM Bob", "IN-USE")
     other.login("bobby")
     assert other.sync() == ([], "LIST-OK bob,bobby")
 
@@ -408,8 +363,7 @@ def test_line_login_in_use_against_native_name_any_case(
     typist(server, connect, "Alice")
     bob = line_client(server)
     for attempt in ("Alice", "alice", "ALICE"):
-        bob.command(f"HELLO-FROM {attempt}")
-        bob.expect("IN-USE")
+        bob.exchange(f"HELLO-FROM {attempt}", "IN-USE")
     bob.login("bob")
     assert bob.sync() == ([], "LIST-OK Alice,bob")
 
@@ -417,8 +371,7 @@ def test_line_login_in_use_against_native_name_any_case(
 def test_native_hello_with_line_users_name_is_name_taken(
         server: ChatServer, connect: Connect, line_client: Callable[..., LineClient]) -> None:
     """A native hello with a line user's name (other case) gets name-taken."""
-    bob = line_client(server)
-    bob.login("bob")
+    line_client(server, login="bob")
     alice = connect(server)
     alice.send({"type": "hello", "name": "BOB", "ref": 1})
     alice.expect("error", code="name-taken", ref=1)
@@ -431,8 +384,7 @@ def test_line_login_with_invalid_name_is_bad_body_and_may_retry(
         server: ChatServer, line_client: Callable[..., LineClient], bad: str) -> None:
     """An invalid, reserved or missing name gets BAD-RQST-BODY and the connection may try again."""
     bob = line_client(server)
-    bob.command(bad)
-    bob.expect("BAD-RQST-BODY")
+    bob.exchange(bad, "BAD-RQST-BODY")
     bob.login("bob")
     assert bob.sync() == ([], "LIST-OK bob")
 
@@ -451,11 +403,9 @@ def test_line_login_busy_when_full_then_closed(
     """Past max_clients a line login gets BUSY and the connection is closed, nobody registered."""
     server = start_server(rate=0, max_clients=2)
     alice = typist(server, connect, "alice")
-    bob = line_client(server)
-    bob.login("bob")
+    line_client(server, login="bob")
     carol = line_client(server)
-    carol.command("HELLO-FROM carol")
-    carol.expect("BUSY")
+    carol.exchange("HELLO-FROM carol", "BUSY")
     assert carol.read_until_closed() == b""
     assert names_of(alice) == ["alice", "bob"]
 
@@ -466,8 +416,7 @@ def test_line_login_possible_again_after_a_member_leaves(
     """Once a member leaves a full server, a new line login succeeds."""
     server = start_server(rate=0, max_clients=2)
     alice = typist(server, connect, "alice")
-    bob = line_client(server)
-    bob.login("bob")
+    bob = line_client(server, login="bob")
     bob.close()
     wait_until(lambda: names_of(alice) == ["alice"], READ_TIMEOUT, "bob to be gone")
     carol = line_client(server)
@@ -477,12 +426,9 @@ def test_line_login_possible_again_after_a_member_leaves(
 def test_second_hello_from_is_bad_header(
         server: ChatServer, line_client: Callable[..., LineClient]) -> None:
     """A second HELLO-FROM on a logged-in connection gets BAD-RQST-HDR and changes nothing."""
-    bob = line_client(server)
-    bob.login("bob")
-    bob.command("HELLO-FROM bob")
-    bob.expect("BAD-RQST-HDR")
-    bob.command("HELLO-FROM robert")
-    bob.expect("BAD-RQST-HDR")
+    bob = line_client(server, login="bob")
+    bob.exchange("HELLO-FROM bob", "BAD-RQST-HDR")
+    bob.exchange("HELLO-FROM robert", "BAD-RQST-HDR")
     assert bob.sync() == ([], "LIST-OK bob")
 
 
@@ -495,13 +441,11 @@ def test_list_names_every_dialect_in_registration_order(
         plain_client: Callable[..., PlainClient]) -> None:
     """LIST answers LIST-OK with native, line and plain members, comma-separated, in join order."""
     alice = typist(server, connect, "alice")
-    bob = line_client(server)
-    bob.login("bob")
+    bob = line_client(server, login="bob")
     plain_join(server, plain_client, alice, "hi", "user1")
     bob.expect("DELIVERY user1 hi")
     typist(server, connect, "carol")
-    bob.command("LIST")
-    bob.expect("LIST-OK alice,bob,user1,carol")
+    bob.exchange("LIST", "LIST-OK alice,bob,user1,carol")
     assert names_of(alice) == ["alice", "bob", "user1", "carol"]
 
 
@@ -509,22 +453,17 @@ def test_who_answers_who_ok(server: ChatServer, connect: Connect,
                             line_client: Callable[..., LineClient]) -> None:
     """WHO (2020 version) answers WHO-OK with the same list as LIST."""
     typist(server, connect, "alice")
-    bob = line_client(server)
-    bob.login("bob")
-    bob.command("WHO")
-    bob.expect("WHO-OK alice,bob")
-    bob.command("LIST")
-    bob.expect("LIST-OK alice,bob")
+    bob = line_client(server, login="bob")
+    bob.exchange("WHO", "WHO-OK alice,bob")
+    bob.exchange("LIST", "LIST-OK alice,bob")
 
 
 @pytest.mark.parametrize("command", ["LIST extra", "WHO extra", "LIST alice,bob"])
 def test_list_with_a_body_is_bad_body(server: ChatServer, line_client: Callable[..., LineClient],
                                       command: str) -> None:
     """LIST or WHO followed by anything gets BAD-RQST-BODY."""
-    bob = line_client(server)
-    bob.login("bob")
-    bob.command(command)
-    bob.expect("BAD-RQST-BODY")
+    bob = line_client(server, login="bob")
+    bob.exchange(command, "BAD-RQST-BODY")
 
 
 # --------------------------------------------------------------------------------------------
@@ -534,12 +473,9 @@ def test_list_with_a_body_is_bad_body(server: ChatServer, line_client: Callable[
 def test_send_answers_send_ok_and_delivers(
         server: ChatServer, line_client: Callable[..., LineClient]) -> None:
     """SEND <user> <text> gets SEND-OK and the recipient gets DELIVERY <sender> <text>."""
-    alice = line_client(server)
-    alice.login("alice")
-    bob = line_client(server)
-    bob.login("bob")
-    alice.command("SEND bob hello bob")
-    alice.expect("SEND-OK")
+    alice = line_client(server, login="alice")
+    bob = line_client(server, login="bob")
+    alice.exchange("SEND bob hello bob", "SEND-OK")
     bob.expect("DELIVERY alice hello bob")
     assert alice.sync() == ([], "LIST-OK alice,bob")
 
@@ -548,10 +484,8 @@ def test_send_keeps_spaces_and_utf8_exactly(
         server: ChatServer, connect: Connect, line_client: Callable[..., LineClient]) -> None:
     """The text is everything after 'SEND <user> ', leading, inner and trailing spaces kept."""
     carol = viewer(server, connect, "carol")
-    alice = line_client(server)
-    alice.login("alice")
-    bob = line_client(server)
-    bob.login("bob")
+    alice = line_client(server, login="alice")
+    bob = line_client(server, login="bob")
     expect_notice(carol, "joined", "alice")
     expect_notice(carol, "joined", "bob")
     alice.send(b"SEND bob  two  spaces \n")
@@ -560,31 +494,25 @@ def test_send_keeps_spaces_and_utf8_exactly(
     alice.send("SEND bob h\u00e9llo \u2713 \u4f60\u597d\n".encode("utf-8"))
     alice.expect("SEND-OK")
     assert bob.read_unit() == "DELIVERY alice h\u00e9llo \u2713 \u4f60\u597d".encode("utf-8")
-    alice.command("SEND carol  two  spaces ")
-    alice.expect("SEND-OK")
+    alice.exchange("SEND carol  two  spaces ", "SEND-OK")
     expect_message(carol, "alice", " two  spaces ", {"id": carol.events[0]["id"], "name": "carol"})
 
 
 def test_send_to_oneself_delivers_then_confirms(
         server: ChatServer, line_client: Callable[..., LineClient]) -> None:
     """A SEND to oneself is delivered: DELIVERY first, then SEND-OK."""
-    alice = line_client(server)
-    alice.login("alice")
-    alice.command("SEND alice note to self")
-    alice.expect("DELIVERY alice note to self")
+    alice = line_client(server, login="alice")
+    alice.exchange("SEND alice note to self", "DELIVERY alice note to self")
     alice.expect("SEND-OK")
 
 
 def test_send_to_missing_user_is_bad_dest_user(
         server: ChatServer, line_client: Callable[..., LineClient]) -> None:
     """A SEND to nobody of that name gets BAD-DEST-USER on a connection that used LIST."""
-    alice = line_client(server)
-    alice.login("alice")
-    alice.command("SEND nobody hi")
-    alice.expect("BAD-DEST-USER")
+    alice = line_client(server, login="alice")
+    alice.exchange("SEND nobody hi", "BAD-DEST-USER")
     alice.sync("LIST")
-    alice.command("SEND nobody hi")
-    alice.expect("BAD-DEST-USER")
+    alice.exchange("SEND nobody hi", "BAD-DEST-USER")
 
 
 def test_send_to_unavailable_native_is_bad_dest_user_and_not_stored(
@@ -593,16 +521,13 @@ def test_send_to_unavailable_native_is_bad_dest_user_and_not_stored(
     alice = viewer(server, connect, "alice")
     alice.send({"type": "status", "status": "unavailable", "ref": "st"})
     alice.expect("status", status="unavailable", ref="st")
-    bob = line_client(server)
-    bob.login("bob")
+    bob = line_client(server, login="bob")
     expect_notice(alice, "joined", "bob")
-    bob.command("SEND alice are you there")
-    bob.expect("BAD-DEST-USER")
+    bob.exchange("SEND alice are you there", "BAD-DEST-USER")
     assert alice.sync() == []
     alice.send({"type": "status", "status": "available", "ref": "st2"})
     alice.expect("status", status="available", ref="st2")
-    bob.command("SEND alice now?")
-    bob.expect("SEND-OK")
+    bob.exchange("SEND alice now?", "SEND-OK")
     expect_message(alice, "bob", "now?", {"id": alice.events[0]["id"], "name": "alice"})
 
 
@@ -612,23 +537,15 @@ def test_connection_that_used_who_gets_unknown_instead_of_bad_dest_user(
     alice = typist(server, connect, "alice")
     alice.send({"type": "status", "status": "unavailable", "ref": "st"})
     alice.expect("status", status="unavailable", ref="st")
-    bob = line_client(server)
-    bob.login("bob")
-    bob.command("WHO")
-    bob.expect("WHO-OK alice,bob")
-    bob.command("SEND nobody hi")
-    bob.expect("UNKNOWN")
-    bob.command("SEND alice hi")
-    bob.expect("UNKNOWN")
-    bob.command("LIST")
-    bob.expect("LIST-OK alice,bob")
-    bob.command("SEND nobody hi")
-    bob.expect("UNKNOWN")
+    bob = line_client(server, login="bob")
+    bob.exchange("WHO", "WHO-OK alice,bob")
+    bob.exchange("SEND nobody hi", "UNKNOWN")
+    bob.exchange("SEND alice hi", "UNKNOWN")
+    bob.exchange("LIST", "LIST-OK alice,bob")
+    bob.exchange("SEND nobody hi", "UNKNOWN")
     # Another connection that never said WHO keeps the 2021 answer.
-    carol = line_client(server)
-    carol.login("carol")
-    carol.command("SEND nobody hi")
-    carol.expect("BAD-DEST-USER")
+    carol = line_client(server, login="carol")
+    carol.exchange("SEND nobody hi", "BAD-DEST-USER")
 
 
 def test_crlf_line_endings_are_accepted(
@@ -654,14 +571,10 @@ def test_crlf_line_endings_are_accepted(
 def test_unknown_lowercase_or_empty_command_after_login_is_bad_header(
         server: ChatServer, line_client: Callable[..., LineClient], command: str) -> None:
     """An unknown, lowercase or empty command gets BAD-RQST-HDR and the connection stays usable."""
-    alice = line_client(server)
-    alice.login("alice")
-    bob = line_client(server)
-    bob.login("bob")
-    alice.command(command)
-    alice.expect("BAD-RQST-HDR")
-    alice.command("SEND bob still here")
-    alice.expect("SEND-OK")
+    alice = line_client(server, login="alice")
+    bob = line_client(server, login="bob")
+    alice.exchange(command, "BAD-RQST-HDR")
+    alice.exchange("SEND bob still here", "SEND-OK")
     bob.expect("DELIVERY alice still here")
 
 
@@ -670,11 +583,9 @@ def test_unknown_lowercase_or_empty_command_after_login_is_bad_header(
 def test_commands_before_login_are_bad_header(
         server: ChatServer, line_client: Callable[..., LineClient], command: str) -> None:
     """LIST, WHO or SEND before login (and any unknown or lowercase command) get BAD-RQST-HDR."""
-    bob = line_client(server)
-    bob.login("bob")
+    bob = line_client(server, login="bob")
     carol = line_client(server)
-    carol.command(command)
-    carol.expect("BAD-RQST-HDR")
+    carol.exchange(command, "BAD-RQST-HDR")
     carol.login("carol")
     assert bob.sync() == ([], "LIST-OK bob,carol")
 
@@ -683,12 +594,9 @@ def test_commands_before_login_are_bad_header(
 def test_send_without_text_is_bad_body(
         server: ChatServer, line_client: Callable[..., LineClient], command: str) -> None:
     """A SEND with no text (or no user) gets BAD-RQST-BODY and delivers nothing."""
-    alice = line_client(server)
-    alice.login("alice")
-    bob = line_client(server)
-    bob.login("bob")
-    alice.command(command)
-    alice.expect("BAD-RQST-BODY")
+    alice = line_client(server, login="alice")
+    bob = line_client(server, login="bob")
+    alice.exchange(command, "BAD-RQST-BODY")
     assert bob.sync() == ([], "LIST-OK alice,bob")
 
 
@@ -699,8 +607,7 @@ def test_send_without_text_is_bad_body(
 def test_native_broadcast_reaches_line_client_with_newlines_as_spaces(
         server: ChatServer, connect: Connect, line_client: Callable[..., LineClient]) -> None:
     """A native broadcast arrives as DELIVERY <sender> <text>, each newline replaced by a space."""
-    bob = line_client(server)
-    bob.login("bob")
+    bob = line_client(server, login="bob")
     alice = typist(server, connect, "alice")
     assert say(alice, "one\ntwo\n\nthree  four")["delivered"] == 1
     bob.expect("DELIVERY alice one two  three  four")
@@ -711,8 +618,7 @@ def test_native_broadcast_reaches_line_client_with_newlines_as_spaces(
 def test_native_dm_reaches_line_client_by_name_and_id(
         server: ChatServer, connect: Connect, line_client: Callable[..., LineClient]) -> None:
     """A native dm to a line client, by name or by id, arrives as DELIVERY, newlines flattened."""
-    bob = line_client(server)
-    bob.login("bob")
+    bob = line_client(server, login="bob")
     alice = typist(server, connect, "alice")
     bob_id = wait_registered(alice, "bob")["id"]
     reply = dm(alice, "bob", "by\nname")
@@ -730,11 +636,9 @@ def test_line_send_reaches_native_as_direct_message(
         server: ChatServer, connect: Connect, line_client: Callable[..., LineClient]) -> None:
     """A line SEND to a native user is a message from the line user, to that native user."""
     alice = viewer(server, connect, "alice")
-    bob = line_client(server)
-    bob.login("bob")
+    bob = line_client(server, login="bob")
     expect_notice(alice, "joined", "bob")
-    bob.command("SEND alice hi alice")
-    bob.expect("SEND-OK")
+    bob.exchange("SEND alice hi alice", "SEND-OK")
     message = expect_message(alice, "bob", "hi alice", {"id": alice.events[0]["id"],
                                                         "name": "alice"})
     assert message["from"] == line_user(message["from"]["id"], "bob")
@@ -745,16 +649,14 @@ def test_line_clients_get_no_notices(
         plain_client: Callable[..., PlainClient]) -> None:
     """Joins, quits and lost connections of others send nothing to a line client."""
     observer = typist(server, connect, "observer")
-    bob = line_client(server)
-    bob.login("bob")
+    bob = line_client(server, login="bob")
     alice = typist(server, connect, "alice")
     alice.send({"type": "quit", "ref": "q"})
     alice.expect("bye", ref="q")
     assert alice.closed()
     carol = typist(server, connect, "carol")
     carol.close()
-    dave = line_client(server)
-    dave.login("dave")
+    dave = line_client(server, login="dave")
     dave.close()
     plain = plain_join(server, plain_client, observer, "hi", "user1")
     bob.expect("DELIVERY user1 hi")
@@ -770,8 +672,7 @@ def test_natives_get_joined_and_lost_notices_about_line_clients(
         server: ChatServer, connect: Connect, line_client: Callable[..., LineClient]) -> None:
     """A line client's login is a joined notice, and its closing (no quit exists) a lost notice."""
     alice = viewer(server, connect, "alice")
-    bob = line_client(server)
-    bob.login("bob")
+    bob = line_client(server, login="bob")
     expect_notice(alice, "joined", "bob")
     bob.close()
     expect_notice(alice, "lost", "bob", "bob has lost its connection.")
@@ -782,19 +683,15 @@ def test_typing_native_holds_line_send_until_view(
     """A native client in mode 1 gets a line SEND held, then flushed with queued:true on mode 2."""
     alice = typist(server, connect, "alice")
     alice_to = {"id": alice.events[0]["id"], "name": "alice"}
-    bob = line_client(server)
-    bob.login("bob")
-    bob.command("SEND alice first")
-    bob.expect("SEND-OK")
-    bob.command("SEND alice second")
-    bob.expect("SEND-OK")
+    bob = line_client(server, login="bob")
+    bob.exchange("SEND alice first", "SEND-OK")
+    bob.exchange("SEND alice second", "SEND-OK")
     assert alice.sync() == []
     alice.view()
     assert expect_notice(alice, "joined", "bob")["queued"] is True
     expect_message(alice, "bob", "first", alice_to, queued=True)
     expect_message(alice, "bob", "second", alice_to, queued=True)
-    bob.command("SEND alice live")
-    bob.expect("SEND-OK")
+    bob.exchange("SEND alice live", "SEND-OK")
     expect_message(alice, "bob", "live", alice_to, queued=False)
 
 
@@ -813,8 +710,7 @@ def test_plain_client_gets_automatic_name_and_is_listed(
     assert [u["name"] for u in users] == ["alice", "user1", "user2"]
     assert users[1] == line_user(users[1]["id"], "user1")
     assert users[2] == line_user(users[2]["id"], "user2")
-    bob = line_client(server)
-    bob.login("bob")
+    bob = line_client(server, login="bob")
     assert bob.sync() == ([], "LIST-OK alice,user1,user2,bob")
 
 
@@ -846,8 +742,7 @@ def test_plain_frames_are_broadcast_to_native_and_line(
         plain_client: Callable[..., PlainClient]) -> None:
     """Each plain frame, the first included, is a broadcast: a message with to null, or DELIVERY."""
     alice = viewer(server, connect, "alice")
-    bob = line_client(server)
-    bob.login("bob")
+    bob = line_client(server, login="bob")
     expect_notice(alice, "joined", "bob")
     plain = plain_client(server)
     plain.say("first frame")
@@ -865,16 +760,14 @@ def test_plain_receives_messages_as_sender_colon_text(
         plain_client: Callable[..., PlainClient]) -> None:
     """A plain client receives '<sender>: <text>' frames for broadcasts and direct messages."""
     alice = typist(server, connect, "alice")
-    bob = line_client(server)
-    bob.login("bob")
+    bob = line_client(server, login="bob")
     plain = plain_join(server, plain_client, alice, "hi", "user1")
     bob.expect("DELIVERY user1 hi")
     reply = say(alice, "hello\nplain  world")
     assert (reply["delivered"], reply["queued"]) == (2, 0)
     assert plain.read_unit() == b"alice: hello\nplain  world"
     bob.expect("DELIVERY alice hello plain  world")
-    bob.command("SEND user1  spaced  out ")
-    bob.expect("SEND-OK")
+    bob.exchange("SEND user1  spaced  out ", "SEND-OK")
     assert plain.read_unit() == b"bob:  spaced  out "
 
 
@@ -918,8 +811,7 @@ def test_plain_q_frame_ends_connection_with_left_notice(
         plain_client: Callable[..., PlainClient]) -> None:
     """A frame exactly 'q' ends the plain connection, is not broadcast, and others see 'left'."""
     alice = viewer(server, connect, "alice")
-    bob = line_client(server)
-    bob.login("bob")
+    bob = line_client(server, login="bob")
     expect_notice(alice, "joined", "bob")
     plain = plain_client(server)
     plain.say("bye all")
@@ -967,8 +859,7 @@ def test_nul_in_a_text_never_splits_a_plain_frame(
         plain_client: Callable[..., PlainClient]) -> None:
     """A NUL inside a native or line text reaches a plain client as a space, in one frame."""
     alice = typist(server, connect, "alice")
-    bob = line_client(server)
-    bob.login("bob")
+    bob = line_client(server, login="bob")
     plain = plain_join(server, plain_client, alice, "hi", "user1")
     bob.expect("DELIVERY user1 hi")
     assert say(alice, "x\u0000y")["delivered"] == 2
@@ -985,8 +876,7 @@ def test_nul_in_a_text_never_splits_a_plain_frame(
 def test_carriage_return_in_a_text_reaches_line_client_as_space(
         server: ChatServer, connect: Connect, line_client: Callable[..., LineClient]) -> None:
     """A lone '\r' in a text is flattened like a newline, so no line reader can split on it."""
-    bob = line_client(server)
-    bob.login("bob")
+    bob = line_client(server, login="bob")
     alice = typist(server, connect, "alice")
     assert dm(alice, "bob", "p\rq")["type"] == "ok"
     assert bob.read_unit() == b"DELIVERY alice p q"
@@ -1002,8 +892,7 @@ def test_room_native_line_and_plain_talk_in_every_direction(
     """A native, a line and a plain client each reach both others, by broadcast and directly."""
     alice = viewer(server, connect, "alice")
     alice_to = {"id": alice.events[0]["id"], "name": "alice"}
-    bob = line_client(server)
-    bob.login("bob")
+    bob = line_client(server, login="bob")
     expect_notice(alice, "joined", "bob")
     plain = plain_client(server)
     plain.say("hi from plain")
@@ -1022,11 +911,9 @@ def test_room_native_line_and_plain_talk_in_every_direction(
     plain.expect("alice: psst plain")
 
     # line -> native, line -> plain
-    bob.command("SEND alice to alice")
-    bob.expect("SEND-OK")
+    bob.exchange("SEND alice to alice", "SEND-OK")
     expect_message(alice, "bob", "to alice", alice_to)
-    bob.command("SEND user1 to plain")
-    bob.expect("SEND-OK")
+    bob.exchange("SEND user1 to plain", "SEND-OK")
     plain.expect("bob: to plain")
 
     # plain -> everyone
@@ -1066,8 +953,7 @@ def test_max_clients_counts_line_and_plain_members(
         plain_client: Callable[..., PlainClient]) -> None:
     """Line and plain members fill the server like native ones: a native hello gets server-full."""
     server = start_server(rate=0, max_clients=2)
-    bob = line_client(server)
-    bob.login("bob")
+    bob = line_client(server, login="bob")
     plain = plain_client(server)
     plain.say("hi")
     bob.expect("DELIVERY user1 hi")
@@ -1084,10 +970,8 @@ def test_overlong_line_is_discarded_and_connection_survives(
     """A line longer than max_frame is not obeyed, and its sender and others keep working."""
     server = start_server(rate=0, max_frame=1024)
     alice = viewer(server, connect, "alice")
-    bob = line_client(server)
-    bob.login("bob")
-    carol = line_client(server)
-    carol.login("carol")
+    bob = line_client(server, login="bob")
+    carol = line_client(server, login="carol")
     expect_notice(alice, "joined", "bob")
     expect_notice(alice, "joined", "carol")
     bob.command("SEND carol " + "x" * 5000)
@@ -1110,8 +994,7 @@ def test_overlong_plain_frame_is_discarded_and_connection_survives(
     """A plain frame longer than max_frame is not broadcast; the next frame is, and others work."""
     server = start_server(rate=0, max_frame=1024)
     alice = viewer(server, connect, "alice")
-    bob = line_client(server)
-    bob.login("bob")
+    bob = line_client(server, login="bob")
     expect_notice(alice, "joined", "bob")
     plain = plain_client(server)
     plain.say("hi")
@@ -1133,17 +1016,13 @@ def test_rate_limit_delays_line_commands_without_loss(
     """Past its burst a flooding line client is slowed, loses nothing, and slows nobody else."""
     rate = 100
     server = start_server(rate=rate)
-    alice = line_client(server)
-    alice.login("alice")
-    bob = line_client(server)
-    bob.login("bob")
-    carol = line_client(server)
-    carol.login("carol")
+    alice = line_client(server, login="alice")
+    bob = line_client(server, login="bob")
+    carol = line_client(server, login="carol")
     count = 3 * rate  # the burst is 2 * rate, so about one second of delay
     started = time.monotonic()
     alice.send(b"".join(f"SEND bob flood {i}\n".encode() for i in range(count)))
-    carol.command("SEND bob not delayed")
-    carol.expect("SEND-OK")
+    carol.exchange("SEND bob not delayed", "SEND-OK")
     received = [bob.read_line() for _ in range(count + 1)]
     elapsed = time.monotonic() - started
     flood = [line for line in received if line.startswith("DELIVERY alice ")]
@@ -1179,8 +1058,7 @@ def test_client_that_never_reads_is_dropped_without_stalling_others(
     """A line or plain client that never reads is disconnected (lost) while the others keep up."""
     server = start_server(rate=0, output_limit=64 * 1024)
     alice = viewer(server, connect, "alice")
-    carol = line_client(server)
-    carol.login("carol")
+    carol = line_client(server, login="carol")
     expect_notice(alice, "joined", "carol")
     if dialect == "line":
         slow_name = "slow"
@@ -1226,11 +1104,9 @@ def test_line_connection_that_never_logs_in_is_closed_after_hello_timeout(
         start_server: StartServer, line_client: Callable[..., LineClient]) -> None:
     """A line connection that does not log in within hello_timeout is closed; a logged-in one stays."""
     server = start_server(rate=0, hello_timeout=0.3)
-    bob = line_client(server)
-    bob.login("bob")
+    bob = line_client(server, login="bob")
     idle = line_client(server)
-    idle.command("LIST")
-    idle.expect("BAD-RQST-HDR")
+    idle.exchange("LIST", "BAD-RQST-HDR")
     silent = line_client(server)  # sent nothing: its dialect is never known
     assert idle.read_until_closed(timeout=3) == b""
     assert silent.read_until_closed(timeout=3) == b""
@@ -1242,8 +1118,7 @@ def test_plain_connection_with_only_empty_frames_is_closed_after_hello_timeout(
         plain_client: Callable[..., PlainClient]) -> None:
     """Empty plain frames do not join, so such a connection is closed at hello_timeout unlisted."""
     server = start_server(rate=0, hello_timeout=0.3)
-    bob = line_client(server)
-    bob.login("bob")
+    bob = line_client(server, login="bob")
     plain = plain_client(server)
     plain.send(b"\0\0")
     assert plain.read_until_closed(timeout=3) == b""
@@ -1256,8 +1131,7 @@ def test_heartbeat_never_drops_line_or_plain_clients(
     """Line and plain clients cannot answer ping, so a silent one outlives the heartbeat."""
     server = start_server(rate=0, heartbeat=0.2)
     observer = typist(server, connect, "observer")
-    bob = line_client(server)
-    bob.login("bob")
+    bob = line_client(server, login="bob")
     plain = plain_join(server, plain_client, observer, "hi", "user1")
     bob.expect("DELIVERY user1 hi")
     mute = connect(server)
@@ -1277,8 +1151,7 @@ def test_shutdown_sends_plain_clients_the_sentence_and_just_closes_line_clients(
         plain_client: Callable[..., PlainClient]) -> None:
     """On stop, a plain client gets the shutdown notice's sentence; a line client gets nothing."""
     alice = viewer(server, connect, "alice")
-    bob = line_client(server)
-    bob.login("bob")
+    bob = line_client(server, login="bob")
     expect_notice(alice, "joined", "bob")
     plain = plain_client(server)
     plain.say("hi")

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import socket
 import ssl
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
 
 import pytest
 import trustme
-
 from conftest import Peer, wait_until
+
 from chat_server import ChatServer
 
 
@@ -52,10 +52,7 @@ class TlsPeer(Peer):
     def __init__(self, address: tuple[str, int], context: ssl.SSLContext,
                  hostname: str = "localhost") -> None:
         raw = socket.create_connection(address, timeout=5)
-        self.sock = context.wrap_socket(raw, server_hostname=hostname)
-        self.timeout = 5.0
-        self.buffer = b""
-        self.events: list[dict[str, Any]] = []
+        super().__init__(address, 5.0, sock=context.wrap_socket(raw, server_hostname=hostname))
 
 
 def read_line(sock: socket.socket) -> bytes:
