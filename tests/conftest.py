@@ -18,7 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from chat_server import ChatServer, ServerConfig  # noqa: E402
+from chat_server import ChatServer, ServerConfig
 
 DEFAULT_WAIT = 5.0
 

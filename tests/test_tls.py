@@ -33,11 +33,17 @@ def cert_files(ca: trustme.CA, tmp_path: Path) -> tuple[str, str]:
 
 
 @pytest.fixture
-def tls_server(start_server: Callable[..., ChatServer], cert_files: tuple[str, str]):
-    logs: list[str] = []
-    server = start_server(rate=0, tls_cert=cert_files[0], tls_key=cert_files[1], log=logs.append)
-    server.logs = logs  # type: ignore[attr-defined]
-    return server
+def server_log() -> list[str]:
+    """The log lines of the test's TLS server."""
+    return []
+
+
+@pytest.fixture
+def tls_server(
+    start_server: Callable[..., ChatServer], cert_files: tuple[str, str], server_log: list[str]
+) -> ChatServer:
+    return start_server(rate=0, tls_cert=cert_files[0], tls_key=cert_files[1],
+                        log=server_log.append)
 
 
 def client_context(ca: trustme.CA) -> ssl.SSLContext:
@@ -97,13 +103,15 @@ def test_line_client_over_tls(tls_server: ChatServer, ca: trustme.CA, connect) -
     alice.close()
 
 
-def test_unknown_issuer_fails_cleanly_on_both_sides(tls_server: ChatServer) -> None:
+def test_unknown_issuer_fails_cleanly_on_both_sides(
+    tls_server: ChatServer, server_log: list[str]
+) -> None:
     """A client that does not trust the server's CA fails verification; the server logs one line."""
     untrusting = ssl.create_default_context()
     with pytest.raises(ssl.SSLCertVerificationError):
         untrusting.wrap_socket(socket.create_connection(tls_server.address, timeout=5),
                                server_hostname="localhost")
-    line = wait_until(lambda: [x for x in tls_server.logs if "TLS failed" in x], what="a log line")
+    line = wait_until(lambda: [x for x in server_log if "TLS failed" in x], what="a log line")
     assert len(line) == 1 and "disconnected" in line[0]
 
 
@@ -115,12 +123,14 @@ def test_wrong_host_name_fails_verification(tls_server: ChatServer, ca: trustme.
     assert "Hostname mismatch" in str(failure.value)
 
 
-def test_plain_client_on_tls_port_is_closed(tls_server: ChatServer, ca: trustme.CA) -> None:
+def test_plain_client_on_tls_port_is_closed(
+    tls_server: ChatServer, ca: trustme.CA, server_log: list[str]
+) -> None:
     """Plain bytes on a TLS port close the connection with one log line; TLS clients still work."""
     plain = socket.create_connection(tls_server.address, timeout=5)
     plain.sendall(b'{"type":"hello","name":"mallory"}\0')
     assert plain.recv(100) == b""
-    assert wait_until(lambda: [x for x in tls_server.logs if "TLS failed" in x])
+    assert wait_until(lambda: [x for x in server_log if "TLS failed" in x])
     alice = TlsPeer(tls_server.address, client_context(ca))
     assert alice.register("alice")["name"] == "alice"
     alice.close()
