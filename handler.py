@@ -93,12 +93,15 @@ class Handler:
     def _deadline(self) -> float | None:
         """When this connection next needs attention if nothing arrives."""
         if not self.member.registered:
-            return self.started + self.config.hello_timeout
+            return self._deadline_of_hello()
         if self.member.dialect is not Dialect.NATIVE or self.config.heartbeat <= 0:
             return None
         if self.ping_sent is not None:
             return self.ping_sent + self.config.heartbeat
         return self.last_heard + self.config.heartbeat
+
+    def _deadline_of_hello(self) -> float:
+        return self.started + self.config.hello_timeout
 
     def _on_deadline(self) -> None:
         if not self.member.registered:
@@ -132,6 +135,9 @@ class Handler:
                 return b""
             self.last_heard = time.monotonic()
             self.ping_sent = None
+            if not self.member.registered and self.last_heard > self._deadline_of_hello():
+                # Checked on arrival too: a peer that never pauses must not outlive the timeout.
+                raise Disconnect(reason="no registration within the hello timeout")
             tls = self.conn.tls
             if tls is None:
                 return data

@@ -1627,3 +1627,31 @@ def test_fast_readers_are_not_dropped_when_a_burst_exceeds_the_output_limit(
     sender.send({"type": "users"})
     names = [u["name"] for u in sender.wait_for("users")["users"]]
     assert names == [f"viewer{i}" for i in range(5)] + ["sender"]
+
+
+@pytest.mark.timeout(20)
+def test_hello_timeout_holds_against_a_peer_that_never_pauses(start_server, connect) -> None:
+    """A connection streaming an endless frame and never registering is closed at the hello timeout."""
+    server = start_server(rate=0, hello_timeout=0.3)
+    peer = connect(server)
+    stop = threading.Event()
+
+    def stream() -> None:
+        # One endless oversized frame: it earns no reply, so only the timeout can end it.
+        peer.sock.sendall(b"{")
+        chunk = b"a" * 65536
+        try:
+            while not stop.is_set():
+                peer.sock.sendall(chunk)
+        except OSError:
+            pass
+
+    started = time.monotonic()
+    sender = threading.Thread(target=stream, daemon=True)
+    sender.start()
+    try:
+        assert peer.closed(5)
+        assert time.monotonic() - started < 3
+        assert server.room.online == 0
+    finally:
+        stop.set()
