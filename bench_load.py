@@ -126,7 +126,10 @@ class LoadWorker:
 
     def __init__(self, ctrl: Connection, spec: dict[str, Any]) -> None:
         self.ctrl = ctrl
-        self.address = tuple(spec["address"])
+        # Clients are spread over the servers in turn (several nodes of one cluster), counting
+        # from this worker's first client's place among all the load's clients.
+        self.addresses = [tuple(address) for address in spec["addresses"]]
+        self.next_address = spec.get("first", 0)
         self.role: str = spec["role"]
         self.inflight_limit: int = spec.get("inflight", 32)
         self.connect_timeout: float = spec.get("connect_timeout", 10.0)
@@ -240,7 +243,9 @@ class LoadWorker:
         }
 
     def _open(self, client: Client) -> None:
-        sock = socket.create_connection(self.address, timeout=self.connect_timeout)
+        address = self.addresses[self.next_address % len(self.addresses)]
+        self.next_address += 1
+        sock = socket.create_connection(address, timeout=self.connect_timeout)
         # Small frames sent at a fixed rate must not wait for Nagle's algorithm.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         hello = json.dumps({"type": "hello", "name": client.name}).encode() + b"\0"

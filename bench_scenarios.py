@@ -29,6 +29,10 @@ from bench_load import cpu_seconds, die_with_parent, raise_fd_limit, worker_main
 HERE = Path(__file__).resolve().parent
 
 
+Address = Any
+"""A ``(host, port)`` pair, or a list of them: the nodes of one cluster, used in turn."""
+
+
 class BenchError(Exception):
     """The benchmark could not run (server did not start, a load process failed or timed out)."""
 
@@ -50,8 +54,10 @@ class Worker:
 class LoadGroup:
     """The load processes of one scenario; closing it ends every one of them."""
 
-    def __init__(self, address: tuple[str, int], inflight: int = 32) -> None:
-        self.address = address
+    def __init__(self, address: Address, inflight: int = 32) -> None:
+        # One server, or several nodes of one cluster that the clients are spread over.
+        self.addresses = [address] if isinstance(address[0], str) else list(address)
+        self.assigned = 0  # clients given to load processes so far
         self.inflight = inflight
         method = "fork" if sys.platform.startswith("linux") else "spawn"
         self.context: Any = multiprocessing.get_context(method)
@@ -60,8 +66,9 @@ class LoadGroup:
     def spawn(self, role: str, names: Sequence[str], **spec: Any) -> Worker:
         """Start one load process for these client names (not connected until ``setup``)."""
         parent_end, child_end = self.context.Pipe()
-        full = dict(spec, role=role, names=list(names), address=self.address,
-                    inflight=self.inflight)
+        full = dict(spec, role=role, names=list(names), addresses=self.addresses,
+                    first=self.assigned, inflight=self.inflight)
+        self.assigned += len(names)
         process = self.context.Process(
             target=worker_main, args=(child_end, full), name=f"chat-bench-{role}", daemon=True
         )
@@ -341,7 +348,7 @@ class Options:
     inflight: int = 32  # registrations a load process has in flight at once
 
 
-def run_fanout(address: tuple[str, int], viewers: int = 100, messages: int = 20_000,
+def run_fanout(address: Address, viewers: int = 100, messages: int = 20_000,
                options: Options | None = None, server_pid: int | None = None,
                window: int = 0) -> dict[str, Any]:
     """One sender pipelines ``messages`` says to ``viewers`` viewers; deliveries per second.
@@ -380,7 +387,7 @@ def run_fanout(address: tuple[str, int], viewers: int = 100, messages: int = 20_
     }
 
 
-def run_all2all(address: tuple[str, int], clients: int = 20, messages: int = 5_000,
+def run_all2all(address: Address, clients: int = 20, messages: int = 5_000,
                 options: Options | None = None, server_pid: int | None = None,
                 window: int = 500) -> dict[str, Any]:
     """``clients`` clients each broadcast ``messages`` says, all viewing; deliveries per second.
@@ -417,7 +424,7 @@ def run_all2all(address: tuple[str, int], clients: int = 20, messages: int = 5_0
     }
 
 
-def run_latency(address: tuple[str, int], viewers: int = 100, rate: float = 5_000.0,
+def run_latency(address: Address, viewers: int = 100, rate: float = 5_000.0,
                 seconds: float = 5.0, options: Options | None = None,
                 server_pid: int | None = None) -> dict[str, Any]:
     """One sender at ``rate`` messages/s for ``seconds``; delivery latency seen by the viewers."""
@@ -459,7 +466,7 @@ def run_latency(address: tuple[str, int], viewers: int = 100, rate: float = 5_00
     }
 
 
-def run_conns(address: tuple[str, int], clients: int = 5_000, options: Options | None = None,
+def run_conns(address: Address, clients: int = 5_000, options: Options | None = None,
               server_pid: int | None = None) -> dict[str, Any]:
     """``clients`` viewers register at once; registrations/s, server memory per client, and
     how long one broadcast takes to reach them all."""

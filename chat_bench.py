@@ -91,6 +91,11 @@ def _address(text: str) -> tuple[str, int]:
     return host or "127.0.0.1", int(port)
 
 
+def _addresses(text: str) -> list[tuple[str, int]]:
+    """``HOST:PORT[,HOST:PORT...]``: one server, or the nodes of one cluster."""
+    return [_address(part) for part in text.split(",") if part]
+
+
 def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
         value = kind(text)
@@ -106,8 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Load benchmark of the chat server over loopback. Starts a fresh "
                     "chat_server.py per scenario unless --connect is given. Prints a table, "
                     "then one JSON line per scenario.")
-    parser.add_argument("--connect", type=_address, metavar="HOST:PORT",
-                        help="use a running server instead of starting one (memory: null)")
+    parser.add_argument("--connect", type=_addresses, metavar="HOST:PORT[,HOST:PORT...]",
+                        help="use running servers instead of starting one; with several (the "
+                             "nodes of one cluster) the clients are spread over them in turn "
+                             "(memory: null)")
     parser.add_argument("--scenario", choices=[*SCENARIOS, "all"], default="all")
     parser.add_argument("--procs", type=_positive(int), default=2,
                         help="load processes for the viewers/clients (default 2); the single "

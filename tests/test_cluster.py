@@ -558,3 +558,18 @@ def test_a_name_given_twice_during_an_outage_stays_with_one_client(
     assert loser.closed(timeout=2)
     assert sum("was taken on another node" in x for x in logs) == 1
     assert [u["name"] for u in await_users(survivor, ["sam"])] == ["sam"]
+
+
+def test_bench_spreads_its_clients_over_the_nodes(start_node: Callable[..., ChatServer]) -> None:
+    """chat-bench with several addresses spreads its clients over the nodes, and a fan-out across them loses nothing."""
+    from bench_scenarios import Options, run_fanout
+
+    nodes = [start_node(log=lambda line: None), start_node(log=lambda line: None)]
+    joined: list[list[str]] = [[], []]
+    for index, node in enumerate(nodes):
+        node.room.log = joined[index].append  # every registration on that node is logged here
+    result = run_fanout([node.address for node in nodes], viewers=4, messages=200,
+                        options=Options(procs=2, timeout=30, stall=5))
+    assert (result["expected"], result["received"], result["lost"]) == (800, 800, 0)
+    on_each = [sum(" joined from " in line for line in lines) for lines in joined]
+    assert on_each == [3, 2]  # 4 viewers and the sender, taken in turn
