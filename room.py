@@ -470,11 +470,6 @@ class Room:
                 delivered += 1
         return Delivery(delivered, queued)
 
-    def find(self, target: str | int) -> Member | None:
-        """A registered member by id (int or digit string) or by name, any case."""
-        with self.lock:
-            return self._find(target)
-
     def _find(self, target: str | int) -> Member | None:
         """A member of this node or, in a cluster, of another node as last heard of here."""
         key = parse_target(target)
