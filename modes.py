@@ -15,7 +15,7 @@ import shlex
 from collections import deque
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Generic, TypeVar, Union
+from typing import Generic, TypeVar
 
 
 class Mode(IntEnum):
@@ -146,10 +146,10 @@ class Invalid:
     reason: str
 
 
-Command = Union[
-    Broadcast, DirectMessage, SwitchMode, QuitCommand, HelpCommand, UsersCommand,
-    StatusCommand, AskSend, HistoryCommand, Nothing, Invalid,
-]
+Command = (
+    Broadcast | DirectMessage | SwitchMode | QuitCommand | HelpCommand | UsersCommand |
+    StatusCommand | AskSend | HistoryCommand | Nothing | Invalid
+)
 
 QUIT_WORDS = frozenset({"#quite", "#quit", "/quit", "!quit", "quit"})
 

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import Enum
-from typing import Any, Union
+from typing import Any
 
 MAX_FRAME = 65_536
 """Largest frame (bytes before its terminator) a peer may send; the server's ``--max-frame``."""
@@ -45,7 +45,7 @@ class ErrorCode(str, Enum):
     UNAVAILABLE = "unavailable"
 
 
-Ref = Union[str, int, None]
+Ref = str | int | None
 
 
 class ProtocolError(Exception):
@@ -332,7 +332,7 @@ class Quit:
     ref: Ref = None
 
 
-Request = Union[Hello, SetMode, Say, Dm, ListUsers, SetStatus, Ping, Pong, Quit]
+Request = Hello | SetMode | Say | Dm | ListUsers | SetStatus | Ping | Pong | Quit
 
 AVAILABLE = "available"
 UNAVAILABLE = "unavailable"
@@ -560,7 +560,7 @@ class LineSend:
     text: str
 
 
-LineCommand = Union[LineLogin, LineList, LineSend]
+LineCommand = LineLogin | LineList | LineSend
 
 
 def parse_line_command(line: bytes) -> LineCommand | LineReply:
