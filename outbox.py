@@ -317,7 +317,7 @@ class Writer:
             conn.queued = False
             chunks, conn.out = conn.out, []
             conn.out_bytes = 0  # never counted in the backlog while blocked
-        if chunks:
+        if chunks or conn.tls is not None:  # TLS records may wait in the session too
             self._send(conn, self._bytes_of(conn, chunks))
 
     def _send(self, conn: Connection, data: bytes | memoryview) -> bool:
