@@ -308,7 +308,7 @@ class Writer:
 
     def _drain(self, conn: Connection) -> None:
         """A blocked socket became writable: send the refused part, then what queued meanwhile."""
-        if conn.rest is None or not self._send(conn, conn.rest):
+        if conn.rest is not None and not self._send(conn, conn.rest):
             return
         self._selector.unregister(conn.sock)
         self._waiting.discard(conn)
