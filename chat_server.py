@@ -26,6 +26,7 @@ Theory of operation
 from __future__ import annotations
 
 import argparse
+import re
 import selectors
 import signal
 import socket
@@ -35,20 +36,17 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
 from handler import Handler
 from modes import PENDING_BYTES, PENDING_LIMIT
 from outbox import Connection, TlsSession, Writer
-from protocol import (
-    MAX_FRAME,
-)
+from protocol import MAX_FRAME, UNSAFE_TEXT
 from room import Dialect, Room
 
 if TYPE_CHECKING:
     from cluster import Backplane
 
-T = TypeVar("T")
 OUTPUT_LIMIT = 8 * 1024 * 1024
 
 
@@ -79,14 +77,15 @@ class ServerConfig:
 # ---------------------------------------------------------------------------------------------
 # Log lines: timestamped, and never raw control characters from the network.
 
-_INVISIBLE = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)]}
-_INVISIBLE.update({c: f"\\u{c:04x}" for c in [0x200E, 0x200F, *range(0x202A, 0x202F),
-                                              *range(0x2066, 0x206A)]})
+
+def _escaped(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
 
 
 def escape(text: str) -> str:
     """Text with control characters and bidirectional overrides written as visible escapes."""
-    return text.translate(_INVISIBLE)
+    return UNSAFE_TEXT.sub(_escaped, text)
 
 
 class Logger:

@@ -19,9 +19,9 @@ from urllib.parse import quote
 
 from colorama import Fore, Style
 
-# C0 controls, DEL, C1 controls, and the invisible characters that reorder or break lines:
-# bidirectional marks, embeddings, overrides and isolates (the "Trojan Source" set), U+2028/9.
-_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+from protocol import UNSAFE_TEXT
+
+_UNSAFE = UNSAFE_TEXT  # what is never printed raw: see protocol.UNSAFE_TEXT
 
 
 def _visible(match: re.Match[str]) -> str:

@@ -284,12 +284,9 @@ class Handler:
     def say(self, requests: list[Say]) -> None:
         texts = [request.text for request in requests]
         delivery = self.room.broadcast(self.member, texts)
-        oks = []
-        for request in requests:
-            ok = {"type": "ok", "delivered": delivery.delivered, "queued": delivery.queued}
-            if request.ref is not None:
-                ok["ref"] = request.ref
-            oks.append(encode(ok))
+        ok = {"type": "ok", "delivered": delivery.delivered, "queued": delivery.queued}
+        plain_ok = encode(ok)  # the same for every say of the run that has no ref
+        oks = [plain_ok if r.ref is None else encode({**ok, "ref": r.ref}) for r in requests]
         self.room.push(self.member, b"".join(oks))
         self.server.log_messages(self.member.name, "all", texts)
 

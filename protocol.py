@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import Enum
@@ -132,6 +131,13 @@ class Splitter:
 
 # --------------------------------------------------------------------------------------------
 # Native protocol values.
+
+
+UNSAFE_TEXT = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+"""Characters that must never reach a terminal or a log as they are: C0 controls, DEL, C1
+controls, and the invisible ones that reorder or break lines (bidirectional marks, embeddings,
+overrides and isolates, the "Trojan Source" set, and U+2028/U+2029). Both programs show them
+visibly, each in its own notation."""
 
 
 def utc_timestamp(when: float | None = None) -> str:
@@ -668,10 +674,3 @@ def plain_frame(text: str) -> bytes:
 def plain_text(frame: bytes) -> str:
     """The text of a plain frame; bytes that are not UTF-8 become U+FFFD."""
     return frame.decode("utf-8", "replace")
-
-
-def iter_frames(data: bytes, delimiter: bytes = NUL) -> Iterator[bytes]:
-    """Complete frames in ``data`` (a helper for tests and tools reading whole buffers)."""
-    parts = data.split(delimiter)
-    parts.pop()
-    return iter(parts)

@@ -36,6 +36,7 @@ from protocol import (
     event_frame,
     held_variant,
     line_delivery,
+    line_hello,
     message_frame,
     name_problem,
     no_such_user_message,
@@ -234,22 +235,32 @@ class Room:
             if name.casefold() not in self._names:
                 return name
 
-    def _deliver(self, event: Event, recipients: Iterable[Member]) -> Delivery:
+    def _deliver(self, events: list[Event], recipients: Iterable[Member]) -> Delivery:
+        """Deliver consecutive events to the same recipients, in order: one put per live one.
+
+        Each dialect's bytes are joined once, the first time a recipient needs them; a
+        recipient whose dialect does not get these events (line clients and notices) gets
+        nothing and is not counted.
+        """
+        rendered: dict[Dialect, bytes] = {}
+
+        def render(dialect: Dialect) -> bytes:
+            if dialect not in rendered:
+                parts = [e.live if dialect is Dialect.NATIVE else
+                         e.line if dialect is Dialect.LINE else e.plain for e in events]
+                rendered[dialect] = b"".join(part for part in parts if part is not None)
+            return rendered[dialect]
+
         delivered = queued = 0
         for member in recipients:
-            if member.dialect is Dialect.NATIVE:
-                if member.mode is Mode.VIEWING:
-                    member.outbox.push(event.live)
-                    delivered += 1
-                else:
+            if member.dialect is Dialect.NATIVE and member.mode is not Mode.VIEWING:
+                for event in events:
                     member.hold.hold(event, len(event.live))
-                    queued += 1
-            elif member.dialect is Dialect.LINE:
-                if event.line is not None:
-                    member.outbox.push(event.line)
-                    delivered += 1
-            elif event.plain is not None:
-                member.outbox.push(event.plain)
+                queued += 1
+                continue
+            data = render(member.dialect)
+            if data:
+                member.outbox.push(data)
                 delivered += 1
         return Delivery(delivered, queued)
 
@@ -259,11 +270,7 @@ class Room:
         delivered = self.fan_out(
             self._viewers.values(), live, skip.outbox if skip is not None else None
         )
-        individual = [m for m in self._individual.values() if m is not skip]
-        if len(events) == 1:
-            rest = self._deliver(events[0], individual)
-        else:
-            rest = self._deliver_run(events, individual)
+        rest = self._deliver(events, [m for m in self._individual.values() if m is not skip])
         return Delivery(delivered + rest.delivered, rest.queued)
 
     def _sort(self, member: Member) -> None:
@@ -339,7 +346,7 @@ class Room:
                         welcome["ref"] = ref
                     member.outbox.push(encode(welcome))
                 elif member.dialect is Dialect.LINE:
-                    member.outbox.push(f"HELLO {member.name}\n".encode())
+                    member.outbox.push(line_hello(member.name))
                 self._to_everyone([self._notice("joined", member)])
                 self._members[member.id] = member
                 self._names[member.name.casefold()] = member
@@ -446,30 +453,6 @@ class Room:
         backplane.said(record, texts, ts)
         return delivery
 
-    def _deliver_run(self, events: list[Event], recipients: list[Member]) -> Delivery:
-        """Deliver consecutive events to the same recipients: one push per live recipient."""
-        live = line = plain = b""
-        delivered = queued = 0
-        for member in recipients:
-            if member.dialect is Dialect.NATIVE:
-                if member.mode is Mode.VIEWING:
-                    live = live or b"".join(e.live for e in events)
-                    member.outbox.push(live)
-                    delivered += 1
-                else:
-                    for event in events:
-                        member.hold.hold(event, len(event.live))
-                    queued += 1
-            elif member.dialect is Dialect.LINE:
-                line = line or b"".join(e.line or b"" for e in events)
-                member.outbox.push(line)
-                delivered += 1
-            else:
-                plain = plain or b"".join(e.plain or b"" for e in events)
-                member.outbox.push(plain)
-                delivered += 1
-        return Delivery(delivered, queued)
-
     def _find(self, target: str | int) -> Member | None:
         """A member of this node or, in a cluster, of another node as last heard of here."""
         key = parse_target(target)
@@ -491,7 +474,7 @@ class Room:
                 raise ProtocolError(ErrorCode.NO_SUCH_USER, no_such_user_message(target), ref)
             if recipient is not None and recipient.node is None:
                 _check_available(recipient, ref)
-                delivery = self._deliver(self._message(sender, text, recipient), [recipient])
+                delivery = self._deliver([self._message(sender, text, recipient)], [recipient])
                 return recipient, delivery
         assert backplane is not None
         if recipient is None:
@@ -612,7 +595,7 @@ class Room:
                     # The name too: the id's descriptor may have been reused a moment ago.
                     if recipient is not None and recipient.name == event["to"]["name"]:
                         message = self._message(sender, event["t"], recipient, event["ts"])
-                        self._deliver(message, [recipient])
+                        self._deliver([message], [recipient])
                 elif kind == "join":
                     self._mirror(sender)
                     self._to_everyone([self._notice("joined", sender, event["ts"])])

@@ -1655,3 +1655,15 @@ def test_hello_timeout_holds_against_a_peer_that_never_pauses(start_server, conn
         assert server.room.online == 0
     finally:
         stop.set()
+
+
+def test_log_escapes_line_separators_and_bidi_marks(start_server, connect) -> None:
+    """U+2028, U+2029, U+061C and U+202E in a message are logged as escapes, never raw."""
+    logs: list[str] = []
+    server = start_server(rate=0, log=logs.append)
+    alice = connect(server)
+    alice.register("alice")
+    alice.send({"type": "say", "text": "a\u2028b\u2029c\u061cd\u202ee"})
+    alice.expect("ok")
+    line = wait_until(lambda: next((x for x in logs if x.startswith("message alice")), None))
+    assert line == "message alice -> all: a\\u2028b\\u2029c\\u061cd\\u202ee"
