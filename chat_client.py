@@ -35,12 +35,18 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from client_display import History, Palette, use_colour
-from client_line import LineSession
-from client_native import NativeSession
-from client_session import LOST, Session
-from client_terminal import Terminal
-from client_transport import INSECURE_WARNING, ConnectError, client_context, open_transport
+from chatsuite.client.display import Palette, use_colour
+from chatsuite.client.history import History
+from chatsuite.client.line import LineSession
+from chatsuite.client.native import NativeSession
+from chatsuite.client.session import LOST, Session
+from chatsuite.client.terminal import Terminal
+from chatsuite.client.transport import (
+    INSECURE_WARNING,
+    ConnectError,
+    client_context,
+    open_transport,
+)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 4040  # seed 004's prompt defaults and seed 001's port

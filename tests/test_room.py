@@ -7,9 +7,10 @@ from typing import Any
 
 import pytest
 
+from chatsuite.server.members import Dialect, Member
+from chatsuite.server.room import Room
 from modes import Mode
 from protocol import ErrorCode, ProtocolError
-from room import Dialect, Member, Room
 
 
 class RecordingOutbox:

@@ -19,22 +19,21 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from client_display import HistoryKey, format_delivery_line, format_names, sanitize
-from client_session import LOST, REPLY_TIMEOUT, ConnectionLost, Link, Session, closed_early
-from client_terminal import Terminal
-from client_transport import ConnectError, Transport
-from modes import HELP_TEXT, Mode
-from protocol import (
-    LF,
-    MAX_FRAME,
-    Oversized,
-    ServerLine,
-    Splitter,
-    line,
-    parse_server_line,
-    split_delivery,
-    split_names,
+from chatsuite.client.display import format_delivery_line, format_names, sanitize
+from chatsuite.client.history import HistoryKey
+from chatsuite.client.session import (
+    LOST,
+    REPLY_TIMEOUT,
+    ConnectionLost,
+    Link,
+    Session,
+    closed_early,
 )
+from chatsuite.client.terminal import Terminal
+from chatsuite.client.transport import ConnectError, Transport
+from chatsuite.dialects import ServerLine, line, parse_server_line, split_delivery, split_names
+from modes import HELP_TEXT, Mode
+from protocol import LF, MAX_FRAME, Oversized, Splitter
 
 BUSY = "the server is busy: it has no room for another client; try again later"
 NO_BROADCAST = 'the line protocol cannot broadcast: use /dm <user> "text"'

@@ -29,8 +29,8 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from bench_load import raise_fd_limit
-from bench_scenarios import (
+from chatsuite.bench.load import raise_fd_limit
+from chatsuite.bench.scenarios import (
     BenchError,
     Options,
     ServerProcess,

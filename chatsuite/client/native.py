@@ -15,8 +15,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from client_display import (
-    HistoryKey,
+from chatsuite.client.display import (
     format_delivery,
     format_failure,
     format_message,
@@ -24,7 +23,8 @@ from client_display import (
     format_users,
     sanitize,
 )
-from client_session import (
+from chatsuite.client.history import HistoryKey
+from chatsuite.client.session import (
     BYE_TIMEOUT,
     LOST,
     REPLY_TIMEOUT,
@@ -34,8 +34,8 @@ from client_session import (
     Session,
     closed_early,
 )
-from client_terminal import Terminal
-from client_transport import Transport
+from chatsuite.client.terminal import Terminal
+from chatsuite.client.transport import Transport
 from modes import Mode
 from protocol import EventDecoder, encode, parse_target
 

@@ -24,10 +24,9 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any, Self
 
-from bench_load import cpu_seconds, die_with_parent, raise_fd_limit, worker_main
+from chatsuite.bench.load import cpu_seconds, die_with_parent, raise_fd_limit, worker_main
 
-HERE = Path(__file__).resolve().parent
-
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 Address = Any
 """A ``(host, port)`` pair, or a list of them: the nodes of one cluster, used in turn."""
@@ -145,14 +144,17 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class ServerProcess:
-    """``chat_server.py`` as a subprocess on a free loopback port, its output drained."""
+    """The server (``python -m chat_server``) as a subprocess on a free loopback port, its
+    output drained."""
 
     def __init__(self, max_clients: int, extra_args: Sequence[str] = (),
-                 script: Path = HERE / "chat_server.py", start_timeout: float = 15.0) -> None:
+                 start_timeout: float = 15.0) -> None:
         self.port = free_port()
         self.address = ("127.0.0.1", self.port)
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        command = [sys.executable, str(script), "--host", "127.0.0.1", "--port", str(self.port),
+        # The checkout (or install) that holds this package holds chat_server too.
+        path = os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))
+        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=path)
+        command = [sys.executable, "-m", "chat_server", "--host", "127.0.0.1", "--port", str(self.port),
                    "--rate", "0", "--max-clients", str(max_clients), *extra_args]
         self.proc = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,

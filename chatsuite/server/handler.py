@@ -17,19 +17,27 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, TypeVar
 
-from modes import Mode
-from outbox import RECV_SIZE, Connection
-from protocol import (
-    LF,
-    NUL,
+from chatsuite.dialects import (
     PLAIN_QUIT,
-    Dm,
-    ErrorCode,
-    Hello,
     LineList,
     LineLogin,
     LineReply,
     LineSend,
+    is_http_request_line,
+    line,
+    line_list,
+    parse_line_command,
+    plain_text,
+)
+from chatsuite.server.members import Dialect, Member
+from chatsuite.server.writer import RECV_SIZE, Connection
+from modes import Mode
+from protocol import (
+    LF,
+    NUL,
+    Dm,
+    ErrorCode,
+    Hello,
     ListUsers,
     Oversized,
     Ping,
@@ -44,13 +52,7 @@ from protocol import (
     SetStatus,
     Splitter,
     encode,
-    is_http_request_line,
-    line,
-    line_list,
-    parse_line_command,
-    plain_text,
 )
-from room import Dialect, Member
 
 if TYPE_CHECKING:
     from chat_server import ChatServer
@@ -145,7 +147,7 @@ class Handler:
                 plaintext = tls.decrypt(data)
             except ssl.SSLError as error:
                 raise Disconnect(reason=f"TLS failed: {error.reason or error}") from None
-            if tls.outgoing.pending:
+            if tls.records_waiting:
                 self.server.writer.kick(self.conn)  # handshake records to send
             if plaintext or not data:
                 return plaintext

@@ -20,55 +20,10 @@ import ssl
 import threading
 from collections.abc import Callable, Iterable
 
-from room import Member
+from chatsuite.server.members import Member
+from chatsuite.tls import TlsSession
 
 RECV_SIZE = 256 * 1024
-
-
-class TlsSession:
-    """TLS over memory buffers, so that the reader thread decrypts and the writer thread encrypts.
-
-    An ``ssl.SSLSocket`` must not be read and written by two threads at once; an ``SSLObject``
-    over ``MemoryBIO`` buffers, behind one lock, can be. Only the writer takes bytes out of
-    ``outgoing``, so TLS records leave in the order OpenSSL made them, handshake records too.
-    """
-
-    def __init__(self, context: ssl.SSLContext) -> None:
-        self.incoming = ssl.MemoryBIO()
-        self.outgoing = ssl.MemoryBIO()
-        self.obj = context.wrap_bio(self.incoming, self.outgoing, server_side=True)
-        self.lock = threading.Lock()
-        self.established = False
-
-    def decrypt(self, data: bytes) -> bytes:
-        """Feed received bytes; return the plaintext they complete (raises ``ssl.SSLError``)."""
-        with self.lock:
-            if data:
-                self.incoming.write(data)
-            else:
-                self.incoming.write_eof()
-            if not self.established:
-                try:
-                    self.obj.do_handshake()
-                except ssl.SSLWantReadError:
-                    return b""
-                self.established = True
-            chunks = []
-            while True:
-                try:
-                    chunks.append(self.obj.read(RECV_SIZE))
-                except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
-                    break
-                if not chunks[-1]:
-                    break
-            return b"".join(chunks)
-
-    def encrypt(self, data: bytes) -> bytes:
-        """Encrypt ``data``; return every TLS record waiting to be sent (writer thread only)."""
-        with self.lock:
-            if data:
-                self.obj.write(data)
-            return self.outgoing.read()
 
 
 class Connection:

@@ -1,21 +1,17 @@
-"""What the chat client shows and keeps: sanitising, formatting, colours and the history files.
+"""What the chat client shows: sanitising, formatting and colours, pure (no files, no sockets).
 
-Pure helpers (no sockets, threads or terminal), and ``History``, the only code that touches the
-direct-message log files. Its one invariant: every string that comes from the network goes
-through ``sanitize`` before it reaches the terminal or a history file, so control characters and
-bidirectional overrides are shown, never interpreted.
+Its one invariant: every string that comes from the network goes through ``sanitize`` before it
+reaches the terminal or a history file (history.py), so control characters and bidirectional
+overrides are shown, never interpreted.
 """
 
 from __future__ import annotations
 
 import re
-import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, TextIO
-from urllib.parse import quote
 
 from colorama import Fore, Style
 
@@ -164,61 +160,3 @@ def format_delivery(reply: dict[str, Any]) -> str:
 def format_failure(reply: dict[str, Any]) -> str:
     """An ``error`` reply to a send, with the server's own sentence (seed 004)."""
     return f"failed to deliver message because {sanitize(reply.get('message'))}"
-
-
-HistoryKey = int | str
-"""Whose log: a peer id (native protocol), or a peer name (line protocol, which has no ids)."""
-
-
-def history_path(directory: Path, peer: HistoryKey) -> Path:
-    """The direct-message log with one peer: ``<id>.log``, or ``name-<name>.log`` for a name.
-
-    An id is an int, and a name is case-folded and percent-encoded (``/`` is ``%2F``), so no
-    peer can name a file outside ``directory``; the ``name-`` prefix keeps names and ids apart.
-    """
-    if isinstance(peer, int):
-        return directory / f"{int(peer)}.log"
-    return directory / f"name-{quote(peer.casefold(), safe='')}.log"
-
-
-def history_line(when: datetime, direction: str, peer_name: Any, text: Any) -> str:
-    """One log line: ``2026-11-22 07:00:01 sent to bob: hi`` (newlines in the text as ``\\n``)."""
-    return f"{when.strftime('%Y-%m-%d %H:%M:%S')} {direction} {sanitize(peer_name)}: " + sanitize(
-        text, "\\n"
-    )
-
-
-def is_history_key(peer: Any) -> bool:
-    """True for an int id (not a bool) or a non-empty name."""
-    if isinstance(peer, bool):
-        return False
-    return isinstance(peer, int) or (isinstance(peer, str) and peer != "")
-
-
-class History:
-    """Direct-message logs, one append-only file per peer (seed 003)."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self._lock = threading.Lock()  # the receiver logs what arrives, the main thread what it sends
-
-    def record(self, peer: Any, line: str) -> str | None:
-        """Append ``line`` to the peer's log; a sentence when it could not be written."""
-        if not is_history_key(peer):
-            return None
-        try:
-            with self._lock:
-                self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-                with history_path(self.directory, peer).open("a", encoding="utf-8") as log:
-                    log.write(line + "\n")
-        except OSError as error:
-            return f"could not write the history file: {sanitize(error.strerror or error)}"
-        return None
-
-    def read(self, peer: HistoryKey) -> list[str]:
-        """The peer's log lines, made safe to print; empty when there is none."""
-        try:
-            with history_path(self.directory, peer).open(encoding="utf-8", errors="replace") as log:
-                return [sanitize(line.rstrip("\n")) for line in log if line.strip()]
-        except (OSError, ValueError):
-            return []

@@ -44,8 +44,8 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
+from chatsuite.server.room import Room
 from protocol import parse_target, utc_timestamp
-from room import Room
 
 CHANNEL = "chat:room"
 NODE_SEQ = "chat:node-seq"

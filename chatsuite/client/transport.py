@@ -5,11 +5,9 @@ certificate and the host name); every failure becomes ``ConnectError`` carrying 
 for people, never a traceback. A ``Transport`` is then read by exactly one thread (the
 receiver) and written by any, safely.
 
-Why TLS over memory buffers: an ``ssl.SSLSocket`` must not be read and written by two threads at
-once (OpenSSL objects are not thread-safe), and the receiver blocks in ``recv`` while the main
-thread sends. So the raw socket is read without a lock, and the ``SSLObject`` is only touched
-under ``_tls_lock``, held for short, non-blocking calls. Encrypted bytes leave under
-``_send_lock``, taken before ``_tls_lock``, so records go out in the order OpenSSL made them.
+TLS goes over memory buffers (``chatsuite.tls``, shared with the server) because the receiver
+blocks in ``recv`` while the main thread sends, and an ``ssl.SSLSocket`` must not be used by two
+threads at once.
 """
 
 from __future__ import annotations
@@ -18,7 +16,8 @@ import socket
 import ssl
 import threading
 
-from client_display import sanitize
+from chatsuite.client.display import sanitize
+from chatsuite.tls import TlsSession
 
 RECV_SIZE = 65536
 
@@ -63,54 +62,35 @@ class Transport:
 
 
 class TlsTransport(Transport):
-    """A TLS stream over memory buffers (see the module docstring for the locking rule)."""
+    """A TLS stream over a ``TlsSession``: the receiver decrypts while any thread sends.
+
+    Encrypted bytes leave under ``_send_lock``, taken before the session's lock, so records
+    go out in the order OpenSSL made them.
+    """
 
     tls = True
 
-    def __init__(self, sock: socket.socket, obj: ssl.SSLObject, incoming: ssl.MemoryBIO,
-                 outgoing: ssl.MemoryBIO) -> None:
+    def __init__(self, sock: socket.socket, session: TlsSession) -> None:
         super().__init__(sock)
-        self._obj = obj
-        self._incoming = incoming
-        self._outgoing = outgoing
-        self._tls_lock = threading.Lock()  # guards _obj and both buffers; never held while blocking
-        self._eof = False  # reader thread only
+        self._session = session
 
     def recv(self, size: int = RECV_SIZE) -> bytes:
-        while not self._eof:
-            data = self.sock.recv(size)
-            chunks: list[bytes] = []
-            with self._tls_lock:
-                if data:
-                    self._incoming.write(data)
-                else:
-                    self._incoming.write_eof()
-                    self._eof = True
-                try:
-                    while chunk := self._obj.read(size):
-                        chunks.append(chunk)
-                except ssl.SSLWantReadError:
-                    pass
-                except ssl.SSLZeroReturnError:
-                    self._eof = True  # the server's close_notify
-                replies_waiting = self._outgoing.pending > 0
-            if replies_waiting:
+        session = self._session
+        while not session.closed:
+            plaintext = session.decrypt(self.sock.recv(size))
+            if session.records_waiting:
                 self._flush()  # records OpenSSL made while reading (a key update answer)
-            if chunks:
-                return b"".join(chunks)
+            if plaintext:
+                return plaintext
         return b""
 
     def sendall(self, data: bytes) -> None:
         with self._send_lock:
-            with self._tls_lock:
-                self._obj.write(data)
-                records = self._outgoing.read()
-            self.sock.sendall(records)
+            self.sock.sendall(self._session.encrypt(data))
 
     def _flush(self) -> None:
         with self._send_lock:
-            with self._tls_lock:
-                records = self._outgoing.read()
+            records = self._session.encrypt(b"")
             if records:
                 self.sock.sendall(records)
 
@@ -118,12 +98,7 @@ class TlsTransport(Transport):
         """Say ``close_notify`` (best effort, never waiting long), then close the socket."""
         if self._send_lock.acquire(timeout=1.0):
             try:
-                with self._tls_lock:
-                    try:
-                        self._obj.unwrap()
-                    except ssl.SSLError:
-                        pass  # SSLWantReadError: our close_notify is written; we do not wait
-                    records = self._outgoing.read()
+                records = self._session.close_notify()
                 self.sock.settimeout(1.0)
                 self.sock.sendall(records)
             except OSError:
@@ -172,27 +147,24 @@ def describe_tls_failure(error: ssl.SSLError, host: str) -> str:
 
 
 def _handshake(sock: socket.socket, context: ssl.SSLContext, host: str) -> TlsTransport:
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    obj = context.wrap_bio(incoming, outgoing, server_hostname=host)
+    session = TlsSession(context, server_side=False, server_hostname=host)
     try:
-        while True:
-            try:
-                obj.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                if outgoing.pending:
-                    sock.sendall(outgoing.read())
-                data = sock.recv(RECV_SIZE)
-                if not data:
-                    raise ConnectionResetError from None
-                incoming.write(data)
+        while not session.handshake():
+            records = session.encrypt(b"")
+            if records:
+                sock.sendall(records)
+            data = sock.recv(RECV_SIZE)
+            if not data:
+                raise ConnectionResetError from None
+            session.receive(data)
     finally:
         try:
-            if outgoing.pending:
-                sock.sendall(outgoing.read())  # our Finished, or the alert saying why we stop
+            records = session.encrypt(b"")
+            if records:
+                sock.sendall(records)  # our Finished, or the alert saying why we stop
         except OSError:
             pass
-    return TlsTransport(sock, obj, incoming, outgoing)
+    return TlsTransport(sock, session)
 
 
 def open_transport(host: str, port: int, context: ssl.SSLContext | None,

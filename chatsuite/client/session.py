@@ -19,9 +19,10 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from client_display import History, HistoryKey, Palette, history_line
-from client_terminal import Terminal, Viewer
-from client_transport import Transport
+from chatsuite.client.display import Palette
+from chatsuite.client.history import History, HistoryKey, history_line
+from chatsuite.client.terminal import Terminal, Viewer
+from chatsuite.client.transport import Transport
 from modes import (
     HELP_TEXT,
     AskSend,

@@ -1,0 +1,130 @@
+"""A room's members and the events they receive, as values (no lock, no sockets).
+
+A ``Member`` is one client of any dialect: identity, mode, availability, hold queue and the
+outbox its bytes go to. An ``Event`` is a ``message`` or ``notice`` encoded once for every
+recipient. ``Room`` (room.py) owns them and decides who gets what, under its lock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Protocol
+
+from modes import HoldQueue, Mode
+from protocol import AVAILABLE, encode_json, held_variant
+
+
+class Dialect(str, Enum):
+    """How a member speaks: the native JSON protocol, seed 002's lines or seed 001's plain text."""
+
+    NATIVE = "native"
+    LINE = "line"
+    PLAIN = "plain"
+
+
+class Outbox(Protocol):
+    """Where the room puts bytes for a member; called with ``Room.lock`` held."""
+
+    def push(self, data: bytes) -> None: ...
+
+
+class _Nowhere:
+    """The outbox of a member of another node: the room never pushes to it."""
+
+    def push(self, data: bytes) -> None:
+        raise AssertionError("pushed to a member of another node")
+
+
+NOWHERE = _Nowhere()
+
+
+def push_each(outboxes: Iterable[Outbox], data: bytes, skip: object = None) -> int:
+    """Push ``data`` to every outbox but ``skip``; how many got it (``Room.fan_out``'s default)."""
+    count = 0
+    for outbox in outboxes:
+        if outbox is not skip:
+            outbox.push(data)
+            count += 1
+    return count
+
+
+class Event:
+    """A ``message`` or ``notice`` as each dialect receives it, encoded once for all recipients."""
+
+    __slots__ = ("_held", "line", "live", "plain")
+
+    def __init__(self, live: bytes, line: bytes | None, plain: bytes | None) -> None:
+        self.live = live  # native frame with queued false
+        self._held: bytes | None = None
+        self.line = line  # None: line clients do not receive it (they get no notices)
+        self.plain = plain
+
+    @property
+    def held(self) -> bytes:
+        """The native frame with ``queued`` true, made the first time a typing member needs it."""
+        if self._held is None:
+            self._held = held_variant(self.live)
+        return self._held
+
+
+@dataclass(eq=False)
+class Member:
+    """One connection's client: identity, mode, availability, and where its bytes go."""
+
+    id: int
+    outbox: Outbox
+    dialect: Dialect
+    address: str = ""
+    name: str = ""
+    title: str | None = None
+    company: str | None = None
+    status: str = AVAILABLE
+    mode: Mode = Mode.TYPING
+    hold: HoldQueue[Event] = field(default_factory=HoldQueue)
+    registered: bool = False
+    node: int | None = None  # None: connected here; else the cluster node it is connected to
+    joined_at: float = 0.0  # registration time: the cluster's users are listed in this order
+    _user_json: str | None = None
+
+    def user(self) -> dict[str, Any]:
+        """The wire's ``user`` object."""
+        return {
+            "id": self.id, "name": self.name, "title": self.title, "company": self.company,
+            "status": self.status, "mode": int(self.mode),
+        }
+
+    def user_json(self) -> str:
+        """``user()`` as compact JSON, cached until the member changes."""
+        if self._user_json is None:
+            self._user_json = encode_json(self.user())
+        return self._user_json
+
+    def changed(self) -> None:
+        self._user_json = None
+
+    def record(self, node: int) -> dict[str, Any]:
+        """What the cluster stores and publishes about this member (``user()`` and routing)."""
+        return {**self.user(), "node": node, "dialect": self.dialect.value, "at": self.joined_at}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> Member:
+        """A member of another node, from its cluster record."""
+        return cls(
+            int(record["id"]), NOWHERE, Dialect(record["dialect"]), name=record["name"],
+            title=record["title"], company=record["company"], status=record["status"],
+            mode=Mode(record["mode"]), registered=True, node=int(record["node"]),
+            joined_at=float(record["at"]),
+        )
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """What became of a message: recipients that got it live, and those holding it."""
+
+    delivered: int
+    queued: int
+
+    def __add__(self, other: Delivery) -> Delivery:
+        return Delivery(self.delivered + other.delivered, self.queued + other.queued)
