@@ -1,13 +1,14 @@
-"""The terminal chat client (SPEC section 4): connect, register, then type (mode 1) or view (mode 2).
+"""The terminal chat client (SPEC 4): connect, register, then type (mode 1) or view (mode 2).
 
 This module is the entry point (``main``, the ``chat-client`` command): options, the server's
-address, the connection, and the session. The rest lives in modules named by their job:
+address, the connection, and the session. The rest lives in ``chatsuite/client/``, one module
+per job:
 
-* ``client_display``: sanitising, formatting, colours, history files (pure);
-* ``client_terminal``: the screen and keyboard, and the ``Viewer`` that holds lines while typing;
-* ``client_transport``: plain TCP or verified TLS, failures as sentences;
-* ``client_session``: what both protocols share (the link's receiver thread, the two modes);
-* ``client_native`` and ``client_line``: the native protocol, and seed 002's line protocol.
+* ``display``: sanitising, formatting, colours (pure); ``history``: the direct-message logs;
+* ``terminal``: the screen and keyboard, and the ``Viewer`` that holds lines while typing;
+* ``transport``: plain TCP or verified TLS (``chatsuite.tls``), failures as sentences;
+* ``session``: what both protocols share (the link's receiver thread, the two modes);
+* ``native`` and ``line``: the native protocol, and seed 002's line protocol.
 
 Theory of operation. One connection, two threads:
 
@@ -27,7 +28,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import ssl
 import sys
 import threading
 from collections.abc import Callable
@@ -44,6 +44,7 @@ from chatsuite.client.terminal import Terminal
 from chatsuite.client.transport import (
     INSECURE_WARNING,
     ConnectError,
+    Transport,
     client_context,
     open_transport,
 )
@@ -71,7 +72,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("name", nargs="?", help="your user name (asked when absent)")
     parser.add_argument("title", nargs="?", help="your job title")
     parser.add_argument("company", nargs="?", help="your company")
-    parser.add_argument("--host", help=f"server address (asked when absent; default {DEFAULT_HOST})")
+    parser.add_argument("--host",
+                        help=f"server address (asked when absent; default {DEFAULT_HOST})")
     parser.add_argument("--port", type=_port_argument,
                         help=f"server port (asked when absent; default {DEFAULT_PORT})")
     parser.add_argument("--no-color", action="store_true", help="no colours")
@@ -82,9 +84,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tls", action="store_true",
                         help="connect with TLS, checking the server's certificate and host name")
     parser.add_argument("--cafile", metavar="FILE",
-                        help="trust the authority in FILE (PEM) instead of the system's (implies --tls)")
+                        help="trust the authority in FILE (PEM) instead of the system's"
+                             " (implies --tls)")
     parser.add_argument("--insecure", action="store_true",
-                        help="TLS without checking the server's identity: DANGEROUS (implies --tls)")
+                        help="TLS without checking the server's identity: DANGEROUS"
+                             " (implies --tls)")
     args = parser.parse_args(argv)
     if args.insecure and args.cafile:
         parser.error("--insecure and --cafile contradict each other: choose one")
@@ -145,24 +149,50 @@ def _waker(terminal: Terminal, session_ref: list[Session]) -> Callable[[], None]
     return wake
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the client; 0 when the user chose to leave, 1 when the connection failed."""
-    try:
-        args = parse_args(argv)
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
+def _prepare_console(args: argparse.Namespace) -> bool:
+    """Streams that never fail on a character, colour if wanted, line editing; True for colour."""
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="replace")  # a non-UTF-8 terminal gets "?", not a traceback
     colour = use_colour(args.no_color, os.environ, sys.stdout)
     if colour:
-        import colorama
+        import colorama  # type: ignore[import-untyped]  # colorama ships no type stubs
 
         colorama.just_fix_windows_console()
     try:
         import readline  # noqa: F401  (line editing for input(), where the platform has it)
     except ImportError:
         pass
+    return colour
+
+
+def _connect(args: argparse.Namespace, host: str, port: int, terminal: Terminal,
+             palette: Palette) -> tuple[Transport, Callable[[], Transport]] | int:
+    """The open transport and how to open another; or the exit code when there is none."""
+    connect = partial(open_transport, host, port, None, CONNECT_TIMEOUT)
+    try:
+        if args.tls:
+            context = client_context(args.cafile, args.insecure)
+            if args.insecure:
+                terminal.show(palette.bad(INSECURE_WARNING))
+            connect = partial(open_transport, host, port, context, CONNECT_TIMEOUT)
+        transport = connect()
+    except ConnectError as error:
+        terminal.show(palette.bad(str(error)))
+        return 1
+    except KeyboardInterrupt:
+        terminal.show("bye")
+        return 0
+    return transport, connect
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the client; 0 when the user chose to leave, 1 when the connection failed."""
+    try:
+        args = parse_args(argv)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    colour = _prepare_console(args)
     terminal = Terminal()
     palette = Palette(colour)
     session_ref: list[Session] = []
@@ -178,21 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     except (EOFError, KeyboardInterrupt):
         terminal.show("bye")
         return 0
-    context: ssl.SSLContext | None = None
-    connect = partial(open_transport, host, port, None, CONNECT_TIMEOUT)
-    try:
-        if args.tls:
-            context = client_context(args.cafile, args.insecure)
-            if args.insecure:
-                terminal.show(palette.bad(INSECURE_WARNING))
-            connect = partial(open_transport, host, port, context, CONNECT_TIMEOUT)
-        transport = connect()
-    except ConnectError as error:
-        terminal.show(palette.bad(str(error)))
-        return 1
-    except KeyboardInterrupt:
-        terminal.show("bye")
-        return 0
+    connected = _connect(args, host, port, terminal, palette)
+    if isinstance(connected, int):
+        return connected
+    transport, connect = connected
     secure = " over TLS" if args.tls else ""
     terminal.show("you are now connected to the server" + secure)
     history = History(Path(args.history_dir).expanduser())
@@ -211,7 +230,6 @@ def main(argv: list[str] | None = None) -> int:
         return session.run()
     except KeyboardInterrupt:  # a wake-up that landed while the session was already ending
         return session.finish()
-
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -35,7 +35,7 @@ T = TypeVar("T")
 
 
 class HoldQueue(Generic[T]):
-    """Events held for a typing client; the oldest are dropped past ``limit`` events or ``max_bytes``."""
+    """Events held for a typing client; the oldest drop past ``limit`` events or ``max_bytes``."""
 
     def __init__(self, limit: int = PENDING_LIMIT, max_bytes: int = PENDING_BYTES) -> None:
         self.limit = limit
@@ -189,22 +189,14 @@ def _dm_from_command(rest: str) -> Command:
     except ValueError:
         words = []
     target, _, text = rest.partition(" ")
-    if len(words) == 2 and words[0] == target:
-        text = words[1]
-    else:
-        text = _unquote(text)
+    text = words[1] if len(words) == 2 and words[0] == target else _unquote(text)
     if not text:
         return Invalid(usage)
     return DirectMessage(target, text)
 
 
-def read_typed_line(line: str) -> Command:
-    """What a line typed in mode 1 asks for (seed 000, 003, 004 and SPEC 4.4)."""
-    stripped = line.strip()
-    if not stripped:
-        return Nothing()
-    word, _, rest = stripped.partition(" ")
-    lower = word.lower()
+def _whole_line_command(stripped: str, lower: str, rest: str) -> Command | None:
+    """The commands that are the whole line (``#view``, ``/users``, ``send``...); else None."""
     if stripped == "#view":
         return SwitchMode(Mode.VIEWING)
     if stripped in QUIT_WORDS:
@@ -219,6 +211,12 @@ def read_typed_line(line: str) -> Command:
         return AskSend()
     if stripped == "history":
         return HistoryCommand()
+    return None
+
+
+def _worded_command(line: str, stripped: str, word: str, rest: str) -> Command:
+    """A line read by its first word (``/dm``, ``@user``, ``//``...); a broadcast otherwise."""
+    lower = word.lower()
     if lower == "/history":
         peer = rest.strip()
         return HistoryCommand(peer) if peer else Invalid("Usage: /history <user>")
@@ -235,6 +233,18 @@ def read_typed_line(line: str) -> Command:
     if word.startswith("/") and len(word) > 1:
         return Invalid(f"Unknown command {word}; /help lists the commands (// sends a leading /).")
     return Broadcast(line.rstrip("\r\n"))
+
+
+def read_typed_line(line: str) -> Command:
+    """What a line typed in mode 1 asks for (seed 000, 003, 004 and SPEC 4.4)."""
+    stripped = line.strip()
+    if not stripped:
+        return Nothing()
+    word, _, rest = stripped.partition(" ")
+    whole = _whole_line_command(stripped, word.lower(), rest)
+    if whole is not None:
+        return whole
+    return _worded_command(line, stripped, word, rest)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
-from colorama import Fore, Style
+from colorama import Fore, Style  # type: ignore[import-untyped]  # colorama ships no stubs
 
 from protocol import UNSAFE_TEXT
 
@@ -140,7 +140,8 @@ def format_users(users: Any, own_id: Any = None) -> list[str]:
             rows.append((sanitize(user.get("id")), name, sanitize(user.get("title")),
                          sanitize(user.get("company")), sanitize(user.get("status"))))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+            for row in rows]
 
 
 def format_names(names: list[str], own_name: str | None = None) -> list[str]:

@@ -48,7 +48,8 @@ class History:
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        self._lock = threading.Lock()  # the receiver logs what arrives, the main thread what it sends
+        # The receiver logs what arrives, the main thread what it sends.
+        self._lock = threading.Lock()
 
     def record(self, peer: Any, line: str) -> str | None:
         """Append ``line`` to the peer's log; a sentence when it could not be written."""

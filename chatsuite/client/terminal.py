@@ -60,7 +60,7 @@ class Terminal:
 
     @contextmanager
     def keys(self) -> Iterator[Callable[[], str | None]]:
-        """A key reader for mode 2: single keys on a terminal, lines from a pipe; None at the end."""
+        """Mode 2's key reader: single keys on a terminal, lines from a pipe; None at the end."""
         if not self.interactive:
             yield lambda: self.stdin.readline() or None
         elif os.name == "posix":
@@ -69,7 +69,8 @@ class Terminal:
             fd = self.stdin.fileno()
             old = termios.tcgetattr(fd)
             new = termios.tcgetattr(fd)
-            new[3] &= ~(termios.ECHO | termios.ICANON)  # cbreak: keys at once, no echo, Ctrl-C works
+            # cbreak: keys at once, no echo, Ctrl-C works
+            new[3] &= ~(termios.ECHO | termios.ICANON)
             new[6][termios.VMIN], new[6][termios.VTIME] = 1, 0
             termios.tcsetattr(fd, termios.TCSANOW, new)  # TCSANOW: keys typed already are kept
             try:

@@ -169,7 +169,7 @@ def _handshake(sock: socket.socket, context: ssl.SSLContext, host: str) -> TlsTr
 
 def open_transport(host: str, port: int, context: ssl.SSLContext | None,
                    timeout: float) -> Transport:
-    """Connect to ``host:port`` (with TLS when ``context`` is given); ``ConnectError`` says why not."""
+    """Connect to ``host:port`` (TLS when ``context`` is given); ``ConnectError`` says why not."""
     where = f"{sanitize(host)}:{port}"
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
@@ -178,7 +178,8 @@ def open_transport(host: str, port: int, context: ssl.SSLContext | None,
                            "the connection was refused (is the server running?)") from None
     except (OSError, UnicodeError) as error:
         reason = getattr(error, "strerror", None) or error
-        raise ConnectError(f"could not connect to the server at {where}: {sanitize(reason)}") from None
+        raise ConnectError(
+            f"could not connect to the server at {where}: {sanitize(reason)}") from None
     if context is None:
         sock.settimeout(None)
         return Transport(sock)

@@ -204,42 +204,18 @@ class Writer:
             try:
                 if not self._step():
                     return
-            except Exception as error:  # noqa: BLE001 - the writer must outlive any one bug
+            except Exception as error:  # broad on purpose: the writer must outlive any one bug
                 self.log(f"writer: unexpected error, carrying on: {error!r}")
 
     def _step(self) -> bool:
         """One round: wait, then write everything that is ready. False once stopped."""
-        events = self._selector.select()
-        writable = []
-        for key, _ in events:
-            if key.data is None:
-                try:
-                    while self._wake_r.recv(4096):
-                        pass
-                except (BlockingIOError, OSError):
-                    pass
-            else:
-                writable.append(key.data)
+        writable = self._select()
         with self.lock:
             self._awake = False
-            ready, self._ready = self._ready, []
             closing, self._closing = self._closing, []
             aborted, self._aborted = self._aborted, []
             running = self._running
-            batches = []
-            taken = 0
-            for conn in ready:
-                if conn.blocked:
-                    continue  # stays queued: its outbox is taken when the socket drains
-                conn.queued = False
-                if conn.out or conn.tls is not None:
-                    batches.append((conn, conn.out))
-                    taken += conn.out_bytes
-                    conn.out = []
-                    conn.out_bytes = 0
-            self.backlog -= taken
-            if self.backlog < BACKLOG_LOW and not self._room.is_set():
-                self._room.set()
+            batches = self._take_outboxes()
         for conn in writable:
             self._drain(conn)
         for conn, chunks in batches:
@@ -249,6 +225,39 @@ class Writer:
         for conn in closing:
             self._finish(conn)
         return running
+
+    def _select(self) -> list[Connection]:
+        """Wait for a socket to drain or a wake-up; the connections whose sockets drained."""
+        writable = []
+        for key, _ in self._selector.select():
+            if key.data is None:
+                try:
+                    while self._wake_r.recv(4096):
+                        pass
+                except (BlockingIOError, OSError):
+                    pass
+            else:
+                writable.append(key.data)
+        return writable
+
+    def _take_outboxes(self) -> list[tuple[Connection, list[bytes]]]:
+        """Under ``lock``: take the outboxes of the ready, unblocked connections."""
+        ready, self._ready = self._ready, []
+        batches = []
+        taken = 0
+        for conn in ready:
+            if conn.blocked:
+                continue  # stays queued: its outbox is taken when the socket drains
+            conn.queued = False
+            if conn.out or conn.tls is not None:
+                batches.append((conn, conn.out))
+                taken += conn.out_bytes
+                conn.out = []
+                conn.out_bytes = 0
+        self.backlog -= taken
+        if self.backlog < BACKLOG_LOW and not self._room.is_set():
+            self._room.set()
+        return batches
 
     def _bytes_of(self, conn: Connection, chunks: list[bytes]) -> bytes:
         """What goes on the wire for these outbox chunks: joined, and encrypted under TLS."""
