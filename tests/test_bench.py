@@ -16,6 +16,7 @@ import pytest
 from conftest import ROOT, ServerProcess, free_port
 
 from chatsuite.bench.cli import format_table
+from chatsuite.bench.frames import count_chunk, parse_sample
 from chatsuite.bench.scenarios import (
     Options,
     percentile,
@@ -47,6 +48,26 @@ def assert_clean(result: dict[str, Any]) -> None:
         # Each load process is one thread: it cannot use more CPU than the time it ran (the
         # 10 ms allow for the clocks' granularity and the rounding to milliseconds).
         assert 0 <= proc["cpu_s"] <= proc["wall_s"] + 0.01, proc
+
+
+def test_count_chunk_counts_a_kind_cut_across_two_chunks() -> None:
+    """A message frame split inside its ``"type":"message"`` key is counted once, in the chunk
+    that completes it, and the tail kept is what the next chunk needs."""
+    wire = b'{"type":"ok"}\0{"type":"message","text":"a"}\0'
+    cut = wire.index(b'message') + 3
+    first, second = bytearray(wire[:cut]), bytearray(wire[cut:])
+    counts1, frames1, tail = count_chunk(first, len(first), b"")
+    assert (counts1, frames1) == ([0, 1, 0, 0, 0], 1)
+    assert tail == bytes(first[-15:])
+    counts2, frames2, tail = count_chunk(second, len(second), tail)
+    assert (counts2, frames2, tail) == ([1, 0, 0, 0, 0], 1, b"")
+
+
+def test_parse_sample_takes_only_a_whole_message_frame() -> None:
+    """The sample is the first message frame wholly inside the chunk; a cut one gives None."""
+    data = b'{"type":"ok"}\0{"type":"message","text":"a"}\0'
+    assert parse_sample(data, len(data), True) == {"type": "message", "text": "a"}
+    assert parse_sample(data[14:], len(data) - 14, False) is None
 
 
 def test_fanout_small(bench_server: ServerProcess) -> None:

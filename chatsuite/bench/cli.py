@@ -14,9 +14,10 @@ Invariant: the benchmark never leaves a process behind. Load processes ignore Ct
 when their control pipe closes (and, on Linux, when the parent dies); the parent kills the
 server and every load process in ``finally``, on Ctrl-C and SIGTERM too.
 
-The work is split by job: ``bench_load`` is the load process (its epoll loop and frame
-counting), ``bench_scenarios`` the parent side (load groups, the server subprocess, the four
-scenario runners); this module is the command line and the report.
+The work is split by job, in ``chatsuite/bench/``: ``load`` is the load process (its epoll
+loop), ``frames`` its frame counting, ``group`` the load process groups and the server
+subprocess, ``scenarios`` the four scenario runners, ``system`` the clock and the CPU and memory
+readings; this module is the command line and the report.
 """
 
 from __future__ import annotations
@@ -29,16 +30,15 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from chatsuite.bench.load import raise_fd_limit
+from chatsuite.bench.group import BenchError, ServerProcess
 from chatsuite.bench.scenarios import (
-    BenchError,
     Options,
-    ServerProcess,
     run_all2all,
     run_conns,
     run_fanout,
     run_latency,
 )
+from chatsuite.bench.system import raise_fd_limit
 
 SCENARIOS = ("fanout", "all2all", "latency", "conns")
 

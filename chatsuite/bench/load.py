@@ -4,86 +4,27 @@ A load process connects its clients, registers them in mode 2, then counts, send
 the parent's command over a pipe. Invariant: a load process never outlives the benchmark. It
 ignores Ctrl-C and exits when its control pipe closes (and, on Linux, when the parent dies).
 
-Load processes count frames without parsing them: one ``bytes.count`` per frame kind per
-``recv`` (a quoted ``"type":"message"`` cannot occur inside a JSON string, where every quote is
-escaped), so a loaded generator costs little next to the server it measures. Only the latency
-viewers parse, with one regular expression per ``recv``. Times cross processes as
-``time.monotonic_ns`` (CLOCK_MONOTONIC, one clock for the whole machine on Linux).
+Load processes count frames without parsing them (``chatsuite.bench.frames``), and take their
+times from ``chatsuite.bench.system.monotonic_ns``, one clock for every process on Linux.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
-import resource
 import selectors
 import signal
 import socket
-import sys
-import time
 from array import array
 from collections import deque
 from multiprocessing.connection import Connection
 from typing import Any
 
+from chatsuite.bench.frames import LATENCY_TEXT, PONG_FRAME, count_chunk, parse_sample
+from chatsuite.bench.system import cpu_seconds, die_with_parent, monotonic_ns, raise_fd_limit
+
 RECV_SIZE = 1 << 20  # one recv drains a whole socket buffer: fewer system calls per frame
 SEND_CHUNK = 256 * 1024  # a sender writes this many bytes of pipelined frames per send()
-
-# Frame kinds, counted per recv. Each pattern has quotes around a colon, which a JSON string
-# value can only hold escaped (\"), so it matches the frame's own keys and nothing inside a text.
-MESSAGE = b'"type":"message"'
-OK = b'"type":"ok"'
-JOINED = b'"event":"joined"'
-PING = b'"type":"ping"'
-ERROR = b'"type":"error"'
-PATTERNS = (MESSAGE, OK, JOINED, PING, ERROR)
-TAIL = max(len(p) for p in PATTERNS) - 1  # bytes kept of a chunk cut inside a frame
-LATENCY_TEXT = re.compile(rb'"text":"lat:(\d+)"')
-PONG_FRAME = b'{"type":"pong"}\0'
-
-
-def monotonic_ns() -> int:
-    """CLOCK_MONOTONIC in nanoseconds: comparable between processes on Linux."""
-    return time.monotonic_ns()
-
-
-def raise_fd_limit() -> int:
-    """Raise the soft limit of open files to the hard limit (thousands of sockets); return it."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY:
-        hard = 1 << 20
-    if soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (ValueError, OSError):
-            pass
-    return soft
-
-
-def die_with_parent() -> None:
-    """On Linux, have the kernel kill this process when its parent dies (no orphans on kill -9)."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass
-
-
-def cpu_seconds() -> float:
-    """User plus system CPU time of this process."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-# --------------------------------------------------------------------------------------------
-# Load process: many native clients on one epoll loop.
 
 SETUP, LIVE, CLOSED = 0, 1, 2
 
@@ -143,7 +84,7 @@ class LoadWorker:
         self.buf = bytearray(RECV_SIZE)
         self.view = memoryview(self.buf)
         self.last_progress_ns = monotonic_ns()
-        self.latencies: array = array("q")
+        self.latencies: array[int] = array("q")
         self.sample: dict[str, Any] | None = None
         self.disconnects = 0
         self.pending = 0  # clients not yet complete in the running phase
@@ -289,22 +230,7 @@ class LoadWorker:
         stall_ns = int(params.get("stall", 15.0) * 1e9)
         deadline = monotonic_ns() + int(params.get("timeout", 300.0) * 1e9)
         cpu0, start = cpu_seconds(), monotonic_ns()
-        self.pending = 0
-        senders: list[Client] = []
-        for client in self.clients:
-            if client.state != LIVE:
-                continue
-            client.expected = expected
-            client.complete = client.messages >= expected and not client.to_send
-            if client.to_send:
-                senders.append(client)
-                client.send_start_ns = start
-            if not client.complete:
-                self.pending += 1
-        # Pipelined senders (rate 0) get all their frames at once; paced ones are fed below.
-        for client in senders:
-            if client.rate <= 0:
-                self._queue_says(client, min(client.window or client.to_send, client.to_send))
+        senders = self._start_phase(expected, start)
         self.last_progress_ns = monotonic_ns()
         while self.pending and not self.stop_requested:
             timeout = 0.2
@@ -320,6 +246,31 @@ class LoadWorker:
             now = monotonic_ns()
             if now > deadline or now - self.last_progress_ns > stall_ns:
                 break
+        return self._phase_result(expected, senders, start, cpu0)
+
+    def _start_phase(self, expected: int, start: int) -> list[Client]:
+        """Set what each live client expects, count the pending ones, start the pipelined
+        senders (rate 0: all their frames at once; paced ones are fed by ``go``); the senders."""
+        self.pending = 0
+        senders: list[Client] = []
+        for client in self.clients:
+            if client.state != LIVE:
+                continue
+            client.expected = expected
+            client.complete = client.messages >= expected and not client.to_send
+            if client.to_send:
+                senders.append(client)
+                client.send_start_ns = start
+            if not client.complete:
+                self.pending += 1
+        for client in senders:
+            if client.rate <= 0:
+                self._queue_says(client, min(client.window or client.to_send, client.to_send))
+        return senders
+
+    def _phase_result(self, expected: int, senders: list[Client], start: int,
+                      cpu0: float) -> dict[str, Any]:
+        """The running phase's counters and times, summed over this process's clients."""
         end = monotonic_ns()
         result: dict[str, Any] = {
             "role": self.role,
@@ -405,60 +356,59 @@ class LoadWorker:
 
     def _count(self, client: Client, n: int, now: int) -> None:
         """Count the frames of ``self.buf[:n]`` by kind (the hot path of every viewer)."""
-        buf = self.buf
+        sample_source: bytes | bytearray
         if client.parse:
-            # Latency viewers: split whole frames and read each message's send time.
-            data = client.partial + bytes(self.view[:n])
-            last = data.rfind(b"\0")
-            if last < 0:
-                client.partial = data
+            chunk = self._whole_frames(client, n, now)
+            if chunk is None:
                 return
-            chunk, client.partial = data[: last + 1], data[last + 1 :]
-            stamps = LATENCY_TEXT.findall(chunk)
-            if stamps:
-                self.latencies.extend([now - int(s) for s in stamps])
-            counts = [chunk.count(p) for p in PATTERNS]
-            frames = chunk.count(b"\0")
-            sample_source: bytes | bytearray = chunk
-            sample_len, clean_start = len(chunk), True
+            counts, frames, _ = count_chunk(chunk, len(chunk), b"")
+            sample_source, sample_len, clean_start = chunk, len(chunk), True
         else:
             clean_start = not client.tail
-            counts = [buf.count(p, 0, n) for p in PATTERNS]
-            frames = buf.count(b"\0", 0, n)
-            if client.tail:
-                # The previous chunk ended inside a frame: count kinds cut across the boundary.
-                head = bytes(self.view[: min(n, TAIL)])
-                for i, p in enumerate(PATTERNS):
-                    joint = client.tail[-(len(p) - 1) :] + head[: len(p) - 1]
-                    counts[i] += joint.count(p)
-            if buf[n - 1] == 0:
-                client.tail = b""
-            elif n >= TAIL:
-                client.tail = bytes(self.view[n - TAIL : n])
-            else:
-                client.tail = (client.tail + bytes(self.view[:n]))[-TAIL:]
-            sample_source, sample_len = buf, n
+            counts, frames, client.tail = count_chunk(self.buf, n, client.tail)
+            sample_source, sample_len = self.buf, n
         messages, oks, joined, pings, errors = counts
         client.frames += frames
         if messages:
             client.messages += messages
             client.last_message_ns = now
             if self.sample is None:
-                self._take_sample(sample_source, sample_len, clean_start)
+                self.sample = parse_sample(sample_source, sample_len, clean_start)
         client.oks += oks
         client.joined += joined
         client.errors += errors
+        self._top_up_window(client)
+        if pings:
+            client.pings += pings
+            self._queue_out(client, PONG_FRAME * pings)
+        self._check_complete(client)
+
+    def _whole_frames(self, client: Client, n: int, now: int) -> bytes | None:
+        """Latency viewers: the whole frames received so far (None: not one yet); the send time
+        of each message in them is recorded as a latency."""
+        data = client.partial + bytes(self.view[:n])
+        last = data.rfind(b"\0")
+        if last < 0:
+            client.partial = data
+            return None
+        chunk, client.partial = data[: last + 1], data[last + 1 :]
+        stamps = LATENCY_TEXT.findall(chunk)
+        if stamps:
+            self.latencies.extend([now - int(s) for s in stamps])
+        return chunk
+
+    def _top_up_window(self, client: Client) -> None:
+        """Windowed sender: top the window up once half of it has been answered. An ok is
+        queued behind what the server owes this client, so this also bounds its backlog."""
         if client.window and client.send_start_ns and client.sent < client.to_send \
                 and client.rate <= 0:
-            # Windowed sender: top the window up once half of it has been answered. An ok is
-            # queued behind what the server owes this client, so this also bounds its backlog.
             in_flight = client.sent - client.oks - client.errors
             if in_flight <= client.window // 2:
                 self._queue_says(client, min(client.window - in_flight,
                                              client.to_send - client.sent))
-        if pings:
-            client.pings += pings
-            self._queue_out(client, PONG_FRAME * pings)
+
+    def _check_complete(self, client: Client) -> None:
+        """Mark ``client`` complete once it has all it expects and, as a sender, every answer."""
         if (
             not client.complete and client.messages >= client.expected
             and (not client.to_send or (
@@ -467,20 +417,6 @@ class LoadWorker:
         ):
             client.complete = True
             self.pending -= 1
-
-    def _take_sample(self, data: bytes | bytearray, n: int, clean_start: bool) -> None:
-        """Parse one whole message frame: proof that the counted frames have the right form."""
-        at = data.find(MESSAGE, 0, n)
-        if at < 0:
-            return  # the only one was cut across two chunks
-        start = data.rfind(b"\0", 0, at) + 1
-        end = data.find(b"\0", at, n)
-        if (start == 0 and not clean_start) or end < 0:
-            return  # not wholly inside this chunk; the next one will do
-        try:
-            self.sample = json.loads(bytes(data[start:end]))
-        except ValueError as error:
-            self.sample = {"unparsable": str(error)}
 
     def _queue_out(self, client: Client, data: bytes) -> None:
         if client.sock is None or client.state == CLOSED:
@@ -535,7 +471,7 @@ def worker_main(ctrl: Connection, spec: dict[str, Any]) -> None:
     raise_fd_limit()
     try:
         LoadWorker(ctrl, spec).run()
-    except Exception as error:  # noqa: BLE001 - reported to the parent as a BenchError
+    except Exception as error:  # broad on purpose: reported to the parent as a BenchError
         import traceback
 
         try:

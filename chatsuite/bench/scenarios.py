@@ -1,272 +1,23 @@
-"""The parent side of ``chat-bench``: load process groups, the server subprocess, scenarios.
+"""The scenarios of ``chat-bench``: each runner measures one phase and returns its figures.
 
 Each scenario runner (``run_fanout``, ``run_all2all``, ``run_latency``, ``run_conns``) spawns its
-load processes (``bench_load``), sets them up, measures one phase and returns a flat dict of
-figures. Invariant: a runner never leaves a process behind: ``LoadGroup`` stops every load
-process on exit, politely then by force, and ``ServerProcess.stop`` ends the server.
+load processes (``chatsuite.bench.load``, through ``chatsuite.bench.group.LoadGroup``), sets them
+up, measures one phase and returns a flat dict of figures. Invariant: a runner never leaves a
+process behind: it runs its load processes inside a ``LoadGroup``, which ends them on exit.
 """
 
 from __future__ import annotations
 
 import bisect
 import math
-import multiprocessing
 import os
-import socket
-import subprocess
-import sys
-import threading
 import time
-from collections import deque
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from multiprocessing.connection import Connection, wait
-from pathlib import Path
-from typing import Any, Self
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
-from chatsuite.bench.load import cpu_seconds, die_with_parent, raise_fd_limit, worker_main
-
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-
-Address = Any
-"""A ``(host, port)`` pair, or a list of them: the nodes of one cluster, used in turn."""
-
-
-class BenchError(Exception):
-    """The benchmark could not run (server did not start, a load process failed or timed out)."""
-
-
-# --------------------------------------------------------------------------------------------
-# The parent side: load processes, the server subprocess, and the scenarios.
-
-
-@dataclass
-class Worker:
-    """A load process as the parent sees it."""
-
-    process: multiprocessing.process.BaseProcess
-    ctrl: Connection
-    role: str
-    clients: int
-
-
-class LoadGroup:
-    """The load processes of one scenario; closing it ends every one of them."""
-
-    def __init__(self, address: Address, inflight: int = 32) -> None:
-        # One server, or several nodes of one cluster that the clients are spread over.
-        self.addresses = [address] if isinstance(address[0], str) else list(address)
-        self.assigned = 0  # clients given to load processes so far
-        self.inflight = inflight
-        method = "fork" if sys.platform.startswith("linux") else "spawn"
-        self.context: Any = multiprocessing.get_context(method)
-        self.workers: list[Worker] = []
-
-    def spawn(self, role: str, names: Sequence[str], **spec: Any) -> Worker:
-        """Start one load process for these client names (not connected until ``setup``)."""
-        parent_end, child_end = self.context.Pipe()
-        full = dict(spec, role=role, names=list(names), addresses=self.addresses,
-                    first=self.assigned, inflight=self.inflight)
-        self.assigned += len(names)
-        process = self.context.Process(
-            target=worker_main, args=(child_end, full), name=f"chat-bench-{role}", daemon=True
-        )
-        process.start()
-        child_end.close()
-        worker = Worker(process, parent_end, role, len(names))
-        self.workers.append(worker)
-        return worker
-
-    def command(self, workers: Iterable[Worker], command: str, **params: Any) -> None:
-        for worker in workers:
-            worker.ctrl.send((command, params))
-
-    def collect(self, workers: Sequence[Worker], kind: str, timeout: float) -> list[dict]:
-        """One ``kind`` reply from each worker, in order; BenchError on death, error or timeout."""
-        replies: dict[int, dict] = {}
-        deadline = time.monotonic() + timeout
-        while len(replies) < len(workers):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise BenchError(f"load processes gave no {kind!r} within {timeout:.0f} s")
-            waiting = [w for i, w in enumerate(workers) if i not in replies]
-            ready = wait([w.ctrl for w in waiting] + [w.process.sentinel for w in waiting],
-                         remaining)
-            for i, worker in enumerate(workers):
-                if i in replies:
-                    continue
-                if worker.ctrl in ready or worker.ctrl.poll():
-                    try:
-                        message = worker.ctrl.recv()
-                    except EOFError:
-                        raise BenchError(f"load process {worker.role} exited") from None
-                    if message[0] == "error":
-                        raise BenchError(f"load process {worker.role} failed: {message[1]}")
-                    if message[0] == kind:
-                        replies[i] = message[1]
-                elif worker.process.sentinel in ready:
-                    raise BenchError(f"load process {worker.role} exited "
-                                     f"(code {worker.process.exitcode})")
-        return [replies[i] for i in range(len(workers))]
-
-    def close(self) -> None:
-        """Stop every load process: politely, then by force."""
-        for worker in self.workers:
-            try:
-                worker.ctrl.send(("stop", {}))
-            except OSError:
-                pass
-        deadline = time.monotonic() + 5.0
-        for worker in self.workers:
-            worker.process.join(max(0.0, deadline - time.monotonic()))
-        for worker in self.workers:
-            if worker.process.is_alive():
-                worker.process.terminate()
-                worker.process.join(2.0)
-            if worker.process.is_alive():
-                worker.process.kill()
-                worker.process.join(2.0)
-            worker.ctrl.close()
-        self.workers.clear()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on ``host`` right now."""
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
-
-
-class ServerProcess:
-    """The server (``python -m chat_server``) as a subprocess on a free loopback port, its
-    output drained."""
-
-    def __init__(self, max_clients: int, extra_args: Sequence[str] = (),
-                 start_timeout: float = 15.0) -> None:
-        self.port = free_port()
-        self.address = ("127.0.0.1", self.port)
-        # The checkout (or install) that holds this package holds chat_server too.
-        path = os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))
-        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=path)
-        command = [sys.executable, "-m", "chat_server", "--host", "127.0.0.1", "--port", str(self.port),
-                   "--rate", "0", "--max-clients", str(max_clients), *extra_args]
-        self.proc = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-            # Only a prctl call runs between fork and exec, so the thread caveat does not bite.
-            preexec_fn=die_with_parent if sys.platform.startswith("linux") else None,  # noqa: PLW1509
-        )
-        self.pid = self.proc.pid
-        self.lines: deque[str] = deque(maxlen=40)  # the last lines, for error reports
-        self.line_count = 0
-        self.exit: dict[str, Any] | None = None
-        self._listening = threading.Event()
-        threading.Thread(target=self._drain, daemon=True).start()
-        deadline = time.monotonic() + start_timeout
-        while not self._listening.wait(0.05):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise BenchError("the server did not start: " + " | ".join(self.lines))
-
-    def _drain(self) -> None:
-        # The server logs every relayed message: its pipe must never fill up and block it.
-        assert self.proc.stdout is not None
-        for raw in self.proc.stdout:
-            self.line_count += 1
-            line = raw.decode("utf-8", "replace").rstrip("\n")
-            self.lines.append(line)
-            if "listening on" in line:
-                self._listening.set()
-
-    def stop(self) -> dict[str, Any]:
-        """SIGTERM, then SIGKILL after 5 s; report the exit code and how long the exit took."""
-        if self.proc.poll() is None:
-            start = time.monotonic()
-            self.proc.terminate()
-            try:
-                self.proc.wait(5.0)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5.0)
-            self.exit = {"code": self.proc.returncode,
-                         "seconds": round(time.monotonic() - start, 3)}
-        elif self.exit is None:
-            self.exit = {"code": self.proc.returncode, "seconds": None}
-        return self.exit
-
-
-def read_proc_status(pid: int | None, key: str) -> int | None:
-    """A numeric field of /proc/PID/status (VmRSS in KiB, Threads), or None when unreadable."""
-    if pid is None:
-        return None
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            for line in status:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
-def process_cpu(pid: int | None) -> float | None:
-    """User plus system CPU seconds of a process, from /proc/PID/stat."""
-    if pid is None:
-        return None
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def host_busy() -> tuple[int, int] | None:
-    """(busy, total) jiffies of all CPUs from /proc/stat, to see whether the machine was full."""
-    try:
-        with open("/proc/stat") as stat:
-            values = [int(v) for v in stat.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = values[3] + (values[4] if len(values) > 4 else 0)
-    return sum(values) - idle, sum(values)
-
-
-@dataclass
-class Measure:
-    """CPU of the server and of the whole machine over one measured phase."""
-
-    server_pid: int | None
-    wall0: float = field(default_factory=time.monotonic)
-    server0: float | None = None
-    host0: tuple[int, int] | None = None
-    parent0: float = 0.0
-
-    def __post_init__(self) -> None:
-        self.server0 = process_cpu(self.server_pid)
-        self.host0 = host_busy()
-        self.parent0 = cpu_seconds()
-
-    def close(self) -> dict[str, Any]:
-        wall = time.monotonic() - self.wall0
-        server1, host1 = process_cpu(self.server_pid), host_busy()
-        out: dict[str, Any] = {"server_cpu_s": None, "server_cpu_pct": None, "host_busy_pct": None}
-        # This process coordinates and drains the server's log (one line per message relayed).
-        out["bench_parent_cpu_pct"] = round(100 * (cpu_seconds() - self.parent0) / wall, 1) \
-            if wall > 0 else None
-        if self.server0 is not None and server1 is not None and wall > 0:
-            out["server_cpu_s"] = round(server1 - self.server0, 3)
-            out["server_cpu_pct"] = round(100 * (server1 - self.server0) / wall, 1)
-        if self.host0 and host1 and host1[1] > self.host0[1]:
-            cpus = os.cpu_count() or 1
-            share = (host1[0] - self.host0[0]) / (host1[1] - self.host0[1])
-            out["host_busy_pct"] = round(100 * share * cpus, 1)  # of one core, like top
-        return out
+from chatsuite.bench.group import Address, BenchError, LoadGroup, Worker
+from chatsuite.bench.system import Measure, raise_fd_limit, read_proc_status
 
 
 def split_evenly(names: Sequence[str], parts: int) -> list[list[str]]:
@@ -290,8 +41,8 @@ def _token() -> str:
     return os.urandom(3).hex()
 
 
-def _cpu_report(results: Sequence[dict], wall_key: tuple[str, str] = ("start_ns", "end_ns")
-                ) -> list[dict]:
+def _cpu_report(results: Sequence[dict[str, Any]],
+                wall_key: tuple[str, str] = ("start_ns", "end_ns")) -> list[dict[str, Any]]:
     report = []
     for result in results:
         wall = (result[wall_key[1]] - result[wall_key[0]]) / 1e9
@@ -303,17 +54,17 @@ def _cpu_report(results: Sequence[dict], wall_key: tuple[str, str] = ("start_ns"
     return report
 
 
-def _setup(group: LoadGroup, workers: Sequence[Worker], timeout: float) -> list[dict]:
+def _setup(group: LoadGroup, workers: Sequence[Worker], timeout: float) -> list[dict[str, Any]]:
     group.command(workers, "setup")
     ready = group.collect(workers, "ready", timeout)
-    for worker, info in zip(workers, ready):
+    for worker, info in zip(workers, ready, strict=True):
         if info["failed"]:
             raise BenchError(f"{info['failed']} of {worker.clients} {worker.role} clients did not "
                              f"register: {info['errors']}")
     return ready
 
 
-def _sample_ok(results: Sequence[dict], sender_prefix: str | None) -> bool:
+def _sample_ok(results: Sequence[dict[str, Any]], sender_prefix: str | None) -> bool:
     """True when each viewer process's parsed sample message has the SPEC's fields."""
     for result in results:
         sample = result.get("sample")
@@ -331,7 +82,8 @@ def _sample_ok(results: Sequence[dict], sender_prefix: str | None) -> bool:
     return True
 
 
-def _throughput(results: Sequence[dict], first_send_ns: int) -> tuple[float | None, float | None]:
+def _throughput(results: Sequence[dict[str, Any]],
+                first_send_ns: int) -> tuple[float | None, float | None]:
     last = max((r["last_message_ns"] for r in results), default=0)
     received = sum(r["messages"] for r in results)
     if not first_send_ns or last <= first_send_ns:
@@ -369,7 +121,7 @@ def run_fanout(address: Address, viewers: int = 100, messages: int = 20_000,
         group.command(viewer_workers, "go", expect=messages, stall=options.stall,
                       timeout=options.timeout)
         group.command([sender], "go", expect=0, stall=options.stall, timeout=options.timeout)
-        results = group.collect(viewer_workers + [sender], "done", options.timeout + 30)
+        results = group.collect([*viewer_workers, sender], "done", options.timeout + 30)
         cpu = measure.close()
         state = _server_state(server_pid)
     views, send = results[:-1], results[-1]
@@ -444,7 +196,7 @@ def run_latency(address: Address, viewers: int = 100, rate: float = 5_000.0,
                       timeout=options.timeout + seconds)
         group.command([sender], "go", expect=0, stall=options.stall,
                       timeout=options.timeout + seconds)
-        results = group.collect(viewer_workers + [sender], "done", options.timeout + seconds + 30)
+        results = group.collect([*viewer_workers, sender], "done", options.timeout + seconds + 30)
         cpu = measure.close()
         state = _server_state(server_pid)
     views, send = results[:-1], results[-1]
@@ -497,7 +249,7 @@ def run_conns(address: Address, clients: int = 5_000, options: Options | None = 
         measure = Measure(server_pid)
         group.command(workers, "go", expect=1, stall=options.stall, timeout=options.timeout)
         group.command([sender], "go", expect=0, stall=options.stall, timeout=options.timeout)
-        results = group.collect(workers + [sender], "done", options.timeout + 30)
+        results = group.collect([*workers, sender], "done", options.timeout + 30)
         cpu = measure.close()
         state = _server_state(server_pid)
     views, send = results[:-1], results[-1]
@@ -513,7 +265,7 @@ def run_conns(address: Address, clients: int = 5_000, options: Options | None = 
                   "wall_s": round((r["end_ns"] - r["start_ns"]) / 1e9, 3),
                   "cpu_pct": round(100 * r["cpu_s"] * 1e9 / max(1, r["end_ns"] - r["start_ns"]),
                                    1)}
-                 for w, r in zip(workers, ready)]
+                 for w, r in zip(workers, ready, strict=True)]
     return {
         "scenario": "conns", "clients": clients, "register_seconds": round(reg_seconds, 3),
         "registrations_per_s": round(clients / reg_seconds, 1) if reg_seconds > 0 else None,
@@ -547,7 +299,7 @@ def _await_joined(group: LoadGroup, workers: Sequence[Worker], expected: int,
         time.sleep(0.02)  # a poll interval, not a wait for an outcome: the loop checks the count
 
 
-def _short(results: Sequence[dict]) -> list[dict]:
+def _short(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """The clients that did not get all they expected (a few), empty when all did."""
     return [entry for result in results for entry in result["short"]][:10]
 
