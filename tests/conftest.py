@@ -116,7 +116,8 @@ class Peer(RawConnection):
         self.events: list[dict[str, Any]] = []
 
     def send(self, obj: dict[str, Any]) -> None:
-        self.sock.sendall(json.dumps(obj, ensure_ascii=False).encode("utf-8", "surrogatepass") + b"\0")
+        data = json.dumps(obj, ensure_ascii=False).encode("utf-8", "surrogatepass")
+        self.sock.sendall(data + b"\0")
 
     def next_event(self, timeout: float | None = None) -> dict[str, Any]:
         """The next event from the server; fails on timeout or close."""

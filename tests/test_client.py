@@ -220,8 +220,8 @@ def test_importing_the_client_starts_nothing() -> None:
             "print(threading.active_count(), sys.stdout is sys.__stdout__, "
             "signal.getsignal(signal.SIGINT) is signal.default_int_handler, "
             "'readline' in sys.modules)")
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, check=False,
-                            text=True, timeout=10)
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                            check=False, text=True, timeout=10)
     assert result.stdout == "1 True True False\n"
 
 
@@ -283,7 +283,8 @@ def test_refused_connection_is_a_sentence_and_exit_1(spawn: Callable[..., pexpec
 
 def test_address_prompts_take_default_host_and_retry_bad_port(
         spawn: Callable[..., pexpect.spawn], server: Any) -> None:
-    """Without options on a terminal it asks host (Enter = 127.0.0.1) and port, re-asking a bad port."""
+    """Without options on a terminal it asks host (Enter = 127.0.0.1) and port, re-asking a bad
+    port."""
     child = spawn("alice", "--no-color")
     child.expect_exact("server address [127.0.0.1]: ")
     child.sendline("")
@@ -349,7 +350,8 @@ def test_plain_line_broadcasts_and_reports_counts(
     child = typing_client(spawn, server, "alice", "Eng", "Acme")
     assert command(child, "hello  all") == "message sent (delivered to 1, held for 1)\n"
     message = bob.wait_for("message")
-    assert (message["text"], message["to"], message["from"]["name"]) == ("hello  all", None, "alice")
+    assert (message["text"], message["to"], message["from"]["name"]) == (
+        "hello  all", None, "alice")
     assert (message["from"]["title"], message["from"]["company"]) == ("Eng", "Acme")
 
 
@@ -371,7 +373,8 @@ def test_dm_and_bc_commands_reach_the_peer(
 
 def test_failed_dm_says_why_with_the_server_sentence(
         spawn: Callable[..., pexpect.spawn], server: Any) -> None:
-    """A dm to a missing user prints seed 004's sentence after 'failed to deliver message because'."""
+    """A dm to a missing user prints seed 004's sentence after 'failed to deliver message
+    because'."""
     child = typing_client(spawn, server, "alice")
     assert command(child, '/dm client4 "Goodbye."') == (
         'failed to deliver message because User "client4" is not connected to the server.\n')
@@ -426,7 +429,8 @@ def test_help_prints_every_command(spawn: Callable[..., pexpect.spawn], server: 
     assert command(child, "/help") == HELP_TEXT + "\n"
 
 
-def test_unknown_slash_command_is_explained(spawn: Callable[..., pexpect.spawn], server: Any) -> None:
+def test_unknown_slash_command_is_explained(
+        spawn: Callable[..., pexpect.spawn], server: Any) -> None:
     """A mistyped command is explained rather than broadcast."""
     child = typing_client(spawn, server, "alice")
     assert command(child, "/frobnicate") == (
@@ -473,7 +477,8 @@ def test_view_shows_held_then_live_and_single_keys_switch(
     child.send("q")
     child.expect_exact("bye")
     assert ended(child) == 0
-    assert bob.wait_for("notice", event="left", text="alice is quitting.")["user"]["name"] == "alice"
+    left = bob.wait_for("notice", event="left", text="alice is quitting.")
+    assert left["user"]["name"] == "alice"
 
 
 def test_view_starts_with_dropped_notice(
@@ -535,7 +540,8 @@ def test_history_after_a_real_dm_exchange(
     assert log_file.read_text(encoding="utf-8").splitlines() == logged
 
 
-def test_history_of_unknown_name_is_explained(spawn: Callable[..., pexpect.spawn], server: Any) -> None:
+def test_history_of_unknown_name_is_explained(
+        spawn: Callable[..., pexpect.spawn], server: Any) -> None:
     """/history with a name nobody has says so instead of guessing an id."""
     child = typing_client(spawn, server, "alice")
     assert command(child, "/history zed") == (
@@ -676,9 +682,11 @@ def fake_server() -> Iterator[FakeServer]:
     fake.close()
 
 
-@pytest.mark.parametrize("mode, reset", [(1, False), (2, True)], ids=["typing-close", "viewing-reset"])
+@pytest.mark.parametrize("mode, reset", [(1, False), (2, True)],
+                         ids=["typing-close", "viewing-reset"])
 def test_connection_lost_ends_client_with_exit_1(
-        spawn: Callable[..., pexpect.spawn], fake_server: FakeServer, mode: int, reset: bool) -> None:
+        spawn: Callable[..., pexpect.spawn], fake_server: FakeServer, mode: int,
+        reset: bool) -> None:
     """A connection closed or reset under the client ends it: 'connection ... lost', exit 1."""
     child = fake_server.welcome(spawn)
     child.sendline(str(mode))

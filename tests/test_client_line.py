@@ -46,7 +46,8 @@ NO_BROADCAST = 'the line protocol cannot broadcast: use /dm <user> "text"'
 
 
 def test_format_names_marks_oneself_and_sanitises() -> None:
-    """A member list is a count, then one name a line, with (you) after one's own name in any case."""
+    """A member list is a count, then one name a line, with (you) after one's own name in any
+    case."""
     assert format_names(["bob", "ALICE", "e\x1bvil"], "alice") == [
         "users (3):", "  bob", "  ALICE (you)", "  e^[vil"]
 
@@ -221,7 +222,8 @@ def typing(child: pexpect.spawn, name: str = "alice") -> pexpect.spawn:
 def test_2021_server_gets_who_once_then_list_for_good(
         spawn: Callable[..., pexpect.spawn], fake: Callable[..., FakeLineServer],
         underscores: bool) -> None:
-    """WHO answered BAD-RQST-HDR (or BAD_RQST_HDR) makes the client ask LIST now and from then on."""
+    """WHO answered BAD-RQST-HDR (or BAD_RQST_HDR) makes the client ask LIST now and from then
+    on."""
     server = fake(version=2021, underscores=underscores)
     child = typing(spawn(server.port, "alice"))
     listing = "users (3):\n  bob\n  carol\n  alice (you)\n"
@@ -252,7 +254,8 @@ def test_2020_server_keeps_who_and_unknown_is_a_failure(
     assert command(child, "@nobody x") == (
         "failed to deliver message because nobody is not connected or not available\n")
     assert command(child, "@carol x y") == "message sent\n"
-    assert server.sessions == [["HELLO-FROM alice", "WHO", "WHO", "SEND nobody x", "SEND carol x y"]]
+    assert server.sessions == [
+        ["HELLO-FROM alice", "WHO", "WHO", "SEND nobody x", "SEND carol x y"]]
 
 
 @pytest.mark.parametrize("separator", [",", ", ", " "], ids=["comma", "comma-space", "space"])
@@ -304,7 +307,8 @@ def test_failed_logins_on_a_server_that_keeps_the_connection(
 
 @pytest.mark.parametrize("when", ["login", "connect"])
 def test_busy_is_a_sentence_and_exit_1(
-        spawn: Callable[..., pexpect.spawn], fake: Callable[..., FakeLineServer], when: str) -> None:
+        spawn: Callable[..., pexpect.spawn], fake: Callable[..., FakeLineServer],
+        when: str) -> None:
     """BUSY, as the login's answer or on connecting, is one clear sentence and exit code 1."""
     server = fake(busy=when)
     child = spawn(server.port, "alice")
@@ -319,7 +323,8 @@ def test_busy_is_a_sentence_and_exit_1(
 
 def test_broadcast_and_status_are_refused_without_sending(
         spawn: Callable[..., pexpect.spawn], fake: Callable[..., FakeLineServer]) -> None:
-    """A plain line, /bc, /status and chs are refused with a sentence; nothing reaches the server."""
+    """A plain line, /bc, /status and chs are refused with a sentence; nothing reaches the
+    server."""
     server = fake()
     child = typing(spawn(server.port, "alice"))
     assert command(child, "hello all") == NO_BROADCAST + "\n"
@@ -342,7 +347,8 @@ def test_deliveries_are_held_while_typing_then_shown_in_order_then_live(
     assert command(child, "/users") == "users (3):\n  bob\n  carol\n  alice (you)\n"
     child.sendline("#view")
     child.expect_exact("viewing messages: press e to type, q to quit\r\n")
-    child.expect(f"{TIME} \\[direct\\] bob: first one\r\n{TIME} \\[direct\\] carol: second\\^\\[\\[2J\r\n")
+    child.expect(f"{TIME} \\[direct\\] bob: first one\r\n"
+                 f"{TIME} \\[direct\\] carol: second\\^\\[\\[2J\r\n")
     server.push("DELIVERY bob live now")
     child.expect(f"{TIME} \\[direct\\] bob: live now\r\n")
     child.send("q")
@@ -354,7 +360,8 @@ def test_deliveries_are_held_while_typing_then_shown_in_order_then_live(
 def test_history_is_kept_by_peer_name(
         spawn: Callable[..., pexpect.spawn], fake: Callable[..., FakeLineServer],
         tmp_path: Path) -> None:
-    """DMs sent and received are logged under the peer's name; history asks a name, /history takes one."""
+    """DMs sent and received are logged under the peer's name; history asks a name, /history
+    takes one."""
     server = fake()
     child = typing(spawn(server.port, "alice"))
     command(child, "@bob hi bob")
@@ -390,7 +397,8 @@ def test_send_asks_receiver_name(
 
 @pytest.mark.parametrize("view", [False, True], ids=["typing", "viewing"])
 def test_server_hanging_up_after_login_is_exit_1(
-        spawn: Callable[..., pexpect.spawn], fake: Callable[..., FakeLineServer], view: bool) -> None:
+        spawn: Callable[..., pexpect.spawn], fake: Callable[..., FakeLineServer],
+        view: bool) -> None:
     """A connection closed under a logged-in client ends it with a clear sentence and exit 1."""
     server = fake()
     child = typing(spawn(server.port, "alice"))

@@ -1,4 +1,4 @@
-"""TLS on the client (issue 6): ``--tls``, ``--cafile``, ``--insecure``, and every failure as a sentence.
+"""TLS on the client (issue 6): ``--tls``, ``--cafile``, ``--insecure``, every failure a sentence.
 
 Certificates come from ``trustme`` (a throwaway authority per module); the server is our own with
 ``tls_cert``/``tls_key``. The client runs as the real program in a pseudo-terminal (pexpect).
@@ -55,7 +55,8 @@ def write_cert(cert: trustme.LeafCert, folder: Path) -> dict[str, str]:
 
 
 @pytest.fixture
-def tls_server(start_server: Callable[..., Any], ca: trustme.CA, tmp_path: Path) -> Callable[..., Any]:
+def tls_server(start_server: Callable[..., Any], ca: trustme.CA,
+               tmp_path: Path) -> Callable[..., Any]:
     """A factory: our server with TLS, its certificate for the given identities (and options)."""
 
     def start(*identities: str, **cert_options: Any) -> Any:
@@ -219,7 +220,8 @@ def test_expired_certificate_is_refused(
 
 
 def test_tls_client_to_a_plain_port(
-        spawn: Callable[..., pexpect.spawn], start_server: Callable[..., Any], ca_file: str) -> None:
+        spawn: Callable[..., pexpect.spawn], start_server: Callable[..., Any],
+        ca_file: str) -> None:
     """--tls against a plain server: the handshake is cut off, and the sentence says try without."""
     server = start_server(rate=0)
     port = server.address[1]
@@ -240,7 +242,8 @@ def test_plain_client_to_a_tls_port(
 
 
 def test_unreadable_cafile_is_a_sentence(
-        spawn: Callable[..., pexpect.spawn], tls_server: Callable[..., Any], tmp_path: Path) -> None:
+        spawn: Callable[..., pexpect.spawn], tls_server: Callable[..., Any],
+        tmp_path: Path) -> None:
     """A --cafile that does not exist is named in one sentence; exit 1."""
     server = tls_server()
     missing = tmp_path / "nope.pem"

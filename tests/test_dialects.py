@@ -83,7 +83,8 @@ class LineClient(RawClient):
         self.exchange(f"HELLO-FROM {name}", f"HELLO {name}")
 
     def sync(self, command: str = "LIST") -> tuple[list[str], str]:
-        """Round-trip a ``LIST`` (or ``WHO``): ``(lines that came before its answer, the answer)``."""
+        """Round-trip a ``LIST`` (or ``WHO``): ``(lines that came before its answer, the
+        answer)``."""
         self.command(command)
         before: list[str] = []
         while True:
@@ -304,7 +305,8 @@ def test_plain_detection_works_one_byte_at_a_time(
 
 def test_empty_first_line_selects_line_protocol(
         server: ChatServer, line_client: Callable[..., LineClient]) -> None:
-    """A bare '\\n' first is the line protocol: the empty line gets BAD-RQST-HDR, login still works."""
+    """A bare '\\n' first is the line protocol: the empty line gets BAD-RQST-HDR, login still
+    works."""
     bob = line_client(server)
     bob.send(b"\n")
     bob.expect("BAD-RQST-HDR")
@@ -702,7 +704,8 @@ def test_typing_native_holds_line_send_until_view(
 def test_plain_client_gets_automatic_name_and_is_listed(
         server: ChatServer, connect: Connect, line_client: Callable[..., LineClient],
         plain_client: Callable[..., PlainClient]) -> None:
-    """A plain client is named user1, user2, ... and appears in users and LIST, live and available."""
+    """A plain client is named user1, user2, ... and appears in users and LIST, live and
+    available."""
     alice = typist(server, connect, "alice")
     plain_join(server, plain_client, alice, "first", "user1")
     plain_join(server, plain_client, alice, "second", "user2")
@@ -1102,7 +1105,8 @@ def test_client_that_never_reads_is_dropped_without_stalling_others(
 
 def test_line_connection_that_never_logs_in_is_closed_after_hello_timeout(
         start_server: StartServer, line_client: Callable[..., LineClient]) -> None:
-    """A line connection that does not log in within hello_timeout is closed; a logged-in one stays."""
+    """A line connection that does not log in within hello_timeout is closed; a logged-in one
+    stays."""
     server = start_server(rate=0, hello_timeout=0.3)
     bob = line_client(server, login="bob")
     idle = line_client(server)

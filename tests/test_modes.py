@@ -84,7 +84,8 @@ def test_hold_queue_flush_resets_counts() -> None:
        st.integers(min_value=1, max_value=10), st.integers(min_value=1, max_value=60))
 def test_hold_queue_keeps_the_newest_suffix_within_bounds(
         sizes: list[int], limit: int, max_bytes: int) -> None:
-    """Whatever is held, the flush is the newest events in order, within both bounds, all counted."""
+    """Whatever is held, the flush is the newest events in order, within both bounds, all
+    counted."""
     queue: HoldQueue[int] = HoldQueue(limit=limit, max_bytes=max_bytes)
     for index, size in enumerate(sizes):
         queue.hold(index, size)

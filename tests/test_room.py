@@ -131,7 +131,8 @@ def test_flush_sends_reply_then_dropped_notice_then_held_in_order() -> None:
 
 
 def test_direct_message_by_name_id_and_errors() -> None:
-    """A dm finds its recipient by name in any case or by id, and refuses missing or unavailable users."""
+    """A dm finds its recipient by name in any case or by id, and refuses missing or unavailable
+    users."""
     room = Room()
     alice = member(room, 7, "alice")
     bob = member(room, 8, "bob")
@@ -155,7 +156,8 @@ def test_direct_message_by_name_id_and_errors() -> None:
 
 
 def test_leave_announces_left_or_lost_once() -> None:
-    """Leaving tells the others once: left for a quit, lost otherwise; a second leave does nothing."""
+    """Leaving tells the others once: left for a quit, lost otherwise; a second leave does
+    nothing."""
     room = Room()
     alice = member(room, 1, "alice")
     bob = member(room, 2, "bob")
