@@ -156,7 +156,7 @@ def _prepare_console(args: argparse.Namespace) -> bool:
             stream.reconfigure(errors="replace")  # a non-UTF-8 terminal gets "?", not a traceback
     colour = use_colour(args.no_color, os.environ, sys.stdout)
     if colour:
-        import colorama  # type: ignore[import-untyped]  # colorama ships no type stubs
+        import colorama
 
         colorama.just_fix_windows_console()
     try:

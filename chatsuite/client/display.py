@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
-from colorama import Fore, Style  # type: ignore[import-untyped]  # colorama ships no stubs
+from colorama import Fore, Style
 
 from protocol import UNSAFE_TEXT
 
