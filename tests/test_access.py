@@ -11,6 +11,7 @@ import pytest
 
 from chatsuite.server.access import (
     DEFAULT_PARAMS,
+    HASH_WORKERS,
     MAX_SCRYPT_MEMORY,
     MAX_TRACKED,
     Action,
@@ -587,3 +588,33 @@ def test_bans_round_trip_through_the_store_form() -> None:
     restored = Sanctions(sanctions.bans(120.0))
     assert restored.is_banned(BanKey(BanKind.ADDRESS, "10.0.0.2"), 3599.0) == hour
     assert restored.is_banned(BanKey(BanKind.ADDRESS, "10.0.0.2"), 3600.0) is None
+
+
+def test_scrypt_runs_only_on_the_hash_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """30 threads verifying at once: scrypt runs on at most HASH_WORKERS threads, none theirs."""
+    real = hashlib.scrypt
+    runners: set[int] = set()
+    callers: set[int] = set()
+
+    def spy(*args: object, **kwargs: object) -> bytes:
+        runners.add(threading.get_ident())
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    stored = hash_password("class of thirty", FAST)
+    monkeypatch.setattr(hashlib, "scrypt", spy)
+    barrier = threading.Barrier(30)
+    results: list[bool] = []
+
+    def login() -> None:
+        callers.add(threading.get_ident())
+        barrier.wait()
+        results.append(verify_password("class of thirty", stored))
+
+    threads = [threading.Thread(target=login) for _ in range(30)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert results == [True] * 30
+    assert 1 <= len(runners) <= HASH_WORKERS
+    assert not runners & callers
