@@ -618,3 +618,18 @@ def test_scrypt_runs_only_on_the_hash_workers(monkeypatch: pytest.MonkeyPatch) -
     assert results == [True] * 30
     assert 1 <= len(runners) <= HASH_WORKERS
     assert not runners & callers
+
+
+def test_hashing_passes_the_exact_maxmem(monkeypatch: pytest.MonkeyPatch) -> None:
+    """hash_password and verify_password give scrypt maxmem = the parameters' exact bound."""
+    real = hashlib.scrypt
+    seen: list[object] = []
+
+    def spy(*args: object, **kwargs: object) -> bytes:
+        seen.append(kwargs.get("maxmem"))
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(hashlib, "scrypt", spy)
+    stored = hash_password("bounded memory")
+    assert verify_password("bounded memory", stored) is True
+    assert seen == [DEFAULT_PARAMS.maxmem, DEFAULT_PARAMS.maxmem] == [16_780_288, 16_780_288]
