@@ -91,6 +91,7 @@ CREATE TABLE IF NOT EXISTS accounts (
     key TEXT PRIMARY KEY, name TEXT NOT NULL, password_hash TEXT NOT NULL, created REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS bans (key TEXT PRIMARY KEY, until REAL);
 """
+_BUSY = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)  # primary result codes worth a retry
 _INSERT_EVENT = "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 _SAVE_SESSION = "INSERT OR REPLACE INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 _SAVE_ACCOUNT = "INSERT OR REPLACE INTO accounts VALUES (?, ?, ?, ?)"
@@ -108,6 +109,11 @@ class StoreError(Exception):
 def hash_token(token: str) -> str:
     """The only form of a session token the store keeps: its SHA-256, in hex."""
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _is_busy(error: sqlite3.Error) -> bool:
+    """The database is locked by another connection: worth a retry, not a failure."""
+    return getattr(error, "sqlite_errorcode", 0) & 0xFF in _BUSY
 
 
 class _Op(NamedTuple):
@@ -186,6 +192,7 @@ class SqliteStore:
         self._large = threading.Event()    # set when LARGE_BATCH items wait: commit at once
         self._closing = False
         self._failed = False
+        self._busy = False  # the last batch found the database locked by another process
         self._memory = MemoryStore(history_days=history_days, history_limit=history_limit,
                                    clock=clock)
         self._read_lock = threading.Lock()  # one read connection shared by reading threads
@@ -397,6 +404,11 @@ class SqliteStore:
                 if self._closing and not self._queue:
                     break
             self._finish()
+        except Exception as error:
+            # A bug here must not leave appends queueing for nobody: memory-only from now on.
+            self._failed = self.stats.failed = True
+            self._log(f"store: writer stopped by an unexpected error ({error!r}); going on in"
+                      " memory only, new events are not stored")
         finally:
             with contextlib.suppress(sqlite3.Error):
                 self._conn.close()
@@ -427,7 +439,18 @@ class SqliteStore:
             try:
                 self._transaction(events, ops, reserve)
             except sqlite3.Error as error:
-                self._fail(error, events)
+                if not _is_busy(error):
+                    self.stats.dropped += len(ops)
+                    self._fail(error, events)
+                else:
+                    # Another process holds the database (a backup, the sqlite3 shell): keep
+                    # the batch, in order, and retry; appends overflow to memory meanwhile.
+                    self._queue.extendleft(reversed([*events, *ops, *markers]))
+                    if not self._busy:
+                        self._log(f"store: {self.path} is locked by another process; retrying")
+                    self._busy = True
+                    return
+        self._busy = False
         for marker in markers:
             marker.set()
 
@@ -457,6 +480,7 @@ class SqliteStore:
         self.stats.failed = True
         for event in events:
             self._memory.append(event)
+            self.stats.dropped += 1
         self._log(f"store: writing {self.path} failed ({error}); going on in memory only,"
                   " new events are not stored")
         self._drain_failed()
@@ -481,7 +505,7 @@ class SqliteStore:
         now = self._clock()
         excess = self._count - self.history_limit
         due = now >= getattr(self, "_next_housekeep", 0.0)
-        if excess <= 0 and not due:
+        if (excess <= 0 and not due) or self._busy:
             return
         try:
             if excess > 0:
@@ -497,7 +521,8 @@ class SqliteStore:
                     self._conn.execute("DELETE FROM sessions WHERE expires_at <= ?", (now,))
                     self._conn.execute("DELETE FROM bans WHERE until <= ?", (now,))
         except sqlite3.Error as error:
-            self._fail(error, ())
+            if not _is_busy(error):  # locked by another process: the next pass retries
+                self._fail(error, ())
 
     def _delete(self, sql: str, params: tuple[object, ...]) -> int:
         deleted = self._conn.execute(sql, params).rowcount  # autocommit: its own transaction
