@@ -340,3 +340,14 @@ def test_a_stalled_writer_never_blocks_appends(tmp_path: Path) -> None:
     finally:
         other.close()
         store.close()
+
+
+def test_one_server_per_store_file(tmp_path: Path) -> None:
+    """A second store on a file already open is refused (its seqs would repeat); after close()
+    the file can be opened again."""
+    path = str(tmp_path / "chat.db")
+    store = SqliteStore(path)
+    with pytest.raises(StoreError, match=f"The store {path} is in use by another server"):
+        SqliteStore(path)
+    store.close()
+    SqliteStore(path).close()
