@@ -1,10 +1,10 @@
 """The store's values, and the memory store: ``--store none``, and the SQLite store's fallback.
 
-What it owns: the typed records the store keeps (an event of the room's log, a session, an
-account, a ban), the privacy rule of backlog (SPEC 6.3) and :class:`MemoryStore`, which keeps the
-log in a bounded deque and the rest in dicts. The invariant: a backlog read returns a direct
-message only to a viewer that is one of its two parties, by session or by account, never by
-name (names are reused).
+What it owns: the store's interface (:class:`Store`), the typed records it keeps (an event of
+the room's log, a session, an account, a ban), the privacy rule of backlog (SPEC 6.3) and
+:class:`MemoryStore`, which keeps the log in a bounded deque and the rest in dicts. The
+invariant: a backlog read returns a direct message only to a viewer that is one of its two
+parties, by session or by account, never by name (names are reused).
 
 MemoryStore takes no lock: ``deque.append`` (bounded by ``maxlen``, so the count limit trims as
 it goes) and dict assignment are atomic under the GIL, and a read copies the deque in one C call
@@ -17,7 +17,7 @@ import bisect
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 MAX_LIMIT = 500  # SPEC 6.3: backlog limit 1-500
 
@@ -83,6 +83,32 @@ class BacklogPage(NamedTuple):
 
     events: list[LoggedEvent]
     more: bool
+
+
+class Store(Protocol):
+    """What the room and the access layer use; SqliteStore and MemoryStore both provide it."""
+
+    @property
+    def start_seq(self) -> int: ...
+    @property
+    def clean(self) -> bool: ...
+    @property
+    def last_logged_seq(self) -> int | None: ...
+    def append(self, event: LoggedEvent) -> None: ...
+    def backlog(self, viewer: Viewer, before: int | None = None, after: int | None = None,
+                limit: int = 50) -> BacklogPage: ...
+    def oldest_seq(self) -> int | None: ...
+    def save_session(self, record: SessionRecord) -> None: ...
+    def delete_session(self, token_hash: str) -> None: ...
+    def load_sessions(self) -> list[SessionRecord]: ...
+    def save_account(self, record: AccountRecord) -> None: ...
+    def delete_account(self, key: str) -> None: ...
+    def load_accounts(self) -> list[AccountRecord]: ...
+    def save_ban(self, record: BanRecord) -> None: ...
+    def delete_ban(self, key: str) -> None: ...
+    def load_bans(self) -> list[BanRecord]: ...
+    def flush(self, timeout: float = 5.0) -> bool: ...
+    def close(self, timeout: float = 2.0) -> None: ...
 
 
 def check_limit(limit: int) -> None:
@@ -152,7 +178,12 @@ class MemoryStore:
                 limit: int = 50) -> BacklogPage:
         """Logged events ``viewer`` may see, oldest first, within ``history_days``."""
         check_limit(limit)
-        events = list(self._events)  # one C call: a consistent copy, no lock needed
+        while True:
+            try:
+                events = list(self._events)  # one C call: a consistent copy, no lock needed
+                break
+            except RuntimeError:  # mutated during the copy (a finalizer let a thread in): again
+                continue
         cutoff = self._clock() - self.history_seconds
         found: list[LoggedEvent] = []
         candidates: Iterator[LoggedEvent]

@@ -52,7 +52,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple
 
 try:
     import fcntl
@@ -66,6 +66,7 @@ from chatsuite.server.memstore import (
     LoggedEvent,
     MemoryStore,
     SessionRecord,
+    Store,
     Viewer,
     check_limit,
     merge_pages,
@@ -163,32 +164,6 @@ class StoreStats:
     failed: bool = False   # the writer hit an error and the store is memory-only
 
 
-class Store(Protocol):
-    """What the room and the access layer use; SqliteStore and MemoryStore both provide it."""
-
-    @property
-    def start_seq(self) -> int: ...
-    @property
-    def clean(self) -> bool: ...
-    @property
-    def last_logged_seq(self) -> int | None: ...
-    def append(self, event: LoggedEvent) -> None: ...
-    def backlog(self, viewer: Viewer, before: int | None = None, after: int | None = None,
-                limit: int = 50) -> BacklogPage: ...
-    def oldest_seq(self) -> int | None: ...
-    def save_session(self, record: SessionRecord) -> None: ...
-    def delete_session(self, token_hash: str) -> None: ...
-    def load_sessions(self) -> list[SessionRecord]: ...
-    def save_account(self, record: AccountRecord) -> None: ...
-    def delete_account(self, key: str) -> None: ...
-    def load_accounts(self) -> list[AccountRecord]: ...
-    def save_ban(self, record: BanRecord) -> None: ...
-    def delete_ban(self, key: str) -> None: ...
-    def load_bans(self) -> list[BanRecord]: ...
-    def flush(self, timeout: float = 5.0) -> bool: ...
-    def close(self, timeout: float = 2.0) -> None: ...
-
-
 def open_store(path: str, *, history_days: float = 30, history_limit: int = 100_000,
                log: Callable[[str], None] = lambda line: None,
                clock: Callable[[], float] = time.time) -> Store:
@@ -237,6 +212,7 @@ class SqliteStore:
             # check_same_thread=False: opened here (so errors surface at start), used only by
             # the writer thread from then on.
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self._conn = conn  # closed below if opening fails past this point
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 raise StoreError(f"The store {self.path} cannot use WAL journaling ({mode}).")
@@ -248,6 +224,8 @@ class SqliteStore:
                                      isolation_level=None, check_same_thread=False)
             reader.execute("PRAGMA busy_timeout=1000")
         except (sqlite3.Error, StoreError) as error:
+            if hasattr(self, "_conn"):
+                self._conn.close()
             _unlock(self._lock_fd)
             if isinstance(error, StoreError):
                 raise
