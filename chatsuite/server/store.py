@@ -197,6 +197,8 @@ class SqliteStore:
         self._closing = False
         self._failed = False
         self._busy = False  # the last batch found the database locked by another process
+        self._next_housekeep = 0.0  # when (by the injected clock) retention by age runs next
+        self._overflow_logged = 0  # stats.overflowed when the writer last logged it
         self._memory = MemoryStore(history_days=history_days, history_limit=history_limit,
                                    clock=clock)
         self._read_lock = threading.Lock()  # one read connection shared by reading threads
@@ -411,8 +413,9 @@ class SqliteStore:
     # -- the writer thread -----------------------------------------------------------------
     def _run(self) -> None:
         try:
+            more = False  # retention left work for the next pass: do not sleep
             while True:
-                if not self._queue and not self._closing:
+                if not self._queue and not self._closing and not more:
                     self._wake.wait(IDLE_WAKE)
                 self._wake.clear()
                 if self._queue and not self._closing and len(self._queue) < LARGE_BATCH:
@@ -421,7 +424,7 @@ class SqliteStore:
                 if not self._failed:
                     self._write_batch()
                     self._report_overflow()
-                    self._housekeep()
+                    more = self._housekeep()
                 else:
                     self._drain_failed()
                 if self._closing and not self._queue:
@@ -517,19 +520,19 @@ class SqliteStore:
             marker.set()
 
     def _report_overflow(self) -> None:
-        if self.stats.overflowed != getattr(self, "_overflow_logged", 0):
+        if self.stats.overflowed != self._overflow_logged:
             self._overflow_logged = self.stats.overflowed
             self._log(f"store: the write queue was full; {self._overflow_logged} writes so far"
                       " kept in memory only (not stored)")
 
-    def _housekeep(self) -> None:
+    def _housekeep(self) -> bool:
         """Retention, one small transaction at a time: by count after every batch, by age each
-        second; then expired sessions and bans."""
+        second; then expired sessions and bans. True when more is left for the next pass."""
         now = self._clock()
         excess = self._count - self.history_limit
-        due = now >= getattr(self, "_next_housekeep", 0.0)
+        due = now >= self._next_housekeep
         if (excess <= 0 and not due) or self._busy:
-            return
+            return False
         try:
             if excess > 0:
                 self._delete("DELETE FROM events WHERE seq IN (SELECT seq FROM events"
@@ -546,6 +549,8 @@ class SqliteStore:
         except sqlite3.Error as error:
             if not _is_busy(error):  # locked by another process: the next pass retries
                 self._fail(error, ())
+            return False
+        return self._count > self.history_limit or now >= self._next_housekeep
 
     def _delete(self, sql: str, params: tuple[object, ...]) -> int:
         deleted = self._conn.execute(sql, params).rowcount  # autocommit: its own transaction
