@@ -137,10 +137,18 @@ def test_writer_commits_without_being_asked(tmp_path: Path) -> None:
     path = tmp_path / "chat.db"
     store = SqliteStore(str(path))
     try:
-        for seq in range(1, 301):
-            store.append(event(seq))
+        appended = [event(seq, recipient="bob" if seq % 7 == 0 else None,
+                          ss=hash_token(str(seq)), sa="alice") for seq in range(1, 301)]
+        for one in appended:
+            store.append(one)
         wait_until(lambda: rows(path) == 300, what="the writer to commit 300 events")
-        assert rows(path, "SELECT max(seq) FROM events") == 300
+        conn = sqlite3.connect(path)
+        try:
+            stored = [LoggedEvent(*row) for row in conn.execute(
+                "SELECT * FROM events ORDER BY seq")]
+        finally:
+            conn.close()
+        assert stored == appended
         assert store.stats.committed == 300
     finally:
         store.close()
