@@ -241,12 +241,11 @@ def test_retention_by_age(make_store: Callable[..., Store]) -> None:
     wait_until(lambda: store.backlog(viewer, limit=1).events == [], what="all events to go")
 
 
-def test_sessions_accounts_and_bans_round_trip(tmp_path: Path) -> None:
-    """Sessions (by token hash), accounts and bans survive a restart; expired ones are not
-    loaded, deleted ones are gone."""
-    path = str(tmp_path / "chat.db")
+def test_sessions_accounts_and_bans_round_trip(make_store: Callable[..., Store]) -> None:
+    """Sessions (by token hash), accounts and bans are kept (across a restart for SQLite);
+    expired ones are not loaded, deleted ones are gone."""
     clock = Clock()
-    store = SqliteStore(path, clock=clock)
+    store = make_store(clock=clock)
     live = SessionRecord(hash_token("t1"), "alice", "Dr", None, "available", 2, 41, T0 + 120,
                          "alice")
     store.save_session(live)
@@ -260,15 +259,13 @@ def test_sessions_accounts_and_bans_round_trip(tmp_path: Path) -> None:
     store.save_ban(BanRecord("mallory", None))
     store.save_ban(BanRecord("10.0.0.1", T0 + 60))
     store.save_ban(BanRecord("10.0.0.2", T0 - 60))
-    store.close()
-    again = SqliteStore(path, clock=clock)
-    try:
-        assert again.load_sessions() == [live]
-        assert again.load_accounts() == [account]
-        assert sorted(again.load_bans()) == [BanRecord("10.0.0.1", T0 + 60),
-                                             BanRecord("mallory", None)]
-    finally:
-        again.close()
+    if isinstance(store, SqliteStore):
+        store.close()
+        store = make_store(clock=clock)
+    assert store.load_sessions() == [live]
+    assert store.load_accounts() == [account]
+    assert sorted(store.load_bans()) == [BanRecord("10.0.0.1", T0 + 60),
+                                         BanRecord("mallory", None)]
 
 
 def test_token_hash_is_sha256_hex() -> None:
