@@ -103,7 +103,7 @@ def test_append_and_read_back_in_order(make_store: Callable[..., Store]) -> None
     assert (seqs(page.events), page.more) == ([9, 10], False)
     assert store.backlog(viewer, limit=500) == store.backlog(viewer, after=0, limit=500)
     assert store.oldest_seq() == 1
-    for bad in (0, 501):
+    for bad in (0, 501, 2.5, True):
         with pytest.raises(ValueError):
             store.backlog(viewer, limit=bad)
 

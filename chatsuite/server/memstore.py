@@ -113,7 +113,7 @@ class Store(Protocol):
 
 def check_limit(limit: int) -> None:
     """Backlog's ``limit`` is 1 to 500 (the handler answers ``bad-request`` before this)."""
-    if not 1 <= limit <= MAX_LIMIT:
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
         raise ValueError(f"backlog limit must be 1 to {MAX_LIMIT}, not {limit}")
 
 
