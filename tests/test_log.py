@@ -182,6 +182,18 @@ def pipe_pending(fd: int) -> int:
     return int.from_bytes(buf, sys.byteorder)
 
 
+def blocked_on_pipe(pid: int) -> bool:
+    """True while a thread of process ``pid`` waits in a write to a full pipe (Linux)."""
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/wchan", encoding="ascii") as wchan:
+                if "pipe_write" in wchan.read():
+                    return True
+        except OSError:
+            continue  # the thread ended
+    return False
+
+
 class StalledServer:
     """``python chat_server.py`` whose stdout is read up to its listening line, then never."""
 
@@ -195,6 +207,8 @@ class StalledServer:
         )
         assert self.proc.stdout is not None
         self.fd = self.proc.stdout.fileno()
+        # One page: a little output fills it (a full pipe's byte count depends on its writes).
+        fcntl.fcntl(self.fd, fcntl.F_SETPIPE_SZ, 4096)
         seen = b""
         deadline = time.monotonic() + 10
         while b"listening on" not in seen:  # byte by byte: nothing more is taken from the pipe
@@ -242,7 +256,8 @@ def joined(address: tuple[str, int], name: str, *, view: bool = False) -> Peer:
 
 
 def stall_the_pipe(server: StalledServer, sender: Peer, viewer: Peer) -> None:
-    """Broadcast 100 long messages; the viewer gets all 100 and the log fills the pipe."""
+    """Broadcast 100 long messages (2 MB of log, far more than the pipe holds); the viewer gets
+    all 100."""
     text = "x" * 20_000
     for index in range(100):
         sender.send({"type": "say", "text": f"{index:03d} {text}"})
@@ -250,7 +265,7 @@ def stall_the_pipe(server: StalledServer, sender: Peer, viewer: Peer) -> None:
         assert viewer.wait_for("message")["text"][:3] == f"{index:03d}"
     for _ in range(100):
         sender.wait_for("ok")
-    wait_until(lambda: pipe_pending(server.fd) >= 60_000, what="the pipe to fill")
+    wait_until(lambda: blocked_on_pipe(server.proc.pid), what="the log to block on the pipe")
 
 
 @pytest.mark.parametrize("quiet", [False, True])
@@ -262,10 +277,14 @@ def test_chat_joining_and_stop_go_on_while_the_log_output_is_stalled(
     viewer = joined(server.address, "viewer", view=True)
     sender = joined(server.address, "sender")
     viewer.sync()
-    if quiet:  # quiet lines are short: many connections fill the pipe instead
-        for _ in range(600):
-            Peer(server.address).close()
-        wait_until(lambda: pipe_pending(server.fd) >= 60_000, what="the pipe to fill")
+    if quiet:  # quiet lines are short: connections (two lines each) fill the pipe instead
+
+        def connect_some() -> bool:
+            for _ in range(20):
+                Peer(server.address).close()
+            return blocked_on_pipe(server.proc.pid)
+
+        wait_until(connect_some, 20, "the log to block on the pipe")
     stall_the_pipe(server, sender, viewer)
     sender.send({"type": "ping", "ref": "p1"})
     assert sender.wait_for("pong")["ref"] == "p1"
@@ -293,16 +312,18 @@ def test_stalled_log_says_how_many_lines_it_dropped_once_the_output_moves(
     stall_the_pipe(server, sender, viewer)
     output = ""
 
-    def collect() -> str | None:
+    def read_until(pattern: str) -> bool:
         nonlocal output
         output += server.read_all()
-        found = re.search(r"\((\d+) log lines dropped while the output was stalled\)", output)
-        return found.group(1) if found else None
+        return re.search(pattern, output) is not None
 
-    dropped = int(wait_until(collect, what="the dropped count line"))
-    kept = len(re.findall(r"message sender -> all: \d{3} x", output))
-    assert dropped > 0 and kept + dropped == 100, (kept, dropped)
-    sender.close()
-    wait_until(lambda: collect() and "sender (id" in output.split("dropped")[-1],
-               what="sender's leaving logged after the count")
+    wait_until(lambda: read_until("log lines dropped while the output was stalled"), 10,
+               "the dropped count line")
+    sender.close()  # its leaving, then the viewer's, come after every message record
+    wait_until(lambda: read_until(r"sender \(id \d+\) lost"), 10, "sender's leaving logged")
     viewer.close()
+    wait_until(lambda: read_until(r"viewer \(id \d+\) lost"), 10, "viewer's leaving logged")
+    counts = re.findall(r"\((\d+) log lines dropped while the output was stalled\)", output)
+    dropped = sum(int(count) for count in counts)
+    kept = len(re.findall(r"message sender -> all: \d{3} x{20000}\n", output))
+    assert dropped > 0 and kept + dropped == 100, (kept, counts)

@@ -26,6 +26,10 @@ from chatsuite.dialects import escape
 MAX_LINES = 10_000  # unwritten lines held while the output is stalled
 MAX_CHARS = 1024 * 1024  # unwritten message characters held (at most 4 MiB of str)
 STOP_WAIT = 0.3  # longest the stop waits for the buffer to reach the output
+# After each write the log thread lets records gather this long, so under load a chat thread
+# wakes it at most about 50 times a second (waking a thread per line costs more than the
+# write it saves: docs/performance.md). Lines keep the time of their event.
+LINGER = 0.02
 
 
 class Stream(Protocol):
@@ -83,8 +87,8 @@ class Log:
         self._lines = 0  # lines in _records
         self._chars = 0  # message characters in _records
         self._dropped = 0  # lines dropped since the last report
-        self._wake = threading.Event()
-        self._closing = False
+        self._wake = threading.Event()  # set by the put that makes the buffer non-empty
+        self._closed = threading.Event()  # set by close(): no more lingering
         self.thread = threading.Thread(target=self._run, name="log", daemon=True)
         self.thread.start()
 
@@ -117,7 +121,7 @@ class Log:
     def close(self, timeout: float = STOP_WAIT) -> bool:
         """Write what is buffered and end the thread, waiting at most ``timeout`` seconds for a
         stalled output; True when everything was written."""
-        self._closing = True
+        self._closed.set()
         self._wake.set()
         self.thread.join(timeout)
         return not self.thread.is_alive()
@@ -135,7 +139,7 @@ class Log:
     def _run(self) -> None:
         while True:
             self._wake.wait()
-            closing = self._closing
+            closing = self._closed.is_set()
             records, dropped = self._take()
             texts = [(record[0], self._format(record)) for record in records]
             if dropped:
@@ -144,6 +148,7 @@ class Log:
                 self._write(texts)
             if closing:
                 return
+            self._closed.wait(LINGER)
 
     def _format(self, record: Record) -> str:
         _, sender, to, texts = record
