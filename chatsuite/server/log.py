@@ -161,8 +161,11 @@ class Log:
                     self._sink(text)
                 return
             out: list[str] = []
+            second, stamp = -1, ""
             for when, text in texts:
-                stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when))
+                if int(when) != second:  # one strftime per second of events, not per line
+                    second = int(when)
+                    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
                 out.extend(f"{stamp} {part}\n" for part in text.split("\n"))
             self._write_stream("".join(out))
         except Exception:  # a broken console or sink must not end the log
