@@ -105,8 +105,8 @@ class Log:
 
     def _put(self, record: Record, lines: int, chars: int) -> None:
         with self._lock:
-            # Into an empty buffer any record fits (one batch of messages may pass the bound on
-            # its own): only a stalled output, never a big batch, costs log lines.
+            # Into an empty buffer any record fits: one big batch of messages alone never costs
+            # log lines, only an output too slow to take what keeps coming.
             if self._records and (self._lines + lines > self._max_lines
                                   or self._chars + chars > self._max_chars):
                 self._dropped += lines
