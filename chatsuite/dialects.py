@@ -36,7 +36,9 @@ _NEWLINE = re.compile("\r\n|[\r\n]")
 def neutralise(text: str) -> str:
     """Text for a line or plain client: each newline (``\\r\\n``, ``\\n`` or a lone ``\\r``) a
     space, every other unsafe character a visible escape (``escape``)."""
-    if UNSAFE_TEXT.search(text) is None:  # the common case: nothing to do, no copy
+    # The common case, checked in C: every UNSAFE_TEXT character is a control, a format
+    # character or a line/paragraph separator, none of which is printable.
+    if text.isprintable():
         return text
     return escape(_NEWLINE.sub(" ", text))
 

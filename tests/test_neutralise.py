@@ -56,3 +56,9 @@ def test_renderings_never_carry_an_unsafe_character(text: str) -> None:
     frame = plain_frame(text).decode("utf-8")
     assert line.endswith("\n") and UNSAFE_TEXT.search(line[:-1]) is None
     assert frame.endswith("\0") and UNSAFE_TEXT.search(frame[:-1]) is None
+
+
+def test_no_unsafe_character_is_printable() -> None:
+    """neutralise() skips printable texts, so every UNSAFE_TEXT character must be non-printable."""
+    assert [hex(code) for code in range(0x110000)
+            if chr(code).isprintable() and UNSAFE_TEXT.match(chr(code))] == []
