@@ -155,11 +155,14 @@ class Log:
         return texts[0] if sender is None else message_lines(sender, to, texts, self.quiet)
 
     def _write(self, texts: list[tuple[float, str]]) -> None:
-        try:
-            if self._sink is not None:
-                for _, text in texts:
+        if self._sink is not None:
+            for _, text in texts:
+                try:
                     self._sink(text)
-                return
+                except Exception:  # a broken sink loses its line, never the log
+                    pass
+            return
+        try:
             out: list[str] = []
             second, stamp = -1, ""
             for when, text in texts:
@@ -168,7 +171,7 @@ class Log:
                     stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
                 out.extend(f"{stamp} {part}\n" for part in text.split("\n"))
             self._write_stream("".join(out))
-        except Exception:  # a broken console or sink must not end the log
+        except Exception:  # a broken console must not end the log
             pass
 
     def _write_stream(self, data: str) -> None:
