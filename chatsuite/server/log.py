@@ -30,6 +30,10 @@ STOP_WAIT = 0.3  # longest the stop waits for the buffer to reach the output
 # wakes it at most about 50 times a second (waking a thread per line costs more than the
 # write it saves: docs/performance.md). Lines keep the time of their event.
 LINGER = 0.02
+# Records formatted between two releases of the interpreter lock: a long run of formatting
+# would otherwise hold it for a whole switch interval (5 ms) each time a chat thread comes
+# back from a system call and wants it (the "convoy effect").
+CHUNK = 64
 
 
 class Stream(Protocol):
@@ -141,7 +145,11 @@ class Log:
             self._wake.wait()
             closing = self._closed.is_set()
             records, dropped = self._take()
-            texts = [(record[0], self._format(record)) for record in records]
+            texts: list[tuple[float, str]] = []
+            for start in range(0, len(records), CHUNK):
+                if start:
+                    time.sleep(0)  # let the chat threads have the interpreter lock
+                texts.extend((r[0], self._format(r)) for r in records[start:start + CHUNK])
             if dropped:
                 texts.append((self._clock(), dropped_line(dropped)))
             if texts:
