@@ -26,7 +26,6 @@ Theory of operation
 from __future__ import annotations
 
 import argparse
-import re
 import selectors
 import signal
 import socket
@@ -39,12 +38,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from chatsuite.server.handler import Handler
+from chatsuite.server.log import Log
 from chatsuite.server.members import Dialect
 from chatsuite.server.room import Room
 from chatsuite.server.writer import Connection, Writer
 from chatsuite.tls import TlsSession
 from modes import PENDING_BYTES, PENDING_LIMIT
-from protocol import MAX_FRAME, UNSAFE_TEXT
+from protocol import MAX_FRAME
 
 if TYPE_CHECKING:
     from chatsuite.server.cluster import Backplane
@@ -54,7 +54,8 @@ OUTPUT_LIMIT = 8 * 1024 * 1024
 
 @dataclass
 class ServerConfig:
-    """Every option of SPEC 1.5 and 3; ``log`` receives each log line (None prints them)."""
+    """Every option of SPEC 1.5 and 3; ``log`` receives each log line from the log thread (None
+    prints them, stamped, on standard output)."""
 
     host: str = "0.0.0.0"
     port: int = 4040
@@ -77,39 +78,6 @@ class ServerConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# Log lines: timestamped, and never raw control characters from the network.
-
-
-def _escaped(match: re.Match[str]) -> str:
-    code = ord(match.group())
-    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
-
-
-def escape(text: str) -> str:
-    """Text with control characters and bidirectional overrides written as visible escapes."""
-    return UNSAFE_TEXT.sub(_escaped, text)
-
-
-class Logger:
-    """Writes timestamped lines to a stream, one lock around each write."""
-
-    def __init__(self, stream=None) -> None:  # type: ignore[no-untyped-def]
-        self._stream = stream
-        self._lock = threading.Lock()
-
-    def __call__(self, text: str) -> None:
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        stream = self._stream or sys.stdout
-        with self._lock:
-            try:
-                # Several lines in one call (a batch of messages) are one write.
-                stream.write("".join(f"{stamp} {part}\n" for part in text.split("\n")))
-                stream.flush()
-            except (OSError, ValueError):
-                pass  # a closed or broken console must not take the server down
-
-
-# ---------------------------------------------------------------------------------------------
 # The server: acceptor, connections, shutdown.
 
 
@@ -126,7 +94,7 @@ class ChatServer:
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        self.log = config.log or Logger()
+        self.log = Log(config.log, quiet=config.quiet)  # its own thread: never waited for
         self.backplane: Backplane | None = None
         if config.redis_url is not None:
             from chatsuite.server.cluster import (
@@ -247,18 +215,14 @@ class ChatServer:
             self._connections.pop(conn, None)
 
     def log_messages(self, sender: str, to: str, texts: list[str]) -> None:
-        """Log relayed messages (seed 001), escaped; ``--quiet`` keeps only their length."""
-        if self.config.quiet:
-            lines = [f"message {sender} -> {to} ({len(t)} characters)" for t in texts]
-        else:
-            lines = [f"message {sender} -> {to}: {escape(t)}" for t in texts]
-        self.log("\n".join(lines))
+        """Log relayed messages (seed 001): a record handed to the log thread, which formats it."""
+        self.log.messages(sender, to, texts)
 
     def stop(self) -> None:
         """Tell everyone, close every socket and the listener, and wait (briefly) for the threads.
 
-        The whole stop takes well under a second: threads still busy after that are daemons
-        and end with the process.
+        The whole stop takes well under a second, even with the log's output stalled: threads
+        still busy after that are daemons and end with the process.
         """
         if self.stopping.is_set():
             return
@@ -288,6 +252,9 @@ class ChatServer:
         self._stop_r.close()
         self._stop_w.close()
         self.log("chat server stopped")
+        # A stalled output gets what is left of the second, at least a tenth; then the log
+        # thread is left to the process's end (it holds no lock the exit needs).
+        self.log.close(max(0.1, deadline + 0.1 - time.monotonic()))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,7 +12,36 @@ import re
 from dataclasses import dataclass
 from enum import Enum
 
-from protocol import LF, NUL
+from protocol import LF, NUL, UNSAFE_TEXT
+
+# --------------------------------------------------------------------------------------------
+# Neutralising text for peers and logs that print what they get (SPEC 2.1, 2.2, 3).
+
+
+def _escaped(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+
+
+def escape(text: str) -> str:
+    """Text with every character of ``protocol.UNSAFE_TEXT`` (control characters, DEL, C1,
+    bidirectional controls, line separators) written as a visible escape: ``\\x1b``,
+    ``\\u202e``. The one escaping of the server: its log and the line and plain renderings."""
+    return UNSAFE_TEXT.sub(_escaped, text)
+
+
+_NEWLINE = re.compile("\r\n|[\r\n]")
+
+
+def neutralise(text: str) -> str:
+    """Text for a line or plain client: each newline (``\\r\\n``, ``\\n`` or a lone ``\\r``) a
+    space, every other unsafe character a visible escape (``escape``)."""
+    # The common case, checked in C: every UNSAFE_TEXT character is a control, a format
+    # character or a line/paragraph separator, none of which is printable.
+    if text.isprintable():
+        return text
+    return escape(_NEWLINE.sub(" ", text))
+
 
 # --------------------------------------------------------------------------------------------
 # Line protocol of seed 002 (SPEC 2.1), server side and client side.
@@ -93,9 +122,9 @@ def line_list(names: list[str], who: bool = False) -> bytes:
 
 
 def line_delivery(sender: str, text: str) -> bytes:
-    """``DELIVERY <sender> <text>``, each newline in the text replaced by a space."""
-    flat = text.replace("\r\n", " ").replace("\n", " ").replace("\r", " ")
-    return line(f"DELIVERY {sender} {flat}")
+    """``DELIVERY <sender> <text>``, the text neutralised (``neutralise``): one line, no raw
+    control character, whatever the sender put in it."""
+    return line(f"DELIVERY {sender} {neutralise(text)}")
 
 
 _HTTP_REQUEST_LINE = re.compile(rb"[A-Z]{3,10} \S+ HTTP/\d")
@@ -153,8 +182,9 @@ PLAIN_QUIT = "q"
 
 
 def plain_frame(text: str) -> bytes:
-    """One plain-protocol frame: UTF-8 text then NUL (a NUL inside the text becomes a space)."""
-    return text.replace("\0", " ").encode("utf-8", "replace") + NUL
+    """One plain-protocol frame: the text neutralised (``neutralise``: so no NUL inside), then
+    NUL."""
+    return neutralise(text).encode("utf-8", "replace") + NUL
 
 
 def plain_text(frame: bytes) -> str:

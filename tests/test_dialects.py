@@ -768,7 +768,7 @@ def test_plain_receives_messages_as_sender_colon_text(
     bob.expect("DELIVERY user1 hi")
     reply = say(alice, "hello\nplain  world")
     assert (reply["delivered"], reply["queued"]) == (2, 0)
-    assert plain.read_unit() == b"alice: hello\nplain  world"
+    assert plain.read_unit() == b"alice: hello plain  world"
     bob.expect("DELIVERY alice hello plain  world")
     bob.exchange("SEND user1  spaced  out ", "SEND-OK")
     assert plain.read_unit() == b"bob:  spaced  out "
@@ -860,18 +860,18 @@ def test_plain_frame_only_exactly_q_quits(
 def test_nul_in_a_text_never_splits_a_plain_frame(
         server: ChatServer, connect: Connect, line_client: Callable[..., LineClient],
         plain_client: Callable[..., PlainClient]) -> None:
-    """A NUL inside a native or line text reaches a plain client as a space, in one frame."""
+    """A NUL inside a native or line text reaches plain and line clients as a visible \\x00, in
+    one frame."""
     alice = typist(server, connect, "alice")
     bob = line_client(server, login="bob")
     plain = plain_join(server, plain_client, alice, "hi", "user1")
     bob.expect("DELIVERY user1 hi")
     assert say(alice, "x\u0000y")["delivered"] == 2
-    assert plain.read_unit() == b"alice: x y"
+    assert plain.read_unit() == b"alice: x\\x00y"
     bob.send(b"SEND user1 a\0b\n")
-    # A NUL does not end a line; SPEC 2.1 is silent on whether it is kept or made a space.
-    assert bob.read_unit() in (b"DELIVERY alice x\0y", b"DELIVERY alice x y")
+    assert bob.read_unit() == b"DELIVERY alice x\\x00y"
     bob.expect("SEND-OK")
-    assert plain.read_unit() == b"bob: a b"
+    assert plain.read_unit() == b"bob: a\\x00b"
     assert dm(alice, "user1", "next")["type"] == "ok"
     plain.expect("alice: next")
 
@@ -883,6 +883,43 @@ def test_carriage_return_in_a_text_reaches_line_client_as_space(
     alice = typist(server, connect, "alice")
     assert dm(alice, "bob", "p\rq")["type"] == "ok"
     assert bob.read_unit() == b"DELIVERY alice p q"
+
+
+HOSTILE = "A\x1b[2J\rB\nC\u202eD\x85E\x07F\x7fG\r\nH\u2028I"
+"""Clear the screen, return the carriage, a newline, a right-to-left override, C1 NEL, a bell,
+DEL, CR LF and a line separator: what a plain or line client must never get raw (SPEC 2.1)."""
+NEUTRALISED = b"A\\x1b[2J B C\\u202eD\\x85E\\x07F\\x7fG H\\u2028I"
+
+
+def test_line_client_gets_control_characters_as_visible_escapes(
+        server: ChatServer, connect: Connect, line_client: Callable[..., LineClient]) -> None:
+    """A native text with ESC[2J, CR, LF, U+202E and C1 reaches a line client, broadcast or
+    direct, as one DELIVERY line: newlines a space, every other control a visible escape."""
+    bob = line_client(server, login="bob")
+    alice = typist(server, connect, "alice")
+    assert say(alice, HOSTILE)["delivered"] == 1
+    assert bob.read_unit() == b"DELIVERY alice " + NEUTRALISED
+    assert dm(alice, "bob", HOSTILE)["delivered"] == 1
+    assert bob.read_unit() == b"DELIVERY alice " + NEUTRALISED
+    assert bob.sync() == ([], "LIST-OK bob,alice")
+
+
+def test_plain_client_gets_control_characters_as_visible_escapes(
+        server: ChatServer, connect: Connect, line_client: Callable[..., LineClient],
+        plain_client: Callable[..., PlainClient]) -> None:
+    """A native or line text with ESC[2J, CR, LF, U+202E and C1 reaches a plain client as one
+    '<sender>: <text>' frame: newlines a space, every other control a visible escape."""
+    alice = typist(server, connect, "alice")
+    plain = plain_join(server, plain_client, alice, "hi", "user1")
+    assert say(alice, HOSTILE)["delivered"] == 1
+    assert plain.read_unit() == b"alice: " + NEUTRALISED
+    assert dm(alice, "user1", HOSTILE)["delivered"] == 1
+    assert plain.read_unit() == b"alice: " + NEUTRALISED
+    bob = line_client(server, login="bob")
+    plain.expect("bob joined the chat.")
+    bob.send("SEND user1 \x1b[2J\rteacher is quitting.\x9b\n".encode())
+    bob.expect("SEND-OK")
+    assert plain.read_unit() == b"bob: \\x1b[2J teacher is quitting.\\x9b"
 
 
 # --------------------------------------------------------------------------------------------

@@ -107,7 +107,7 @@ def test_broadcast_counts_live_and_held_recipients_per_dialect() -> None:
     assert (delivery.delivered, delivery.queued) == (3, 1)
     assert [f["text"] for f in outbox(viewer).frames()] == ["hi\nthere", "again"]
     assert outbox(liner).take() == b"DELIVERY alice hi there\nDELIVERY alice again\n"
-    assert outbox(plain).take() == b"alice: hi\nthere\0alice: again\0"
+    assert outbox(plain).take() == b"alice: hi there\0alice: again\0"
     assert outbox(sender).take() == b""
     assert len(typist.hold) == 2 + 2  # two joined notices, then the two messages
 
