@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     secure = " over TLS" if args.tls else ""
     terminal.show("you are now connected to the server" + secure)
-    history = History(Path(args.history_dir).expanduser())
+    history = History(Path(args.history_dir).expanduser(), host, port)
     wake = _waker(terminal, session_ref)
     session: Session
     if args.protocol == "line":

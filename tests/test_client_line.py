@@ -52,9 +52,9 @@ def test_format_names_marks_oneself_and_sanitises() -> None:
 
 
 def test_history_path_of_a_name_cannot_leave_the_folder() -> None:
-    """A name's log is name-<casefolded, percent-encoded name>.log, so / and .. stay inside."""
-    assert history_path(Path("/h"), "Bob") == Path("/h/name-bob.log")
-    assert history_path(Path("/h"), "../x/y") == Path("/h/name-..%2Fx%2Fy.log")
+    """A name's log is <casefolded, percent-encoded name>.log, so / and .. stay inside."""
+    assert history_path(Path("/h"), "s_1", "me", "Bob") == Path("/h/s_1/me/bob.log")
+    assert history_path(Path("/h"), "s_1", "..", "../x/y") == Path("/h/s_1/%2E./%2E.%2Fx%2Fy.log")
 
 
 def test_format_delivery_line_is_a_direct_message() -> None:
@@ -371,7 +371,7 @@ def test_history_is_kept_by_peer_name(
     assert re.fullmatch(f"{STAMP} received from bob: hi alice", logged[1])
     assert command(child, "/history BOB").splitlines() == logged
     assert command(child, "/history carol") == "No History\n"
-    log_file = tmp_path / "history" / "name-bob.log"
+    log_file = tmp_path / "history" / f"127.0.0.1_{server.port}" / "alice" / "bob.log"
     assert log_file.read_text(encoding="utf-8").splitlines() == logged
 
 

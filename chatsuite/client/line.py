@@ -162,6 +162,7 @@ class LineSession(Session):
             reconnected = False
             if reply.kind == "HELLO":
                 self.name = reply.body.strip() or name
+                self.registered(self.name)
                 self.link.logged_in = True
                 if self.link.ended:  # closed between the answer and now: no quieter than lost
                     self.link.fail(LOST)

@@ -130,7 +130,7 @@ class Session:
     """One session: register, then the mode menu, mode 1 (typing) and mode 2 (viewing)."""
 
     receiver_prompt = "receiver id: "
-    history_prompt = "user id: "
+    history_prompt = "user name or id: "
     link: Link
 
     def __init__(self, terminal: Terminal, palette: Palette, history: History,
@@ -242,6 +242,11 @@ class Session:
             return
         for line in self.history.read(key) or ["No History"]:
             self.show(line)
+
+    def registered(self, name: Any) -> None:
+        """The server gave us ``name``: our private files are the ones of that name from now on."""
+        if isinstance(name, str) and name:
+            self.history.own_name = name
 
     def log(self, peer: Any, direction: str, peer_name: Any, text: Any,
             when: datetime | None = None) -> None:
