@@ -75,6 +75,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--port", type=_port_argument,
                         help=f"server port (asked when absent; default {DEFAULT_PORT})")
     parser.add_argument("--no-color", action="store_true", help="no colours")
+    parser.add_argument("--no-bell", action="store_true",
+                        help="no bell when a message names you (mode 2)")
     parser.add_argument("--history-dir", default=DEFAULT_HISTORY_DIR,
                         help=f"folder of the direct-message logs (default {DEFAULT_HISTORY_DIR})")
     parser.add_argument("--protocol", choices=("native", "line"), default="native",
@@ -159,17 +161,22 @@ def main(argv: list[str] | None = None) -> int:
         import colorama
 
         colorama.just_fix_windows_console()
-    try:
-        import readline  # noqa: F401  (line editing for input(), where the platform has it)
-    except ImportError:
-        pass
     terminal = Terminal()
+    terminal.start_editing()  # readline where the platform has it: Tab, history, clean pastes
+    try:
+        return _run(args, terminal, colour)
+    finally:
+        terminal.restore()  # the terminal's echo, turned off while editing, comes back
+
+
+def _run(args: argparse.Namespace, terminal: Terminal, colour: bool) -> int:
     palette = Palette(colour)
     session_ref: list[Session] = []
 
     def on_sigint(signum: int, frame: Any) -> None:
         if session_ref and session_ref[0].exiting:
             return  # already ending: a late wake-up must not interrupt the goodbye
+        terminal.note_interrupt()  # what the line held decides: cancel it, or leave
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGINT, on_sigint)
@@ -206,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         session = NativeSession(transport, terminal, palette, history, args.name, args.title,
                                 args.company, wake_main=wake)
+    session.bell = not args.no_bell
     session_ref.append(session)
     try:
         return session.run()

@@ -607,8 +607,10 @@ def test_server_stopping_under_a_running_client(
         child.expect_exact("viewing messages: press e to type, q to quit\r\n")
     server.stop()
     child.expect(f"{TIME} \\* The server is shutting down.\r\n")
-    assert child.before == ("" if view else "\r\n")  # below the prompt, not after it
-    child.expect_exact("connection to the server was closed: the server shut down\r\n")
+    # Typing: the notice takes the prompt's row (cleared) and the prompt comes back below it.
+    assert child.before == ("" if view else "\r\x1b[K")
+    prompt_again = "" if view else PROMPT + "\r\n"
+    child.expect_exact(prompt_again + "connection to the server was closed: the server shut down\r\n")
     assert ended(child) == 1
     assert "Traceback" not in output(child)
 

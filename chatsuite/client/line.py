@@ -126,7 +126,8 @@ class LineSession(Session):
     def deliver(self, sender: str, text: str) -> None:
         """A ``DELIVERY``: shown like a direct message, logged under the sender's name."""
         now = datetime.now()
-        self.viewer.post(format_delivery_line(sender, text, now, self.palette))
+        self.viewer.post(format_delivery_line(sender, text, now, self.palette)
+                         + self.heard(sender or None, text))
         if sender:
             self.log(sender, "received from", sender, text, now)
 
@@ -215,6 +216,9 @@ class LineSession(Session):
         self.show(self.palette.bad(
             f"could not list the users: the server answered {command} with {raw_text(reply)}"))
         return None
+
+    def member_names(self) -> list[str]:
+        return self.names() or []
 
     def show_users(self) -> None:
         names = self.names()

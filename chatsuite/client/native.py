@@ -142,7 +142,9 @@ class NativeSession(Session):
         """Called by the receiver thread for every event that is not a reply."""
         kind = event.get("type")
         if kind == "message":
-            self.viewer.post(format_message(event, self.palette))
+            sender = event.get("from")
+            name = sender.get("name") if isinstance(sender, dict) else None
+            self.viewer.post(format_message(event, self.palette) + self.heard(name, event.get("text")))
             if event.get("to") is not None:
                 self._log_received(event)
         elif kind == "notice":
@@ -215,6 +217,9 @@ class NativeSession(Session):
     def users(self) -> list[dict[str, Any]]:
         users = self.conn.request({"type": "users"}).get("users")
         return [user for user in users if isinstance(user, dict)] if isinstance(users, list) else []
+
+    def member_names(self) -> list[str]:
+        return [user["name"] for user in self.users() if isinstance(user.get("name"), str)]
 
     def show_users(self) -> None:
         for row in format_users(self.users(), self.own_id):
