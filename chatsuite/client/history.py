@@ -89,8 +89,8 @@ class History:
     def __init__(self, directory: Path, host: str, port: int) -> None:
         self.directory = directory
         self.server = server_folder(host, port)
-        self.own_name: str | None = None  # the name the server gave us; may change on re-registering
-        self._lock = threading.Lock()  # the receiver logs what arrives, the main thread what it sends
+        self.own_name: str | None = None  # the name the server gave us (may change)
+        self._lock = threading.Lock()  # the receiver logs what arrives, the main thread sends
 
     def folder(self) -> Path | None:
         """``<history-dir>/<host>_<port>/<own name>``, or None before registration."""
