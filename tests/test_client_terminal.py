@@ -19,7 +19,16 @@ from typing import Any
 
 import pexpect
 import pytest
-from client_helpers import CHOICE, PROMPT, TIMEOUT, ClientPrograms, choose_typing, command, ended, output
+from client_helpers import (
+    CHOICE,
+    PROMPT,
+    TIMEOUT,
+    ClientPrograms,
+    choose_typing,
+    command,
+    ended,
+    output,
+)
 from colorama import Fore, Style
 from conftest import ROOT, Peer
 

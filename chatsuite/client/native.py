@@ -144,7 +144,8 @@ class NativeSession(Session):
         if kind == "message":
             sender = event.get("from")
             name = sender.get("name") if isinstance(sender, dict) else None
-            self.viewer.post(format_message(event, self.palette) + self.heard(name, event.get("text")))
+            bell = self.heard(name, event.get("text"))
+            self.viewer.post(format_message(event, self.palette) + bell)
             if event.get("to") is not None:
                 self._log_received(event)
         elif kind == "notice":

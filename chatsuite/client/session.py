@@ -200,7 +200,7 @@ class Session:
         return self.finish()
 
     def finish(self) -> int:
-        """End the session: a failure is said and gives 1; a chosen exit tells the server, gives 0."""
+        """End the session: a failure is said, giving 1; a chosen exit tells the server, 0."""
         self.exiting = True
         if self._input_history is not None:
             self.terminal.save_history(self._input_history)
