@@ -26,6 +26,7 @@ from client_helpers import (
     CLIENT,
     PROMPT,
     STAMP,
+    SWITCHES,
     TIME,
     TIMEOUT,
     ClientPrograms,
@@ -609,8 +610,8 @@ def test_server_stopping_under_a_running_client(
     child.expect(f"{TIME} \\* The server is shutting down.\r\n")
     # Typing: the notice takes the prompt's row (cleared) and the prompt comes back below it.
     assert child.before == ("" if view else "\r\x1b[K")
-    prompt_again = "" if view else PROMPT + "\r\n"
-    child.expect_exact(prompt_again + "connection to the server was closed: the server shut down\r\n")
+    prompt_again = "" if view else re.escape(PROMPT) + SWITCHES + "\r\n"
+    child.expect(prompt_again + "connection to the server was closed: the server shut down\r\n")
     assert ended(child) == 1
     assert "Traceback" not in output(child)
 

@@ -21,6 +21,7 @@ from typing import Any
 import pexpect
 import pytest
 from client_helpers import (
+    NEW_PROMPT,
     PROMPT,
     STAMP,
     TIME,
@@ -449,7 +450,7 @@ def test_ctrl_c_while_awaiting_a_reply_drops_that_late_reply(
     child.sendline("@carol are you there")
     wait_until(lambda: server.sessions[-1][-1:] == ["SEND carol are you there"])
     child.sendintr()
-    child.expect_exact("\r\n" + PROMPT)
+    child.expect(NEW_PROMPT)
     server.release.set()
     assert command(child, "/users") == "users (3):\n  bob\n  carol\n  alice (you)\n"
     assert "server:" not in output(child)

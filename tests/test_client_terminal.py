@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import pexpect
 import pytest
 from client_helpers import (
     CHOICE,
+    NEW_PROMPT,
     PROMPT,
     TIMEOUT,
     ClientPrograms,
@@ -36,7 +36,6 @@ from chatsuite.client.display import NAME_COLOURS, mentions, name_colour
 from chatsuite.client.editing import TabCompleter, ordered_names
 
 CONFIRMATION = "message sent (delivered to 1, held for 0)"
-EDITOR_CODES = re.compile(r"\x1b\[\?2004[hl]")  # readline's bracketed-paste switches
 
 
 @pytest.fixture
@@ -70,7 +69,7 @@ def viewing_peer(connect: Callable[..., Peer], server: Any, name: str) -> Peer:
 
 def screen_lines(child: pexpect.spawn) -> list[str]:
     """The transcript as lines, without readline's bracketed-paste switches."""
-    return EDITOR_CODES.sub("", output(child)).split("\r\n")
+    return output(child).split("\r\n")
 
 
 # --------------------------------------------------------------------------------------------
@@ -224,7 +223,8 @@ def test_a_notice_while_typing_redraws_the_prompt_and_the_typed_text(
 
 def test_bracketed_paste_is_one_multi_line_message(
         spawn: Callable[..., pexpect.spawn], server: Any, connect: Callable[..., Peer]) -> None:
-    """Lines pasted between ESC[200~ and ESC[201~ are sent as one message with its newlines."""
+    """The client asks the terminal to mark pastes, and lines pasted between ESC[200~ and
+    ESC[201~ are sent as one message with its newlines."""
     bob = viewing_peer(connect, server, "bob")
     child = typing_client(spawn, server, "alice")
     child.send("\x1b[200~first\rsecond\rthird\x1b[201~\r")
@@ -232,6 +232,7 @@ def test_bracketed_paste_is_one_multi_line_message(
     child.expect_exact(PROMPT)
     assert bob.wait_for("message")["text"] == "first\nsecond\nthird"
     assert output(child).count(CONFIRMATION) == 1
+    assert "\x1b[?2004h" in child.logfile_read.getvalue()  # the terminal asked to mark pastes
 
 
 # --------------------------------------------------------------------------------------------
@@ -246,7 +247,7 @@ def test_ctrl_c_cancels_a_half_typed_line(
     child.send("half typed")
     child.expect_exact("half typed")
     child.sendintr()
-    child.expect_exact("\r\n" + PROMPT)
+    child.expect(NEW_PROMPT)
     assert command(child, "after") == CONFIRMATION + "\n"
     assert bob.wait_for("message")["text"] == "after"
     assert "bye" not in output(child)
@@ -260,7 +261,7 @@ def test_ctrl_c_cancels_the_question_of_send(
     child.sendline("send")
     child.expect_exact("receiver id: ")
     child.sendintr()
-    child.expect_exact("\r\n" + PROMPT)
+    child.expect(NEW_PROMPT)
     child.sendline("send")
     child.expect_exact("receiver id: ")
     child.sendline("bob")
@@ -268,7 +269,7 @@ def test_ctrl_c_cancels_the_question_of_send(
     child.send("not this")
     child.expect_exact("not this")
     child.sendintr()
-    child.expect_exact("\r\n" + PROMPT)
+    child.expect(NEW_PROMPT)
     assert command(child, "/dm bob this") == CONFIRMATION + "\n"
     assert bob.wait_for("message")["text"] == "this"
 

@@ -96,6 +96,9 @@ class LineEditor:
             readline.parse_and_bind("bind ^I rl_complete")
         else:
             readline.parse_and_bind("tab: complete")
+            # Python turns bracketed paste off for its own prompt; here a paste of several
+            # lines is one message (SPEC 4.12), so the terminal is asked to mark pastes.
+            readline.parse_and_bind("set enable-bracketed-paste on")
         return editor
 
     def buffer(self) -> str:
