@@ -430,3 +430,23 @@ def test_wrong_arguments_are_explained(spawn: Callable[..., pexpect.spawn], serv
     child = typing_client(spawn, server, "alice")
     assert command(child, "/users extra") == "/users takes no arguments\n"
     assert command(child, "/dm bob") == '/dm bob needs a text: /dm bob "text"\n'
+
+
+@pytest.mark.parametrize("marked", [False, True], ids=["unmarked", "bracketed"])
+def test_a_paste_while_viewing_is_not_read_as_keys(
+        spawn: Callable[..., pexpect.spawn], server: Any, connect: Callable[..., Peer],
+        marked: bool) -> None:
+    """In mode 2 a paste (its e and q included) neither switches nor quits nor sends: a hint."""
+    bob = viewing_peer(connect, server, "bob")
+    child = typing_client(spawn, server, "alice")
+    child.sendline("#view")
+    child.expect_exact("viewing messages")
+    text = "exit now\rplease quit\requally\r"
+    child.send(f"\x1b[200~{text}\x1b[201~" if marked else text)
+    child.expect_exact("a paste is not read while viewing: press e to type, then paste\r\n")
+    bob.send({"type": "say", "text": "still viewing"})
+    child.expect_exact("bob: still viewing")
+    child.send("q")
+    assert ended(child) == 0
+    assert "message sent" not in output(child)
+    assert bob.wait_for("notice", event="left")["text"] == "alice is quitting."

@@ -24,7 +24,7 @@ from typing import Any
 from chatsuite.client.display import BELL, Palette, mentions, sanitize
 from chatsuite.client.editing import TabCompleter, ordered_names
 from chatsuite.client.history import History, HistoryKey, history_line
-from chatsuite.client.terminal import Cancelled, Terminal, Viewer
+from chatsuite.client.terminal import PASTE, Cancelled, Terminal, Viewer
 from chatsuite.client.transport import Transport
 from modes import (
     HELP_TEXT,
@@ -53,6 +53,7 @@ SHUT_DOWN = "connection to the server was closed: the server shut down"
 MENU = "1- type in your own message, 2- View other user messages"
 PROMPT = "type in your text: "  # seed 000
 VIEW_HINT = "viewing messages: press e to type, q to quit"
+PASTE_HINT = "a paste is not read while viewing: press e to type, then paste"
 
 
 def closed_early(tls: bool) -> str:
@@ -285,6 +286,9 @@ class Session:
                 key = read_key()
                 if key is None:
                     return None
+                if key == PASTE:
+                    self.show(PASTE_HINT)
+                    continue
                 action = read_view_key(key)
                 if action.quit:
                     return None

@@ -197,12 +197,22 @@ class Terminal:
             new[3] &= ~(termios.ECHO | termios.ICANON)  # cbreak: keys at once, no echo, Ctrl-C works
             new[6][termios.VMIN], new[6][termios.VTIME] = 1, 0
             termios.tcsetattr(fd, termios.TCSANOW, new)  # TCSANOW: keys typed already are kept
+            self._paste_marks(True)
             try:
                 yield lambda: _read_posix_key(fd)
             finally:
+                self._paste_marks(False)
                 termios.tcsetattr(fd, termios.TCSANOW, old)
         else:
             yield _read_windows_key
+
+    def _paste_marks(self, on: bool) -> None:
+        """Ask the terminal to mark pastes (or stop), as readline does while it reads a line."""
+        if self.editor is None:
+            return
+        with self._lock:
+            self.stdout.write("\x1b[?2004h" if on else "\x1b[?2004l")
+            self.stdout.flush()
 
     def restore(self) -> None:
         """Put the terminal back as we found it (used when the process must end at once)."""
@@ -215,13 +225,43 @@ class Terminal:
                 pass
 
 
+PASTE = "\x1b[200~"
+"""What the mode-2 key reader gives for a paste: never a command, whatever letters it holds."""
+_PASTE_START, _PASTE_END = b"\x1b[200~", b"\x1b[201~"
+PASTE_QUIET = 0.2  # seconds without input that end an unmarked paste read in mode 2
+
+
 def _read_posix_key(fd: int) -> str | None:
-    chunk = os.read(fd, 32)
+    chunk = os.read(fd, 4096)
     if not chunk or chunk == b"\x04":
         return None  # end of input, or Ctrl-D
+    if chunk.startswith(_PASTE_START):
+        _swallow_paste(fd, chunk, marked=True)
+        return PASTE
     if chunk.startswith(b"\x1b"):
         return ""  # an arrow or function key: its letters (F2 is ESC O Q) are not commands
-    return chunk.decode("utf-8", "replace")[0]
+    text = chunk.decode("utf-8", "replace")
+    if len(text) > 1:
+        # More than one key in one read: a paste the terminal did not mark. Its "e" or "q"
+        # must not switch modes or quit, nor its rest be typed in mode 1.
+        _swallow_paste(fd, chunk, marked=False)
+        return PASTE
+    return text
+
+
+def _swallow_paste(fd: int, chunk: bytes, marked: bool) -> None:
+    """Read and drop the rest of a paste: up to its end mark, or until the input pauses."""
+    import select
+
+    seen = chunk  # for a marked paste: enough of the end to find a mark split across reads
+    while not (marked and _PASTE_END in seen):
+        ready, _, _ = select.select([fd], [], [], 2.0 if marked else PASTE_QUIET)
+        if not ready:
+            return  # the input paused: the paste is over (or its end mark was lost)
+        more = os.read(fd, 4096)
+        if not more:
+            return
+        seen = seen[-(len(_PASTE_END) - 1):] + more
 
 
 def _read_windows_key() -> str | None:
