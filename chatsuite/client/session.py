@@ -8,6 +8,13 @@
   protocol-specific steps (``register``, ``broadcast``, ``send_direct``, ...) that
   ``client_native.NativeSession`` and ``client_line.LineSession`` provide.
 
+* ``Names``: the names Tab completes (recent speakers first, then the members).
+
+Keys (SPEC 4.12): Ctrl-C on typed text asks the same question again; Ctrl-C in a command's
+own question (``receiver id:``) or while its answer is awaited cancels that command; Ctrl-C on
+an empty prompt, Ctrl-D and the quit words end the session as a chosen exit. A Ctrl-C is told
+from the receiver's wake-up (also SIGINT) by ``failure``, which the wake-up sets first.
+
 Invariant: after ``fail`` the main thread is woken exactly once, and a session that ``close``s
 its link on purpose is never woken by the end of the stream that follows.
 """

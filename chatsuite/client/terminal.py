@@ -10,6 +10,9 @@ On a terminal with line editing (``editing.LineEditor``), the terminal's own ech
 the whole session: what is typed is shown by the editor when it reads it, right after its
 prompt. So lines typed (or pasted) faster than the answers come back are shown one by one, each
 after its prompt and before its answer, never in the middle of one (issue 14, item 3).
+
+In mode 2 keys are read one at a time; a paste (marked by the terminal, or several keys in
+one read) is read whole and dropped (``PASTE``), so its letters are never taken for ``e``/``q``.
 """
 
 from __future__ import annotations
