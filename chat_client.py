@@ -176,8 +176,7 @@ def _run(args: argparse.Namespace, terminal: Terminal, colour: bool) -> int:
     def on_sigint(signum: int, frame: Any) -> None:
         if session_ref and session_ref[0].exiting:
             return  # already ending: a late wake-up must not interrupt the goodbye
-        terminal.note_interrupt()  # what the line held decides: cancel it, or leave
-        raise KeyboardInterrupt
+        terminal.interrupt()  # KeyboardInterrupt; what the line held decides: cancel or leave
 
     signal.signal(signal.SIGINT, on_sigint)
     try:

@@ -7,6 +7,7 @@ deadlines, never sleeps.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import socket
@@ -34,6 +35,7 @@ from conftest import ROOT, Peer
 
 from chatsuite.client.display import NAME_COLOURS, mentions, name_colour
 from chatsuite.client.editing import TabCompleter, ordered_names
+from chatsuite.client.terminal import Terminal
 
 CONFIRMATION = "message sent (delivered to 1, held for 0)"
 
@@ -125,6 +127,21 @@ def test_name_colours_are_stable_across_runs() -> None:
     assert runs == {repr([Fore.CYAN, Fore.MAGENTA, Fore.YELLOW, Fore.LIGHTMAGENTA_EX]) + "\n"}
     assert name_colour("Carol") == name_colour("carol")
     assert set(NAME_COLOURS).isdisjoint({Fore.RED, Fore.LIGHTRED_EX, Fore.BLACK, Fore.WHITE})
+
+
+def test_ctrl_c_waits_for_a_step_that_must_not_be_cut() -> None:
+    """interrupt() raises at once, but inside _uninterrupted only when the block ends."""
+    terminal = Terminal(io.StringIO(), io.StringIO())
+    with pytest.raises(KeyboardInterrupt):
+        terminal.interrupt()
+    steps = []
+    with pytest.raises(KeyboardInterrupt):
+        with terminal._uninterrupted():
+            terminal.interrupt()
+            steps.append("finished")
+    assert steps == ["finished"]
+    with terminal._uninterrupted():
+        pass  # the deferred interrupt was spent: nothing raised now
 
 
 class SlowServer:

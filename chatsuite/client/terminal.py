@@ -49,6 +49,8 @@ class Terminal:
         self._handing_over = False  # main thread: the lock waits for the editor's prompt hook
         self._asking = ""  # main thread: the prompt being handed to the editor
         self._typed_at_interrupt = ""  # main thread: what the line held when Ctrl-C came
+        self._critical = False  # main thread: a Ctrl-C now waits (see _uninterrupted)
+        self._deferred = False  # main thread: a Ctrl-C came while _critical
         self.editor: LineEditor | None = None
         try:
             self.interactive = stdin.isatty()
@@ -128,11 +130,12 @@ class Terminal:
         return line.rstrip("\r\n")
 
     def _edit(self, prompt: str) -> str:
-        self._lock.acquire()  # released by _prompt_shown once the editor has drawn the prompt
-        self._handing_over = True
-        self._asking = prompt
         self._typed_at_interrupt = ""
         try:
+            with self._uninterrupted():  # a Ctrl-C between the two would keep the lock held
+                self._lock.acquire()  # released by _prompt_shown once the prompt is drawn
+                self._handing_over = True
+            self._asking = prompt
             if self._mid_line:
                 self.stdout.write("\n")
                 self.stdout.flush()
@@ -156,10 +159,35 @@ class Terminal:
 
     def _prompt_shown(self) -> None:
         """The editor's hook: its prompt is on screen; other threads may print (above it)."""
+        self._critical = True  # readline drops what a hook raises: no Ctrl-C half-way through
         if self._handing_over:
             self._handing_over = False
             self._prompt = self._asking
             self._lock.release()
+        self._critical = False
+        # A Ctrl-C that came in between is lost here (readline would drop it anyway).
+        self._deferred = False
+
+    @contextmanager
+    def _uninterrupted(self) -> Iterator[None]:
+        """A Ctrl-C waits until the block is done, then interrupts (main thread)."""
+        self._critical = True
+        try:
+            yield
+        finally:
+            self._critical = False
+        if self._deferred:
+            self._deferred = False
+            raise KeyboardInterrupt
+
+    def interrupt(self) -> None:
+        """What SIGINT does (its handler, main thread): note what the line held, then raise
+        KeyboardInterrupt, unless a step that must not be cut is running (it raises after)."""
+        self.note_interrupt()
+        if self._critical:
+            self._deferred = True
+            return
+        raise KeyboardInterrupt
 
     def note_interrupt(self) -> None:
         """Ctrl-C came (main thread, in the signal handler): remember what the line held."""
