@@ -135,10 +135,9 @@ def test_ctrl_c_waits_for_a_step_that_must_not_be_cut() -> None:
     with pytest.raises(KeyboardInterrupt):
         terminal.interrupt()
     steps = []
-    with pytest.raises(KeyboardInterrupt):
-        with terminal._uninterrupted():
-            terminal.interrupt()
-            steps.append("finished")
+    with pytest.raises(KeyboardInterrupt), terminal._uninterrupted():
+        terminal.interrupt()
+        steps.append("finished")
     assert steps == ["finished"]
     with terminal._uninterrupted():
         pass  # the deferred interrupt was spent: nothing raised now
