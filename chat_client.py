@@ -40,7 +40,7 @@ from chatsuite.client.history import History
 from chatsuite.client.line import LineSession
 from chatsuite.client.native import NativeSession
 from chatsuite.client.session import LOST, Session
-from chatsuite.client.terminal import Terminal
+from chatsuite.client.terminal import Cancelled, Terminal
 from chatsuite.client.transport import (
     INSECURE_WARNING,
     ConnectError,
@@ -101,18 +101,28 @@ def _port_argument(text: str) -> int:
     return port
 
 
+def _ask_again(terminal: Terminal, prompt: str) -> str:
+    """A line typed at ``prompt``; Ctrl-C on typed text asks again (on nothing: it leaves)."""
+    while True:
+        try:
+            return terminal.ask(prompt)
+        except Cancelled:
+            pass
+
+
 def ask_address(args: argparse.Namespace, terminal: Terminal) -> tuple[str, int]:
     """The server's address: options first, then prompts on a terminal, then the defaults."""
     host, port = args.host, args.port
     if host is None:
         host = DEFAULT_HOST
         if terminal.interactive:
-            host = terminal.ask(f"server address [{DEFAULT_HOST}]: ").strip() or DEFAULT_HOST
+            typed = _ask_again(terminal, f"server address [{DEFAULT_HOST}]: ")
+            host = typed.strip() or DEFAULT_HOST
     while port is None:
         if not terminal.interactive:
             port = DEFAULT_PORT
             break
-        port = parse_port(terminal.ask(f"server port [{DEFAULT_PORT}]: "))
+        port = parse_port(_ask_again(terminal, f"server port [{DEFAULT_PORT}]: "))
         if port is None:
             terminal.show("a port is a number from 1 to 65535")
     return host, port

@@ -466,3 +466,18 @@ def test_a_paste_while_viewing_is_not_read_as_keys(
     assert ended(child) == 0
     assert "message sent" not in output(child)
     assert bob.wait_for("notice", event="left")["text"] == "alice is quitting."
+
+
+def test_ctrl_c_with_text_at_the_address_question_asks_again(
+        spawn: Callable[..., pexpect.spawn], server: Any) -> None:
+    """Ctrl-C on a half-typed address clears it and asks again; the next answer is used."""
+    child = spawn("alice", "--no-color")
+    child.expect_exact("server address [127.0.0.1]: ")
+    child.send("10.9.9.9")
+    child.expect_exact("10.9.9.9")
+    child.sendintr()
+    child.expect_exact("server address [127.0.0.1]: ")
+    child.sendline("")
+    child.expect_exact("server port [4040]: ")
+    child.sendline(str(server.address[1]))
+    child.expect(r"welcome alice, your id is \d+")
