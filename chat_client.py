@@ -1,14 +1,13 @@
 """The terminal chat client (SPEC 4): connect, register, then type (mode 1) or view (mode 2).
 
 This module is the entry point (``main``, the ``chat-client`` command): options, the server's
-address, the connection, and the session. The rest lives in ``chatsuite/client/``, one module
-per job:
+address, the connection, and the session. The rest lives in modules named by their job:
 
-* ``display``: sanitising, formatting, colours (pure); ``history``: the direct-message logs;
-* ``terminal``: the screen and keyboard, and the ``Viewer`` that holds lines while typing;
-* ``transport``: plain TCP or verified TLS (``chatsuite.tls``), failures as sentences;
-* ``session``: what both protocols share (the link's receiver thread, the two modes);
-* ``native`` and ``line``: the native protocol, and seed 002's line protocol.
+* ``client_display``: sanitising, formatting, colours, history files (pure);
+* ``client_terminal``: the screen and keyboard, and the ``Viewer`` that holds lines while typing;
+* ``client_transport``: plain TCP or verified TLS, failures as sentences;
+* ``client_session``: what both protocols share (the link's receiver thread, the two modes);
+* ``client_native`` and ``client_line``: the native protocol, and seed 002's line protocol.
 
 Theory of operation. One connection, two threads:
 
@@ -28,6 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import ssl
 import sys
 import threading
 from collections.abc import Callable
@@ -40,11 +40,10 @@ from chatsuite.client.history import History
 from chatsuite.client.line import LineSession
 from chatsuite.client.native import NativeSession
 from chatsuite.client.session import LOST, Session
-from chatsuite.client.terminal import Terminal
+from chatsuite.client.terminal import Cancelled, Terminal
 from chatsuite.client.transport import (
     INSECURE_WARNING,
     ConnectError,
-    Transport,
     client_context,
     open_transport,
 )
@@ -77,18 +76,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--port", type=_port_argument,
                         help=f"server port (asked when absent; default {DEFAULT_PORT})")
     parser.add_argument("--no-color", action="store_true", help="no colours")
+    parser.add_argument("--no-bell", action="store_true",
+                        help="no bell when a message names you (mode 2)")
     parser.add_argument("--history-dir", default=DEFAULT_HISTORY_DIR,
                         help=f"folder of the direct-message logs (default {DEFAULT_HISTORY_DIR})")
     parser.add_argument("--protocol", choices=("native", "line"), default="native",
                         help="native (default), or line: seed 002's protocol, for any such server")
     parser.add_argument("--tls", action="store_true",
-                        help="connect with TLS, checking the server's certificate and host name")
+                        help="connect with TLS, checking the server's certificate and host "
+                             "name")
     parser.add_argument("--cafile", metavar="FILE",
-                        help="trust the authority in FILE (PEM) instead of the system's"
-                             " (implies --tls)")
+                        help="trust the authority in FILE (PEM) instead of the system's "
+                             "(implies --tls)")
     parser.add_argument("--insecure", action="store_true",
-                        help="TLS without checking the server's identity: DANGEROUS"
-                             " (implies --tls)")
+                        help="TLS without checking the server's identity: DANGEROUS "
+                             "(implies --tls)")
     args = parser.parse_args(argv)
     if args.insecure and args.cafile:
         parser.error("--insecure and --cafile contradict each other: choose one")
@@ -103,18 +105,28 @@ def _port_argument(text: str) -> int:
     return port
 
 
+def _ask_again(terminal: Terminal, prompt: str) -> str:
+    """A line typed at ``prompt``; Ctrl-C on typed text asks again (on nothing: it leaves)."""
+    while True:
+        try:
+            return terminal.ask(prompt)
+        except Cancelled:
+            pass
+
+
 def ask_address(args: argparse.Namespace, terminal: Terminal) -> tuple[str, int]:
     """The server's address: options first, then prompts on a terminal, then the defaults."""
     host, port = args.host, args.port
     if host is None:
         host = DEFAULT_HOST
         if terminal.interactive:
-            host = terminal.ask(f"server address [{DEFAULT_HOST}]: ").strip() or DEFAULT_HOST
+            typed = _ask_again(terminal, f"server address [{DEFAULT_HOST}]: ")
+            host = typed.strip() or DEFAULT_HOST
     while port is None:
         if not terminal.interactive:
             port = DEFAULT_PORT
             break
-        port = parse_port(terminal.ask(f"server port [{DEFAULT_PORT}]: "))
+        port = parse_port(_ask_again(terminal, f"server port [{DEFAULT_PORT}]: "))
         if port is None:
             terminal.show("a port is a number from 1 to 65535")
     return host, port
@@ -149,8 +161,12 @@ def _waker(terminal: Terminal, session_ref: list[Session]) -> Callable[[], None]
     return wake
 
 
-def _prepare_console(args: argparse.Namespace) -> bool:
-    """Streams that never fail on a character, colour if wanted, line editing; True for colour."""
+def main(argv: list[str] | None = None) -> int:
+    """Run the client; 0 when the user chose to leave, 1 when the connection failed."""
+    try:
+        args = parse_args(argv)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="replace")  # a non-UTF-8 terminal gets "?", not a traceback
@@ -159,16 +175,30 @@ def _prepare_console(args: argparse.Namespace) -> bool:
         import colorama
 
         colorama.just_fix_windows_console()
+    terminal = Terminal()
+    terminal.start_editing()  # readline where the platform has it: Tab, history, clean pastes
     try:
-        import readline  # noqa: F401  (line editing for input(), where the platform has it)
-    except ImportError:
-        pass
-    return colour
+        return _run(args, terminal, colour)
+    finally:
+        terminal.restore()  # the terminal's echo, turned off while editing, comes back
 
 
-def _connect(args: argparse.Namespace, host: str, port: int, terminal: Terminal,
-             palette: Palette) -> tuple[Transport, Callable[[], Transport]] | int:
-    """The open transport and how to open another; or the exit code when there is none."""
+def _run(args: argparse.Namespace, terminal: Terminal, colour: bool) -> int:
+    palette = Palette(colour)
+    session_ref: list[Session] = []
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        if session_ref and session_ref[0].exiting:
+            return  # already ending: a late wake-up must not interrupt the goodbye
+        terminal.interrupt()  # KeyboardInterrupt; what the line held decides: cancel or leave
+
+    signal.signal(signal.SIGINT, on_sigint)
+    try:
+        host, port = ask_address(args, terminal)
+    except (EOFError, KeyboardInterrupt):
+        terminal.show("bye")
+        return 0
+    context: ssl.SSLContext | None = None
     connect = partial(open_transport, host, port, None, CONNECT_TIMEOUT)
     try:
         if args.tls:
@@ -183,38 +213,9 @@ def _connect(args: argparse.Namespace, host: str, port: int, terminal: Terminal,
     except KeyboardInterrupt:
         terminal.show("bye")
         return 0
-    return transport, connect
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run the client; 0 when the user chose to leave, 1 when the connection failed."""
-    try:
-        args = parse_args(argv)
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
-    colour = _prepare_console(args)
-    terminal = Terminal()
-    palette = Palette(colour)
-    session_ref: list[Session] = []
-
-    def on_sigint(signum: int, frame: Any) -> None:
-        if session_ref and session_ref[0].exiting:
-            return  # already ending: a late wake-up must not interrupt the goodbye
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGINT, on_sigint)
-    try:
-        host, port = ask_address(args, terminal)
-    except (EOFError, KeyboardInterrupt):
-        terminal.show("bye")
-        return 0
-    connected = _connect(args, host, port, terminal, palette)
-    if isinstance(connected, int):
-        return connected
-    transport, connect = connected
     secure = " over TLS" if args.tls else ""
     terminal.show("you are now connected to the server" + secure)
-    history = History(Path(args.history_dir).expanduser())
+    history = History(Path(args.history_dir).expanduser(), host, port)
     wake = _waker(terminal, session_ref)
     session: Session
     if args.protocol == "line":
@@ -225,11 +226,13 @@ def main(argv: list[str] | None = None) -> int:
     else:
         session = NativeSession(transport, terminal, palette, history, args.name, args.title,
                                 args.company, wake_main=wake)
+    session.bell = not args.no_bell
     session_ref.append(session)
     try:
         return session.run()
     except KeyboardInterrupt:  # a wake-up that landed while the session was already ending
         return session.finish()
+
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -35,7 +35,7 @@ T = TypeVar("T")
 
 
 class HoldQueue(Generic[T]):
-    """Events held for a typing client; the oldest drop past ``limit`` events or ``max_bytes``."""
+    """Events held for a typing client, the oldest dropped past ``limit`` or ``max_bytes``."""
 
     def __init__(self, limit: int = PENDING_LIMIT, max_bytes: int = PENDING_BYTES) -> None:
         self.limit = limit
@@ -162,12 +162,14 @@ Commands (type them at "type in your text:"):
   send                   direct message: asks for the receiver's id, then the message
   /users  or  !who       list users: id, name, title, company, status
   /status  or  chs       switch between available and unavailable
-  history                show the direct messages with a user: asks for the id
-  /history <user>        the same, with the user given
+  history                show the direct messages with a user: asks for a name or id
+  /history <user>        the same, with the user given (a name or an id)
   #view                  switch to viewing mode (2): see messages; then e = type, q = quit
   /help                  this list
   #quite, #quit, /quit, !quit, quit
-                         leave the chat"""
+                         leave the chat
+Keys: Tab completes commands and user names (again: the next name), Up and Down recall earlier
+lines, Ctrl-C cancels the line or question (on an empty line: leave), Ctrl-D leaves."""
 
 
 def _unquote(text: str) -> str:
@@ -179,10 +181,9 @@ def _unquote(text: str) -> str:
 
 
 def _dm_from_command(rest: str) -> Command:
-    usage = 'Usage: /dm <user> "text"'
     rest = rest.strip()
     if not rest:
-        return Invalid(usage)
+        return Invalid('/dm needs a user and a text: /dm <user> "text"')
     try:
         # shlex reads the quoted text the way a shell would, so "a \"quote\"" works.
         words = shlex.split(rest)
@@ -191,43 +192,56 @@ def _dm_from_command(rest: str) -> Command:
     target, _, text = rest.partition(" ")
     text = words[1] if len(words) == 2 and words[0] == target else _unquote(text)
     if not text:
-        return Invalid(usage)
+        return Invalid(f'/dm {target} needs a text: /dm {target} "text"')
     return DirectMessage(target, text)
 
 
-def _whole_line_command(stripped: str, lower: str, rest: str) -> Command | None:
-    """The commands that are the whole line (``#view``, ``/users``, ``send``...); else None."""
-    if stripped == "#view":
-        return SwitchMode(Mode.VIEWING)
-    if stripped in QUIT_WORDS:
-        return QuitCommand()
-    if lower == "/help" and not rest:
-        return HelpCommand()
-    if stripped in ("/users", "!who"):
-        return UsersCommand()
-    if stripped in ("/status", "chs"):
-        return StatusCommand()
-    if stripped == "send":
-        return AskSend()
-    if stripped == "history":
-        return HistoryCommand()
-    return None
+def _history_from_command(rest: str) -> Command:
+    words = rest.split()
+    if not words:
+        return Invalid("/history needs a user: /history <name or id>")
+    if len(words) > 1:
+        return Invalid("/history takes one user: /history <name or id>")
+    return HistoryCommand(words[0])
 
 
-def _worded_command(line: str, stripped: str, word: str, rest: str) -> Command:
-    """A line read by its first word (``/dm``, ``@user``, ``//``...); a broadcast otherwise."""
+# The commands that are a word alone; given anything after it, the word is refused with a
+# sentence (``/users extra``), not taken for an unknown command or sent as a message.
+_BARE_COMMANDS: dict[str, Command] = {
+    "/users": UsersCommand(), "!who": UsersCommand(), "/status": StatusCommand(),
+    "/help": HelpCommand(), "/quit": QuitCommand(), "!quit": QuitCommand(),
+}
+_BARE_HINTS = {
+    "/status": " (it switches between available and unavailable)",
+    "/quit": " (it leaves the chat)",
+    "!quit": " (it leaves the chat)",
+}
+
+COMMAND_WORDS = (
+    "/help", "/users", "/dm", "/bc", "/status", "/history", "/quit",
+    "#view", "#quite", "#quit", "!who", "!quit", "send", "history", "chs", "quit",
+)
+"""Every command word, for Tab completion (``@<user>`` completes from user names)."""
+
+
+def _slash_command(line: str, stripped: str, word: str, rest: str) -> Command:
+    """A line starting with ``/``, ``!`` or ``@``: a command, or why it cannot be one."""
     lower = word.lower()
+    if lower in _BARE_COMMANDS:
+        if rest.strip():
+            return Invalid(f"{lower} takes no arguments{_BARE_HINTS.get(lower, '')}")
+        return _BARE_COMMANDS[lower]
     if lower == "/history":
-        peer = rest.strip()
-        return HistoryCommand(peer) if peer else Invalid("Usage: /history <user>")
+        return _history_from_command(rest)
     if lower == "/dm":
         return _dm_from_command(rest)
     if lower == "/bc":
         text = _unquote(rest)
-        return Broadcast(text) if text else Invalid('Usage: /bc "text"')
+        return Broadcast(text) if text else Invalid('/bc needs a text: /bc "text"')
     if word.startswith("@") and len(word) > 1:
         text = rest.strip()
-        return DirectMessage(word[1:], text) if text else Invalid("Usage: @<user> text")
+        return DirectMessage(word[1:], text) if text else Invalid(
+            f"{word} needs a text: {word} text")
     if word.startswith("//"):
         return Broadcast(stripped[1:])  # "//" escapes a text that starts with "/"
     if word.startswith("/") and len(word) > 1:
@@ -240,11 +254,20 @@ def read_typed_line(line: str) -> Command:
     stripped = line.strip()
     if not stripped:
         return Nothing()
+    if stripped == "#view":
+        return SwitchMode(Mode.VIEWING)
+    if stripped in QUIT_WORDS:
+        return QuitCommand()
+    if stripped == "chs":
+        return StatusCommand()
+    if stripped == "send":
+        return AskSend()
+    if stripped == "history":
+        return HistoryCommand()
     word, _, rest = stripped.partition(" ")
-    whole = _whole_line_command(stripped, word.lower(), rest)
-    if whole is not None:
-        return whole
-    return _worded_command(line, stripped, word, rest)
+    if word[0] in "/!@" and (word.lower() in _BARE_COMMANDS or word[0] != "!"):
+        return _slash_command(line, stripped, word, rest)
+    return Broadcast(line.rstrip("\r\n"))
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -50,9 +51,19 @@ class ClientPrograms:
             child.close(force=True)
 
 
+EDITOR_CODES = re.compile(r"\x1b\[\?2004h|\x1b\[\?2004l\r?")
+"""readline asking the terminal to mark pastes while it reads a line, and to stop: invisible."""
+
+
+SWITCHES = r"(?:\x1b\[\?2004[hl]\r?)*"
+"""A regular expression for EDITOR_CODES where they may come, in an ``expect`` pattern."""
+NEW_PROMPT = "\r\n" + SWITCHES + re.escape(PROMPT)
+"""The mode-1 prompt at the start of a new line (after a cancelled line or question)."""
+
+
 def output(child: pexpect.spawn) -> str:
-    """Everything the child printed so far."""
-    return child.logfile_read.getvalue()
+    """Everything the child printed so far (without readline's paste-marking switches)."""
+    return EDITOR_CODES.sub("", child.logfile_read.getvalue())
 
 
 def ended(child: pexpect.spawn) -> int:
@@ -74,4 +85,4 @@ def command(child: pexpect.spawn, line: str) -> str:
     """Type ``line`` in mode 1; what the client printed before the next prompt."""
     child.sendline(line)
     child.expect_exact(PROMPT)
-    return child.before.replace("\r\n", "\n").removeprefix(line + "\n")
+    return EDITOR_CODES.sub("", child.before).replace("\r\n", "\n").removeprefix(line + "\n")

@@ -26,6 +26,7 @@ from client_helpers import (
     CLIENT,
     PROMPT,
     STAMP,
+    SWITCHES,
     TIME,
     TIMEOUT,
     ClientPrograms,
@@ -141,8 +142,9 @@ def test_format_delivery_and_failure() -> None:
 
 
 def test_history_path_and_line() -> None:
-    """Logs are ``<dir>/<id>.log`` with one sanitised line per message."""
-    assert history_path(Path("/h"), 12) == Path("/h/12.log")
+    """Logs are ``<dir>/<server>/<own name>/<peer>.log`` with one sanitised line per message."""
+    assert history_path(Path("/h"), "127.0.0.1_4040", "Alice", "Bob") == Path(
+        "/h/127.0.0.1_4040/alice/bob.log")
     when = datetime(2026, 11, 22, 7, 0, 1)
     assert history_line(when, "sent to", "bob", "a\nb\x07") == (
         "2026-11-22 07:00:01 sent to bob: a\\nb^G")
@@ -517,7 +519,7 @@ def test_control_characters_from_the_network_are_shown_not_obeyed(
 def test_history_after_a_real_dm_exchange(
         spawn: Callable[..., pexpect.spawn], server: Any, connect: Callable[..., Peer],
         tmp_path: Path) -> None:
-    """DMs sent and received are logged per peer id; history and /history print them."""
+    """DMs sent and received are logged per peer name; history and /history take a name or id."""
     bob, bob_id = registered_peer(connect, server, "bob")
     child = typing_client(spawn, server, "alice")
     command(child, '/dm bob "hi bob"')
@@ -528,24 +530,27 @@ def test_history_after_a_real_dm_exchange(
     child.send("e")
     child.expect_exact(PROMPT)
     child.sendline("history")
-    child.expect_exact("user id: ")
+    child.expect_exact("user name or id: ")
     logged = command(child, str(bob_id)).splitlines()
     assert len(logged) == 2
     assert re.fullmatch(f"{STAMP} sent to bob: hi bob", logged[0])
     assert re.fullmatch(f"{STAMP} received from bob: hi alice\\^G", logged[1])
     assert command(child, "/history BOB").splitlines() == logged
     assert command(child, f"/history {bob_id}").splitlines() == logged
-    assert command(child, "/history 99999") == "No History\n"
-    log_file = tmp_path / "history" / f"{bob_id}.log"
+    assert command(child, "/history 99999") == (
+        "nobody has the id 99999 now; give the name to see the history with someone who left\n")
+    assert command(child, "/history carol") == "No History\n"
+    host, port = server.address
+    log_file = tmp_path / "history" / f"{host}_{port}" / "alice" / "bob.log"
     assert log_file.read_text(encoding="utf-8").splitlines() == logged
 
 
-def test_history_of_unknown_name_is_explained(
+def test_history_of_unknown_id_is_explained(
         spawn: Callable[..., pexpect.spawn], server: Any) -> None:
-    """/history with a name nobody has says so instead of guessing an id."""
+    """/history with an id nobody has now says so instead of guessing whose log it was."""
     child = typing_client(spawn, server, "alice")
-    assert command(child, "/history zed") == (
-        'nobody named "zed" is connected; give the id to see an older history\n')
+    assert command(child, "/history 4242") == (
+        "nobody has the id 4242 now; give the name to see the history with someone who left\n")
 
 
 def test_colour_is_on_in_a_terminal_by_default(
@@ -609,8 +614,10 @@ def test_server_stopping_under_a_running_client(
         child.expect_exact("viewing messages: press e to type, q to quit\r\n")
     server.stop()
     child.expect(f"{TIME} \\* The server is shutting down.\r\n")
-    assert child.before == ("" if view else "\r\n")  # below the prompt, not after it
-    child.expect_exact("connection to the server was closed: the server shut down\r\n")
+    # Typing: the notice takes the prompt's row (cleared) and the prompt comes back below it.
+    assert child.before == ("" if view else "\r\x1b[K")
+    prompt_again = "" if view else re.escape(PROMPT) + SWITCHES + "\r\n"
+    child.expect(prompt_again + "connection to the server was closed: the server shut down\r\n")
     assert ended(child) == 1
     assert "Traceback" not in output(child)
 

@@ -21,6 +21,7 @@ from typing import Any
 import pexpect
 import pytest
 from client_helpers import (
+    NEW_PROMPT,
     PROMPT,
     STAMP,
     TIME,
@@ -31,7 +32,7 @@ from client_helpers import (
     ended,
     output,
 )
-from conftest import Peer
+from conftest import Peer, wait_until
 
 from chatsuite.client.display import format_delivery_line, format_names
 from chatsuite.client.history import history_path
@@ -53,9 +54,9 @@ def test_format_names_marks_oneself_and_sanitises() -> None:
 
 
 def test_history_path_of_a_name_cannot_leave_the_folder() -> None:
-    """A name's log is name-<casefolded, percent-encoded name>.log, so / and .. stay inside."""
-    assert history_path(Path("/h"), "Bob") == Path("/h/name-bob.log")
-    assert history_path(Path("/h"), "../x/y") == Path("/h/name-..%2Fx%2Fy.log")
+    """A name's log is <casefolded, percent-encoded name>.log, so / and .. stay inside."""
+    assert history_path(Path("/h"), "s_1", "me", "Bob") == Path("/h/s_1/me/bob.log")
+    assert history_path(Path("/h"), "s_1", "..", "../x/y") == Path("/h/s_1/%2E./%2E.%2Fx%2Fy.log")
 
 
 def test_format_delivery_line_is_a_direct_message() -> None:
@@ -73,7 +74,8 @@ class FakeLineServer:
 
     def __init__(self, *, version: int = 2021, underscores: bool = False, separator: str = ",",
                  taken: tuple[str, ...] = (), close_after_failed_login: bool = False,
-                 busy: str | None = None, members: tuple[str, ...] = ("bob", "carol")) -> None:
+                 busy: str | None = None, members: tuple[str, ...] = ("bob", "carol"),
+                 slow: str | None = None) -> None:
         self.version = version
         self.underscores = underscores
         self.separator = separator
@@ -81,6 +83,8 @@ class FakeLineServer:
         self.close_after_failed_login = close_after_failed_login
         self.busy = busy  # "connect": BUSY as soon as one connects; "login": as the login's answer
         self.members = members
+        self.slow = slow  # a SEND to this user is answered only after ``release`` is set
+        self.release = threading.Event()
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.sessions: list[list[str]] = []  # the lines received, one list per connection
@@ -144,6 +148,8 @@ class FakeLineServer:
                 self._send(conn, f"{head}-OK {names}")
             elif name and head == "SEND":
                 user, _, message = body.partition(" ")
+                if user == self.slow:
+                    self.release.wait(TIMEOUT)
                 if user == name:
                     self._send(conn, f"DELIVERY {name} {message}")
                 if user in self.members or user == name:
@@ -378,7 +384,7 @@ def test_history_is_kept_by_peer_name(
     assert re.fullmatch(f"{STAMP} received from bob: hi alice", logged[1])
     assert command(child, "/history BOB").splitlines() == logged
     assert command(child, "/history carol") == "No History\n"
-    log_file = tmp_path / "history" / "name-bob.log"
+    log_file = tmp_path / "history" / f"127.0.0.1_{server.port}" / "alice" / "bob.log"
     assert log_file.read_text(encoding="utf-8").splitlines() == logged
 
 
@@ -441,3 +447,18 @@ def test_line_client_and_native_peer_on_our_server(
     child.expect_exact("bye")
     assert ended(child) == 0
     assert bob.wait_for("notice", event="lost")["text"] == "alice has lost its connection."
+
+
+def test_ctrl_c_while_awaiting_a_reply_drops_that_late_reply(
+        spawn: Callable[..., pexpect.spawn], fake: Callable[..., FakeLineServer]) -> None:
+    """Ctrl-C while a SEND awaits its answer returns to the prompt; the late SEND-OK is not
+    taken for the answer to the next request."""
+    server = fake(version=2020, slow="carol")
+    child = typing(spawn(server.port, "alice"))
+    child.sendline("@carol are you there")
+    wait_until(lambda: server.sessions[-1][-1:] == ["SEND carol are you there"])
+    child.sendintr()
+    child.expect(NEW_PROMPT)
+    server.release.set()
+    assert command(child, "/users") == "users (3):\n  bob\n  carol\n  alice (you)\n"
+    assert "server:" not in output(child)

@@ -7,6 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from modes import (
+    COMMAND_WORDS,
     AskSend,
     Broadcast,
     DirectMessage,
@@ -159,18 +160,56 @@ def test_broadcasts(line: str, expected: Broadcast) -> None:
 
 
 @pytest.mark.parametrize("line, reason", [
-    ("/dm", 'Usage: /dm <user> "text"'),
-    ("/dm bob", 'Usage: /dm <user> "text"'),
-    ('/dm bob ""', 'Usage: /dm <user> "text"'),
-    ("/bc", 'Usage: /bc "text"'),
-    ("@bob", "Usage: @<user> text"),
-    ("/history", "Usage: /history <user>"),
+    ("/dm", '/dm needs a user and a text: /dm <user> "text"'),
+    ("/dm bob", '/dm bob needs a text: /dm bob "text"'),
+    ('/dm bob ""', '/dm bob needs a text: /dm bob "text"'),
+    ("/bc", '/bc needs a text: /bc "text"'),
+    ("@bob", "@bob needs a text: @bob text"),
+    ("/history", "/history needs a user: /history <name or id>"),
+    ("/history bob carol", "/history takes one user: /history <name or id>"),
     ("/nope", "Unknown command /nope; /help lists the commands (// sends a leading /)."),
-    ("/help me", "Unknown command /help; /help lists the commands (// sends a leading /)."),
 ])
 def test_invalid_commands_say_how_to_write_them(line: str, reason: str) -> None:
     """A command written wrongly is refused with its usage, not broadcast."""
     assert read_typed_line(line) == Invalid(reason)
+
+
+@pytest.mark.parametrize("line, reason", [
+    ("/users extra", "/users takes no arguments"),
+    ("/USERS  all of them", "/users takes no arguments"),
+    ("!who me", "!who takes no arguments"),
+    ("/help me", "/help takes no arguments"),
+    ("/status xyz", "/status takes no arguments (it switches between available and unavailable)"),
+    ("/quit now", "/quit takes no arguments (it leaves the chat)"),
+    ("!quit now", "!quit takes no arguments (it leaves the chat)"),
+])
+def test_bare_commands_given_arguments_say_so(line: str, reason: str) -> None:
+    """A command that takes nothing, given something, says exactly that (not "Unknown command")."""
+    assert read_typed_line(line) == Invalid(reason)
+
+
+@pytest.mark.parametrize("line, expected", [
+    ("/Users", UsersCommand()),
+    ("/STATUS", StatusCommand()),
+    ("/Quit", QuitCommand()),
+    ("quit now", Broadcast("quit now")),
+    ("!hello", Broadcast("!hello")),
+    ("/", Broadcast("/")),
+])
+def test_command_words_ignore_case_and_plain_words_stay_messages(
+        line: str, expected: object) -> None:
+    """Slash commands are read in any case; a quit word with more text, or ! alone, is a message."""
+    assert read_typed_line(line) == expected
+
+
+def test_every_command_word_is_offered_for_completion() -> None:
+    """COMMAND_WORDS holds each word read_typed_line knows, so Tab can complete all of them."""
+    for word in COMMAND_WORDS:
+        read = read_typed_line(word)
+        assert not isinstance(read, Broadcast), word
+        assert not (isinstance(read, Invalid) and read.reason.startswith("Unknown")), word
+    assert {"/help", "/users", "/dm", "/bc", "/status", "/history", "/quit", "#view",
+            "#quite"} <= set(COMMAND_WORDS)
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ overrides are shown, never interpreted.
 from __future__ import annotations
 
 import re
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -52,6 +53,34 @@ def local_time(ts: Any, fmt: str = "%H:%M:%S") -> str:
     return moment.astimezone().strftime(fmt)
 
 
+BELL = "\a"
+"""Rings the terminal: written after a message that names the reader (mode 2, not --no-bell)."""
+
+_NAME_CHAR = "A-Za-z0-9_.\\-"  # what names are made of (SPEC 1.2)
+
+
+def mentions(text: str, name: str) -> bool:
+    """True when ``text`` names ``name`` as a whole word, in any case (``hi Alice!``, ``@alice``;
+    not ``malice`` or ``alice2``); a full stop after the name ends the sentence, not the name."""
+    pattern = (f"(?<![{_NAME_CHAR}]){re.escape(name)}"
+               f"(?![A-Za-z0-9_\\-])(?!\\.[{_NAME_CHAR}])")
+    return re.search(pattern, text, re.IGNORECASE) is not None
+
+
+NAME_COLOURS = (
+    Fore.CYAN, Fore.GREEN, Fore.YELLOW, Fore.MAGENTA, Fore.LIGHTBLUE_EX, Fore.LIGHTCYAN_EX,
+    Fore.LIGHTGREEN_EX, Fore.LIGHTMAGENTA_EX,
+)
+"""Colours readable on dark and light backgrounds; red (failures) and white/black are left out."""
+
+
+def name_colour(name: str) -> str:
+    """The colour of a user's name: the same in every run and on every computer (CRC-32 of the
+    case-folded name; Python's ``hash`` changes from run to run)."""
+    colour: str = NAME_COLOURS[zlib.crc32(name.casefold().encode("utf-8")) % len(NAME_COLOURS)]
+    return colour
+
+
 @dataclass(frozen=True)
 class Palette:
     """Terminal colours; with ``enabled`` False every method returns its text unchanged."""
@@ -64,8 +93,9 @@ class Palette:
     def time(self, text: str) -> str:
         return self.paint(text, Style.DIM)
 
-    def name(self, text: str) -> str:
-        return self.paint(text, Fore.CYAN + Style.BRIGHT)
+    def name(self, text: str, key: str | None = None) -> str:
+        """``text`` in the colour of the name ``key`` (default: ``text`` itself is the name)."""
+        return self.paint(text, name_colour(text if key is None else key) + Style.BRIGHT)
 
     def direct(self, text: str) -> str:
         return self.paint(text, Fore.MAGENTA + Style.BRIGHT)
@@ -113,7 +143,8 @@ def format_message(event: dict[str, Any], palette: Palette = Palette()) -> str:
     text = sanitize(event.get("text"), CONTINUATION)
     if event.get("to") is None:
         return f"{stamp} {palette.name(sanitize(sender.get('name')))}: {text}"
-    return f"{stamp} {palette.direct('[direct]')} {palette.name(describe_user(sender))}: {text}"
+    who = palette.name(describe_user(sender), sanitize(sender.get("name")))
+    return f"{stamp} {palette.direct('[direct]')} {who}: {text}"
 
 
 def format_delivery_line(sender: str, text: str, when: datetime,

@@ -61,6 +61,7 @@ class LineLink(Link):
         self._splitter = Splitter(LF, MAX_FRAME)
         self._replies: queue.Queue[ServerLine | None] = queue.Queue()
         self._outstanding = False  # a request waits for its reply (_state_lock)
+        self._abandoned = 0  # replies still to come for requests given up by Ctrl-C (same)
         self.logged_in = False  # before, the end of the stream is a failed login, not a failure
 
     def request(self, text: str, timeout: float = REPLY_TIMEOUT) -> ServerLine:
@@ -72,12 +73,27 @@ class LineLink(Link):
         self.send_bytes(line(text))
         try:
             reply = self._replies.get(timeout=timeout)
+        except KeyboardInterrupt:
+            self._abandon()
+            raise
         except queue.Empty:
             self.fail("the server did not answer; disconnected")
             raise ConnectionLost(self.failure) from None
         if reply is None:
             raise ConnectionLost(self.failure or LOST)
         return reply
+
+    def _abandon(self) -> None:
+        """Ctrl-C while a reply was awaited: its reply, now or later, answers nothing."""
+        with self._state_lock:
+            if self._outstanding:
+                self._outstanding = False
+                self._abandoned += 1  # still to come: feed drops it
+            else:
+                try:
+                    self._replies.get_nowait()  # already here: dropped now
+                except queue.Empty:
+                    pass
 
     def feed(self, data: bytes) -> None:
         for raw in self._splitter.feed(data):
@@ -88,10 +104,15 @@ class LineLink(Link):
                 self._on_delivery(*split_delivery(reply.body))
                 continue
             with self._state_lock:
+                if self._abandoned:
+                    self._abandoned -= 1  # replies come in order: this one was given up
+                    continue
                 mine, self._outstanding = self._outstanding, False
+                if mine:
+                    self._replies.put(reply)  # under the lock: _abandon sees it or drops it
             if mine:
-                self._replies.put(reply)
-            elif reply.kind == "BUSY":
+                continue
+            if reply.kind == "BUSY":
                 self.fail(BUSY)  # some servers say it on connecting, before any login
             else:
                 self._on_stray(reply)
@@ -126,7 +147,8 @@ class LineSession(Session):
     def deliver(self, sender: str, text: str) -> None:
         """A ``DELIVERY``: shown like a direct message, logged under the sender's name."""
         now = datetime.now()
-        self.viewer.post(format_delivery_line(sender, text, now, self.palette))
+        self.viewer.post(format_delivery_line(sender, text, now, self.palette)
+                         + self.heard(sender or None, text))
         if sender:
             self.log(sender, "received from", sender, text, now)
 
@@ -162,6 +184,7 @@ class LineSession(Session):
             reconnected = False
             if reply.kind == "HELLO":
                 self.name = reply.body.strip() or name
+                self.registered(self.name)
                 self.link.logged_in = True
                 if self.link.ended:  # closed between the answer and now: no quieter than lost
                     self.link.fail(LOST)
@@ -214,6 +237,9 @@ class LineSession(Session):
         self.show(self.palette.bad(
             f"could not list the users: the server answered {command} with {raw_text(reply)}"))
         return None
+
+    def member_names(self) -> list[str]:
+        return self.names() or []
 
     def show_users(self) -> None:
         names = self.names()

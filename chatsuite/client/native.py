@@ -142,7 +142,10 @@ class NativeSession(Session):
         """Called by the receiver thread for every event that is not a reply."""
         kind = event.get("type")
         if kind == "message":
-            self.viewer.post(format_message(event, self.palette))
+            sender = event.get("from")
+            name = sender.get("name") if isinstance(sender, dict) else None
+            bell = self.heard(name, event.get("text"))
+            self.viewer.post(format_message(event, self.palette) + bell)
             if event.get("to") is not None:
                 self._log_received(event)
         elif kind == "notice":
@@ -166,9 +169,9 @@ class NativeSession(Session):
                 when = datetime.fromisoformat(event["ts"]).astimezone()
             except ValueError:
                 pass
-        peer_id = sender.get("id")
-        if isinstance(peer_id, int):  # a name from a strange server must not pick a file
-            self.log(peer_id, "received from", sender.get("name"), event.get("text"), when)
+        peer_name = sender.get("name")
+        if isinstance(peer_name, str):  # the log is named by the name: ids are reused
+            self.log(peer_name, "received from", peer_name, event.get("text"), when)
 
     # ---- the main thread's side
 
@@ -186,6 +189,7 @@ class NativeSession(Session):
             reply = self.conn.request(hello)
             if reply.get("type") == "welcome":
                 self.own_id = reply.get("id")
+                self.registered(reply.get("name"))
                 self.show(self.palette.good(
                     f"welcome {sanitize(reply.get('name'))}, your id is {sanitize(reply.get('id'))}"
                     f" ({sanitize(reply.get('online'))} online)"))
@@ -215,6 +219,9 @@ class NativeSession(Session):
         users = self.conn.request({"type": "users"}).get("users")
         return [user for user in users if isinstance(user, dict)] if isinstance(users, list) else []
 
+    def member_names(self) -> list[str]:
+        return [user["name"] for user in self.users() if isinstance(user.get("name"), str)]
+
     def show_users(self) -> None:
         for row in format_users(self.users(), self.own_id):
             self.show(row)
@@ -232,10 +239,11 @@ class NativeSession(Session):
         return None
 
     def send_direct(self, to: str, text: str) -> None:
-        peer = self.find_user(to)  # for the log: its id names the file
+        peer = self.find_user(to)  # for the log: an id typed is logged under its name
         reply = self.conn.request({"type": "dm", "to": parse_target(to), "text": text})
-        if self.report(reply) and peer is not None and isinstance(peer.get("id"), int):
-            self.log(peer["id"], "sent to", peer.get("name"), text)
+        name = peer.get("name") if peer is not None else parse_target(to)
+        if self.report(reply) and isinstance(name, str):
+            self.log(name, "sent to", name, text)
 
     def toggle_status(self) -> None:
         reply = self.conn.request({"type": "status"})
@@ -243,15 +251,15 @@ class NativeSession(Session):
 
     def history_key(self, peer: str) -> HistoryKey | None:
         target = parse_target(peer)
-        if isinstance(target, int):
-            return target
-        user = self.find_user(target)
-        if user is None or not isinstance(user.get("id"), int):
-            self.show(f'nobody named "{sanitize(target)}" is connected; '
-                      "give the id to see an older history")
+        if isinstance(target, str):
+            return target  # a name: its log, whether or not that person is here now
+        user = self.find_user(peer)
+        name = user.get("name") if user is not None else None
+        if not isinstance(name, str):
+            self.show(f"nobody has the id {target} now; give the name to see the history "
+                      "with someone who left")
             return None
-        peer_id: int = user["id"]
-        return peer_id
+        return name
 
     def leave(self) -> None:
         self.conn.quit()

@@ -8,6 +8,13 @@
   protocol-specific steps (``register``, ``broadcast``, ``send_direct``, ...) that
   ``client_native.NativeSession`` and ``client_line.LineSession`` provide.
 
+* ``Names``: the names Tab completes (recent speakers first, then the members).
+
+Keys (SPEC 4.12): Ctrl-C on typed text asks the same question again; Ctrl-C in a command's
+own question (``receiver id:``) or while its answer is awaited cancels that command; Ctrl-C on
+an empty prompt, Ctrl-D and the quit words end the session as a chosen exit. A Ctrl-C is told
+from the receiver's wake-up (also SIGINT) by ``failure``, which the wake-up sets first.
+
 Invariant: after ``fail`` the main thread is woken exactly once, and a session that ``close``s
 its link on purpose is never woken by the end of the stream that follows.
 """
@@ -15,18 +22,22 @@ its link on purpose is never woken by the end of the stream that follows.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
-from chatsuite.client.display import Palette
+from chatsuite.client.display import BELL, Palette, mentions, sanitize
+from chatsuite.client.editing import TabCompleter, ordered_names
 from chatsuite.client.history import History, HistoryKey, history_line
-from chatsuite.client.terminal import Terminal, Viewer
+from chatsuite.client.terminal import PASTE, Cancelled, Terminal, Viewer
 from chatsuite.client.transport import Transport
 from modes import (
     HELP_TEXT,
     AskSend,
     Broadcast,
+    Command,
     DirectMessage,
     HelpCommand,
     HistoryCommand,
@@ -47,13 +58,43 @@ BYE_TIMEOUT = 1.0  # how long a leaving client waits for ``bye`` before closing 
 LOST = "connection to the server was lost"
 SHUT_DOWN = "connection to the server was closed: the server shut down"
 MENU = "1- type in your own message, 2- View other user messages"
+PROMPT = "type in your text: "  # seed 000
 VIEW_HINT = "viewing messages: press e to type, q to quit"
+PASTE_HINT = "a paste is not read while viewing: press e to type, then paste"
 
 
 def closed_early(tls: bool) -> str:
     """Why a connection ended before the server answered anything."""
     hint = "" if tls else " (if the server uses TLS, add --tls)"
     return f"the server closed the connection without answering{hint}"
+
+
+class Names:
+    """The names Tab offers: recent speakers (receiver thread) and the members (main thread)."""
+
+    SPEAKERS = 50  # most recent speakers remembered
+    REFRESH = 3.0  # seconds a member list asked of the server is used before asking again
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # guards speakers: the receiver adds, the main thread reads
+        self.speakers: list[str] = []  # most recent first
+        self.members: list[str] = []
+        self.own: str | None = None
+        self.asked: float | None = None  # when the members were last asked (monotonic)
+
+    def spoke(self, name: str) -> None:
+        with self._lock:
+            folded = name.casefold()
+            self.speakers = [name] + [n for n in self.speakers if n.casefold() != folded]
+            del self.speakers[self.SPEAKERS:]
+
+    def stale(self, now: float) -> bool:
+        return self.asked is None or now - self.asked > self.REFRESH
+
+    def ordered(self) -> list[str]:
+        with self._lock:
+            speakers = list(self.speakers)
+        return ordered_names(speakers, self.members, self.own)
 
 
 class ConnectionLost(Exception):
@@ -130,7 +171,7 @@ class Session:
     """One session: register, then the mode menu, mode 1 (typing) and mode 2 (viewing)."""
 
     receiver_prompt = "receiver id: "
-    history_prompt = "user id: "
+    history_prompt = "user name or id: "
     link: Link
 
     def __init__(self, terminal: Terminal, palette: Palette, history: History,
@@ -138,13 +179,16 @@ class Session:
                  company: str | None = None) -> None:
         self.terminal = terminal
         self.show = terminal.show
-        self.ask = terminal.ask
+        self.ask = self.ask_again  # a prompt of its own: Ctrl-C on typed text asks it again
         self.palette = palette
         self.history = history
         self.viewer = Viewer(self.show)
         self.name, self.title, self.company = name, title, company
         self.exiting = False  # set first thing when ending: later wake-ups are ignored
         self.ending: str | None = None  # why the main thread itself ended the session
+        self.bell = True  # ring when a message shown names us (--no-bell: never)
+        self.known_names = Names()
+        self._input_history: Path | None = None  # where the lines typed here are kept
 
     @property
     def failure(self) -> str | None:
@@ -164,8 +208,10 @@ class Session:
         return self.finish()
 
     def finish(self) -> int:
-        """End the session: a failure is said and gives 1; a chosen exit tells the server, gives 0."""
+        """End the session: a failure is said, giving 1; a chosen exit tells the server, 0."""
         self.exiting = True
+        if self._input_history is not None:
+            self.terminal.save_history(self._input_history)
         if self.failure:
             self.link.close()
             self.show(self.palette.bad(self.failure))
@@ -173,6 +219,16 @@ class Session:
         self.leave()
         self.show("bye")
         return 0
+
+    def ask_again(self, prompt: str) -> str:
+        """A line typed at ``prompt``; Ctrl-C on typed text clears it and asks again (Ctrl-C on
+        an empty line, KeyboardInterrupt, leaves)."""
+        while True:
+            try:
+                return self.terminal.ask(prompt)
+            except Cancelled:
+                if self.failure:
+                    raise  # the receiver's wake-up, not a key: the session ends
 
     def choose_mode(self) -> Mode:
         self.show(MENU)
@@ -187,33 +243,45 @@ class Session:
         self.viewer.stop_viewing()
         self.enter_mode(Mode.TYPING)
         while True:
-            command = read_typed_line(self.ask("type in your text: "))
+            line = self.ask(PROMPT)
+            self.terminal.remember(line)
+            command = read_typed_line(line)
             if isinstance(command, SwitchMode):
                 return command.mode
             if isinstance(command, QuitCommand):
                 return None
-            if isinstance(command, Broadcast):
-                self.broadcast(command.text)
-            elif isinstance(command, DirectMessage):
-                self.send_direct(command.to, command.text)
-            elif isinstance(command, AskSend):
-                to = self.ask(self.receiver_prompt).strip()
-                text = self.ask("message: ")
-                if to and text.strip():
-                    self.send_direct(to, text)
-                else:
-                    self.show(f"nothing sent: a {self.receiver_prompt[:-2]} and a message are needed")
-            elif isinstance(command, UsersCommand):
-                self.show_users()
-            elif isinstance(command, StatusCommand):
-                self.toggle_status()
-            elif isinstance(command, HistoryCommand):
-                self.show_history(command.peer)
-            elif isinstance(command, HelpCommand):
-                self.show(self.help_text())
-            elif isinstance(command, Invalid):
-                self.show(command.reason)
-            # Nothing (an empty line): prompt again.
+            try:
+                self.carry_out(command)
+            except KeyboardInterrupt:
+                if self.failure:
+                    raise
+                # Ctrl-C in a question (receiver id:) or while an answer was awaited: that
+                # command is dropped and the prompt comes back (a late answer is ignored).
+
+    def carry_out(self, command: Command) -> None:
+        """Do what a typed line asks (all but switching mode and quitting)."""
+        if isinstance(command, Broadcast):
+            self.broadcast(command.text)
+        elif isinstance(command, DirectMessage):
+            self.send_direct(command.to, command.text)
+        elif isinstance(command, AskSend):
+            to = self.terminal.ask(self.receiver_prompt).strip()
+            text = self.terminal.ask("message: ")
+            if to and text.strip():
+                self.send_direct(to, text)
+            else:
+                self.show(f"nothing sent: a {self.receiver_prompt[:-2]} and a message are needed")
+        elif isinstance(command, UsersCommand):
+            self.show_users()
+        elif isinstance(command, StatusCommand):
+            self.toggle_status()
+        elif isinstance(command, HistoryCommand):
+            self.show_history(command.peer)
+        elif isinstance(command, HelpCommand):
+            self.show(self.help_text())
+        elif isinstance(command, Invalid):
+            self.show(sanitize(command.reason))
+        # Nothing (an empty line): prompt again.
 
     def viewing(self) -> Mode | None:
         """Mode 2: show what arrives until ``e`` (typing) or ``q`` (None: quit)."""
@@ -225,6 +293,9 @@ class Session:
                 key = read_key()
                 if key is None:
                     return None
+                if key == PASTE:
+                    self.show(PASTE_HINT)
+                    continue
                 action = read_view_key(key)
                 if action.quit:
                     return None
@@ -234,7 +305,7 @@ class Session:
     def show_history(self, peer: str | None) -> None:
         """Print the direct-message log with ``peer`` (asked when None), or ``No History``."""
         if peer is None:
-            peer = self.ask(self.history_prompt).strip()
+            peer = self.terminal.ask(self.history_prompt).strip()
             if not peer:
                 return
         key = self.history_key(peer)
@@ -242,6 +313,38 @@ class Session:
             return
         for line in self.history.read(key) or ["No History"]:
             self.show(line)
+
+    def registered(self, name: Any) -> None:
+        """The server gave us ``name``: our private files (logs, input history) are the ones of
+        that name from now on, and Tab completes the others' names."""
+        if not isinstance(name, str) or not name:
+            return
+        if self._input_history is not None and name != self.history.own_name:
+            self.terminal.save_history(self._input_history)  # the old name's lines stay its own
+        self.history.own_name = name
+        self.known_names.own = name
+        self._input_history = self.history.input_history()
+        if self._input_history is not None:
+            self.terminal.load_history(self._input_history)
+        self.terminal.complete_with(TabCompleter(self.completion_names))
+
+    def completion_names(self) -> list[str]:
+        """The names Tab offers: recent speakers first, then the members (asked of the server
+        at most every few seconds)."""
+        if self.known_names.stale(time.monotonic()):
+            try:
+                self.known_names.members = self.member_names()
+            except ConnectionLost:
+                pass
+            self.known_names.asked = time.monotonic()
+        return self.known_names.ordered()
+
+    def heard(self, sender: Any, text: Any) -> str:
+        """A message from ``sender`` is shown: remember the speaker; the bell when it names us."""
+        if isinstance(sender, str):
+            self.known_names.spoke(sender)
+        own = self.history.own_name
+        return BELL if self.bell and own and isinstance(text, str) and mentions(text, own) else ""
 
     def log(self, peer: Any, direction: str, peer_name: Any, text: Any,
             when: datetime | None = None) -> None:
@@ -277,6 +380,10 @@ class Session:
 
     def history_key(self, peer: str) -> HistoryKey | None:
         """Whose log ``peer`` (as typed) means; None after saying why there is none."""
+        raise NotImplementedError
+
+    def member_names(self) -> list[str]:
+        """The names of the members now (asked of the server)."""
         raise NotImplementedError
 
     def leave(self) -> None:
