@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -37,6 +38,7 @@ def _find_redis_server() -> str | None:
 
 REDIS_SERVER = _find_redis_server()
 STRIDE = 1_000_000  # member id = node * STRIDE + fd (cluster.py)
+SECRET = "test-cluster-secret-0123456789"  # every node of a test shares it
 
 
 class RedisServer:
@@ -93,6 +95,7 @@ def start_node(
 
     def start(**options: Any) -> ChatServer:
         options.setdefault("rate", 0)
+        options.setdefault("cluster_secret", SECRET)
         options.setdefault("log", print)  # pytest shows the nodes' logs when a test fails
         return start_server(redis_url=redis_server.url, **options)
 
@@ -218,6 +221,7 @@ def test_unreachable_redis_is_a_clear_error_at_start() -> None:
         [sys.executable, str(ROOT / "chat_server.py"), "--host", "127.0.0.1", "--port",
          str(free_port()), "--redis", f"redis://127.0.0.1:{port}/0"],
         check=False, capture_output=True, text=True, timeout=10,
+        env=dict(os.environ, CHAT_CLUSTER_SECRET=SECRET),
     )
     assert out.returncode == 1
     assert out.stderr.startswith(f"chat-server: cannot reach Redis at redis://127.0.0.1:{port}/0")
@@ -480,12 +484,15 @@ def test_a_node_that_stops_takes_its_users_with_it(
 
 def test_a_killed_node_loses_only_its_own_users(
     redis_server: RedisServer, start_node: Callable[..., ChatServer],
-    server_process: Callable[..., ServerProcess], dial: Callable[..., Any],
+    server_process: Callable[..., ServerProcess], dial: Callable[..., Any], tmp_path: Path,
 ) -> None:
     """SIGKILL a node: within seconds the others announce its users lost and free their names."""
     one = start_node(cluster_ttl=1.0)
     alice = viewer(dial, one, "alice")
-    doomed = server_process("--redis", redis_server.url, "--cluster-ttl", "1", "--rate", "0")
+    secret_file = tmp_path / "secret"
+    secret_file.write_text(SECRET + "\n")  # a file's last newline is not part of the secret
+    doomed = server_process("--redis", redis_server.url, "--cluster-ttl", "1", "--rate", "0",
+                            "--cluster-secret-file", str(secret_file))
     dave = dial("native", doomed)
     dave.register("dave")
     lee = dial("line", doomed)
