@@ -51,7 +51,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis
@@ -116,6 +116,15 @@ return 0
 
 Record = dict[str, Any]
 Command = Callable[[Any], object]  # applied to a pipeline
+
+
+class _PubSub(Protocol):
+    """What the subscriber uses of ``redis.client.PubSub``."""
+
+    def subscribe(self, *channels: str) -> object: ...
+    def get_message(self, ignore_subscribe_messages: bool = False,
+                    timeout: float = 0.0) -> dict[str, Any] | None: ...
+    def close(self) -> None: ...
 
 
 class ClusterError(Exception):
@@ -284,6 +293,11 @@ class Complaints:
         self.log(f"cluster: ignored {unlogged} more unsigned or forged items")
 
 
+def _text(value: str | bytes) -> str:
+    """A reply as text (the client decodes replies already; its type hints cannot know that)."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def _rank(record: Record) -> tuple[float, int]:
     """Registration order across the cluster: time on the node's clock, then id (unique)."""
     return float(record["at"]), int(record["id"])
@@ -333,6 +347,7 @@ class Backplane:
         self._lookup_name = self._redis.register_script(_LOOKUP_NAME)
         self._raise = self._redis.register_script(_RAISE)
         self._take = self._redis.register_script(_TAKE)
+        self._pubsub: Callable[[], _PubSub] = self._redis.pubsub  # typed: redis's is not
         self._state = threading.Lock()  # guards the four fields below
         self._up = False
         self._generation = 0  # counts outages: the subscriber resubscribes after each
@@ -541,7 +556,7 @@ class Backplane:
     def _seal_message(self, origin: int, events: list[Record]) -> str:
         return self._sealer.seal(ROOM_SEAL, _dumps({"o": origin, "ev": events}))
 
-    def _open_record(self, raw: str | None, member_id: int | str | None = None,
+    def _open_record(self, raw: str | bytes | None, member_id: int | str | bytes | None = None,
                      name: str | None = None) -> Record | None:
         """A stored record if its seal is valid and it is filed under its own id or name.
 
@@ -549,8 +564,10 @@ class Backplane:
         """
         if raw is None:
             return None
+        if isinstance(member_id, bytes):
+            member_id = _text(member_id)
         try:
-            record = json.loads(self._sealer.open(USER_SEAL, raw))
+            record = json.loads(self._sealer.open(USER_SEAL, _text(raw)))
             if not isinstance(record, dict):
                 raise TypeError("not an object")
             if member_id is not None and str(record["id"]) != str(member_id):
@@ -629,7 +646,7 @@ class Backplane:
             if not self._up_event.wait(0.2):
                 continue
             generation = self._generation
-            pubsub = self._redis.pubsub()
+            pubsub = self._pubsub()
             try:
                 pubsub.subscribe(CHANNEL)
                 deadline = time.monotonic() + self.ttl
@@ -784,7 +801,8 @@ class Backplane:
         folded, mine = record["name"].casefold(), str(record["id"])
         sealed = self._seal_record(record)
         for _ in range(8):  # the holder changed between our read and our write: look again
-            holder = self._redis.hget(NAMES, folded)
+            reply = self._redis.hget(NAMES, folded)
+            holder = None if reply is None else _text(reply)
             if holder == mine:
                 return True, None
             if holder is not None:
