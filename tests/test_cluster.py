@@ -34,6 +34,7 @@ from chatsuite.server.cluster import (
     ClusterConfigError,
     Complaints,
     Forged,
+    PubSub,
     Sealer,
     Unsigned,
     check_url,
@@ -732,6 +733,47 @@ def test_forged_broadcasts_from_teacher_reach_nobody_and_are_logged(
         assert sum(" ignored " in x for x in logs[1]) == 3
         assert no_more(teacher) == []
     finally:
+        client.close()
+
+
+def test_a_replayed_or_stale_message_is_ignored_and_logged(
+    redis_server: RedisServer, start_node: Callable[..., ChatServer], dial: Callable[..., Any],
+) -> None:
+    """A node's real message published again, or one sealed long ago, is dropped and logged."""
+    logs: list[str] = []
+    one, two = start_node(), start_node(log=logs.append)
+    assert two.backplane is not None
+    two.backplane.complaints.interval = 0
+    teacher = viewer(dial, one, "teacher")
+    student = viewer(dial, two, "student")
+    await_users(student, ["teacher", "student"])
+    teacher.sync()
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    pubsub: Callable[[], PubSub] = client.pubsub  # redis's own is untyped
+    listener = pubsub()
+    try:
+        listener.subscribe(CHANNEL)
+        wait_until(lambda: listener.get_message(timeout=0.1) is not None, 5, "subscribed")
+        teacher.send({"type": "say", "text": "once", "ref": 1})
+        teacher.expect("ok", ref=1)
+        assert student.next_event()["text"] == "once"
+        message = wait_until(lambda: listener.get_message(timeout=0.1), 5, "the real message")
+        assert client.publish(CHANNEL, message["data"]) == 3  # the nodes and the listener
+        old = json.loads(message["data"][65:])
+        old.update(p="another-publisher", s=1, t=time.time() - 600)
+        stale = Sealer(SECRET.encode()).seal(ROOM_SEAL, json.dumps(old))
+        assert client.publish(CHANNEL, stale) == 3
+        wait_until(lines_with(logs, " ignored ", 2), 5, "both to be logged")
+        assert [x for x in logs if " ignored " in x] == [
+            "cluster: ignored a replayed message on chat:room",
+            "cluster: ignored a message sealed 600 s ago by its node's clock on chat:room "
+            "(a replay, or the nodes' clocks disagree)",
+        ]
+        teacher.send({"type": "say", "text": "twice", "ref": 2})
+        teacher.expect("ok", ref=2)
+        assert student.next_event()["text"] == "twice"  # "once" came once only
+    finally:
+        listener.close()
         client.close()
 
 

@@ -77,6 +77,9 @@ COMPLAINT_INTERVAL = 10.0  # seconds between two log lines about ignored data
 ROOM_SEAL = b"chat:room"
 USER_SEAL = b"chat:users"
 MAC_CHARS = 64  # hex SHA-256
+# A message sent longer ago than this (by its node's clock) is refused as a replay; within it,
+# each publisher's sequence numbers must grow.
+REPLAY_WINDOW = 120.0
 
 # Claims a name and stores its member's record, at once: whoever finds the name finds the record.
 _CLAIM = """
@@ -118,7 +121,7 @@ Record = dict[str, Any]
 Command = Callable[[Any], object]  # applied to a pipeline
 
 
-class _PubSub(Protocol):
+class PubSub(Protocol):
     """What the subscriber uses of ``redis.client.PubSub``."""
 
     def subscribe(self, *channels: str) -> object: ...
@@ -347,13 +350,15 @@ class Backplane:
         self._lookup_name = self._redis.register_script(_LOOKUP_NAME)
         self._raise = self._redis.register_script(_RAISE)
         self._take = self._redis.register_script(_TAKE)
-        self._pubsub: Callable[[], _PubSub] = self._redis.pubsub  # typed: redis's is not
+        self._pubsub: Callable[[], PubSub] = self._redis.pubsub  # typed: redis's is not
         self._state = threading.Lock()  # guards the four fields below
         self._up = False
         self._generation = 0  # counts outages: the subscriber resubscribes after each
         self._up_since = 0.0
         self._claimed: set[int] = set()  # members of this node whose name Redis holds
         self._evicting: set[tuple[int, float]] = set()  # (id, joined_at) being disconnected
+        self._sequence = 0  # of the messages of this node's publisher (its thread only)
+        self._streams: dict[str, tuple[int, float]] = {}  # publisher -> (last seq, its time)
         self._up_event = threading.Event()
         self._synced = threading.Event()  # the subscriber has subscribed and taken its snapshot
         self._stopping = threading.Event()
@@ -553,8 +558,39 @@ class Backplane:
     def _seal_record(self, record: Record) -> str:
         return self._sealer.seal(USER_SEAL, _dumps(record))
 
-    def _seal_message(self, origin: int, events: list[Record]) -> str:
-        return self._sealer.seal(ROOM_SEAL, _dumps({"o": origin, "ev": events}))
+    def _seal_message(self, origin: int, events: list[Record], stream: str | None = None) -> str:
+        """A message, sealed, with what makes a replay of it detectable.
+
+        ``p`` names the publisher (this node's publisher thread, unless ``stream``), ``s``
+        counts its messages, ``t`` is the time it was sealed.
+        """
+        if stream is None:
+            self._sequence += 1
+            stream, sequence = self.token, self._sequence
+        else:
+            sequence = 1  # a stream of one message (the reaper's)
+        message = {"o": origin, "p": stream, "s": sequence, "t": round(time.time(), 3),
+                   "ev": events}
+        return self._sealer.seal(ROOM_SEAL, _dumps(message))
+
+    def _replayed(self, message: Record) -> str | None:
+        """Why a validly sealed message is not new (None: it is); the subscriber's thread only.
+
+        A stream is forgotten once its last message is older than the window, when a copy of
+        it would be refused for its age anyway.
+        """
+        now, sent = time.time(), float(message["t"])
+        if abs(now - sent) > REPLAY_WINDOW:
+            return (f"a message sealed {now - sent:.0f} s ago by its node's clock on {CHANNEL} "
+                    "(a replay, or the nodes' clocks disagree)")
+        stream, sequence = str(message["p"]), int(message["s"])
+        last = self._streams.get(stream)
+        if last is not None and sequence <= last[0]:
+            return f"a replayed message on {CHANNEL}"
+        if last is None:
+            self._streams = {k: v for k, v in self._streams.items() if v[1] > now - REPLAY_WINDOW}
+        self._streams[stream] = (sequence, sent)
+        return None
 
     def _open_record(self, raw: str | bytes | None, member_id: int | str | bytes | None = None,
                      name: str | None = None) -> Record | None:
@@ -690,6 +726,10 @@ class Backplane:
             message = json.loads(text)
             if message["o"] == self.node:
                 return  # this node delivered its own events already
+            replayed = self._replayed(message)
+            if replayed is not None:
+                self.complaints(replayed)
+                return
             events = []
             for event in message["ev"]:
                 if event["k"] != "evict":
@@ -895,6 +935,7 @@ class Backplane:
             pipe.hdel(USERS, record["id"])
         # Published in the dead node's name, so that every live node (this one too) takes it.
         events = [{"k": "leave", "u": r, "e": "lost", "ts": ts} for r in theirs]
-        pipe.publish(CHANNEL, self._seal_message(node, events))
+        stream = f"{self.token}/reap/{uuid.uuid4().hex}"
+        pipe.publish(CHANNEL, self._seal_message(node, events, stream))
         pipe.execute()
         return len(theirs)
