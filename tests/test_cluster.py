@@ -88,8 +88,18 @@ class RedisServer:
         except OSError:
             return False
 
+    def freeze(self) -> None:
+        """Stop the process (SIGSTOP): connections stay open and time out; data stays."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)  # a frozen process would not see the TERM
             self.proc.terminate()
             self.proc.wait(5)
 
@@ -674,6 +684,44 @@ def test_the_earlier_alice_keeps_her_name_whichever_node_rejoins_first(
     late = dial("native", two)
     late.send({"type": "hello", "name": "alice"})
     late.expect("error", code="name-taken")
+
+
+def test_the_earlier_alice_keeps_her_name_when_redis_kept_its_data(
+    redis_server: RedisServer, start_node: Callable[..., ChatServer], dial: Callable[..., Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Redis frozen past the TTL, "alice" given again meanwhile, the impostor's node back first:
+    the older alice, whose node's heartbeat expired meanwhile, still keeps her name."""
+    logs: dict[str, list[str]] = {"one": [], "two": []}
+    one = start_node(log=logs["one"].append, cluster_ttl=2.0)
+    two = start_node(log=logs["two"].append, cluster_ttl=2.0)
+    alice = viewer(dial, one, "alice")
+    alice_id = await_users(alice, ["alice"])[0]["id"]
+    converge([one, two], ["alice"])
+    gates = {"one": hold_rejoin(one, monkeypatch), "two": hold_rejoin(two, monkeypatch)}
+    redis_server.freeze()
+    wait_until(lambda: all(any("lost Redis" in x for x in log) for log in logs.values()), 5,
+               "both nodes to notice")
+    impostor = dial("native", two)
+    impostor.register("alice")
+    redis_server.thaw()
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        wait_until(lambda: not client.exists("chat:node:1"), 5, "node 1's heartbeat to expire")
+        assert client.hget("chat:names", "alice") == str(alice_id)  # Redis kept its data
+        gates["two"].set()
+        wait_until(lines_with(logs["two"], "rejoined", 1), 5, "node two to rejoin")
+        # Node one may be rejoining too: the impostor's node does not take the name meanwhile.
+        assert client.hget("chat:names", "alice") == str(alice_id)
+        gates["one"].set()
+        wait_until(lines_with(logs["one"], "rejoined", 1), 5, "node one to rejoin")
+    finally:
+        client.close()
+
+    assert impostor.closed(timeout=5)
+    converge([one, two], ["alice"])
+    assert [u["id"] for u in await_users(alice, ["alice"])] == [alice_id]
+    assert not any("was taken" in x for x in logs["one"])
 
 
 # -- item 7: Redis is not trusted ---------------------------------------------------------------

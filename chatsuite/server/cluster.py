@@ -51,7 +51,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis
@@ -118,6 +118,7 @@ return 0
 """
 
 Record = dict[str, Any]
+Outcome = Literal["won", "lost", "wait"]
 Command = Callable[[Any], object]  # applied to a pipeline
 
 
@@ -815,10 +816,11 @@ class Backplane:
         won = []
         evicts: list[Record] = []
         for record in todo:
-            kept, displaced = self._contest(record)
-            if not kept:
+            outcome, displaced = self._contest(record)
+            if outcome == "lost":
                 self._give_up(record["id"], record["name"])
-                continue
+            if outcome != "won":
+                continue  # lost, or undecided: the next beat asks again
             won.append(record)
             if displaced is not None:
                 # Its node disconnects it on hearing this (or, failing that, at its next beat).
@@ -832,11 +834,14 @@ class Backplane:
         joined = {r["id"] for r in won} if announce else set()
         self._enqueue(_Op(lazy=lambda: self._sync(joined, evicts)))
 
-    def _contest(self, record: Record) -> tuple[bool, int | None]:
+    def _contest(self, record: Record) -> tuple[Outcome, int | None]:
         """Claim the name of a member that registered while Redis was away: earlier wins.
 
-        An earlier registration (``_rank``) of a live node holding the name keeps it: (False,
-        None). Otherwise the name is this member's: (True, the id it was taken from, if any).
+        ``lost``: a member of a live node who registered earlier (``_rank``) holds it.
+        ``wait``: such a member holds it but its node's heartbeat is missing: that node may be
+        rejoining after the same outage (Redis kept its data, the heartbeats expired), or dead
+        and soon reaped; the keeper asks again at its next beat. ``won``: the name is this
+        member's, with the id of the member it was taken from, if any.
         """
         folded, mine = record["name"].casefold(), str(record["id"])
         sealed = self._seal_record(record)
@@ -844,19 +849,21 @@ class Backplane:
             reply = self._redis.hget(NAMES, folded)
             holder = None if reply is None else _text(reply)
             if holder == mine:
-                return True, None
+                return "won", None
             if holder is not None:
                 theirs = self._open_record(self._redis.hget(USERS, holder), holder, folded)
-                if (theirs is not None and _rank(theirs) < _rank(record)
-                        and self._alive(int(theirs["node"]))):
-                    return False, None
+                # Names of this node are unique here already: its holder is a stale entry.
+                if (theirs is not None and int(theirs["node"]) != self.node
+                        and _rank(theirs) < _rank(record)):
+                    node = int(theirs["node"])
+                    if self._redis.exists(node_key(node)):
+                        return "lost", None
+                    if self._redis.sismember(NODES, str(node)):
+                        return "wait", None
+                    # Neither alive nor listed: nobody will ever free it, so it is stale.
             if self._take(keys=[NAMES, USERS], args=[folded, holder or "", mine, sealed]):
-                return True, int(holder) if holder is not None and holder.isdigit() else None
-        return False, None
-
-    def _alive(self, node: int) -> bool:
-        """Whether ``node``'s members can hold names (names of this node are unique already)."""
-        return node != self.node and bool(self._redis.exists(node_key(node)))
+                return "won", int(holder) if holder is not None and holder.isdigit() else None
+        return "wait", None
 
     def _check_names(self) -> None:
         """Forget the claims of members of this node whose name Redis no longer gives them.
