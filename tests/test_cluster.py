@@ -882,7 +882,7 @@ def test_complaints_are_logged_once_per_interval_with_a_count() -> None:
     complaints("an unsigned message")
     now[0] = 120.0
     complaints.flush()
-    assert lines[2:] == ["cluster: ignored 1 more unsigned or forged items"]
+    assert lines[2:] == ["cluster: ignored 1 more unsigned, forged or replayed items"]
     assert complaints.count == 52
 
 

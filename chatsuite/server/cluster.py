@@ -294,7 +294,7 @@ class Complaints:
                 return
             unlogged, self._unlogged = self._unlogged, 0
             self._quiet_until = self.clock() + self.interval
-        self.log(f"cluster: ignored {unlogged} more unsigned or forged items")
+        self.log(f"cluster: ignored {unlogged} more unsigned, forged or replayed items")
 
 
 def _text(value: str | bytes) -> str:
@@ -608,7 +608,7 @@ class Backplane:
             if not isinstance(record, dict):
                 raise TypeError("not an object")
             if member_id is not None and str(record["id"]) != str(member_id):
-                raise Forged(f"a record of id {record['id']} filed under id {member_id}")
+                raise Forged(f"a record of id {record['id']} filed under id {member_id!r}")
             if name is not None and str(record["name"]).casefold() != name:
                 raise Forged(f"a record of {record['name']!r} filed under the name {name!r}")
         except (Unsigned, Forged) as error:
