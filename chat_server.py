@@ -74,6 +74,9 @@ class ServerConfig:
     redis_url: str | None = None  # join the cluster of servers sharing this Redis (cluster.py)
     cluster_ttl: float = 3.0  # seconds without a heartbeat before a node counts as dead
     cluster_retry: float = 0.5  # seconds between attempts to reach Redis again after an outage
+    cluster_secret: str | None = None  # the nodes' shared secret (else the file, else the env)
+    cluster_secret_file: str | None = None  # a file holding it (--cluster-secret-file)
+    redis_insecure: bool = False  # allow a Redis on another host with no password in the URL
     log: Callable[[str], None] | None = field(default=None, repr=False)
 
 
@@ -102,7 +105,10 @@ class ChatServer:
             )
 
             self.backplane = Backplane(config.redis_url, self.log, config.cluster_ttl,
-                                       config.cluster_retry, self._drop_member)
+                                       config.cluster_retry, self._drop_member,
+                                       secret=config.cluster_secret,
+                                       secret_file=config.cluster_secret_file,
+                                       insecure=config.redis_insecure)
         self.room = Room(config.max_clients, config.pending_limit, config.pending_bytes, self.log,
                          self.backplane)
         self.writer = Writer(self.room.lock, self.log)
@@ -288,6 +294,11 @@ def parse_args(argv: Sequence[str] | None) -> ServerConfig:
                              "redis://127.0.0.1:6379/0 (needs the 'cluster' extra)")
     parser.add_argument("--cluster-ttl", type=float, default=3.0, metavar="S",
                         help="with --redis: seconds before a silent node counts as dead (default 3)")
+    parser.add_argument("--cluster-secret-file", metavar="FILE",
+                        help="with --redis: the nodes' shared secret (else $CHAT_CLUSTER_SECRET); "
+                             "required")
+    parser.add_argument("--redis-insecure", action="store_true",
+                        help="allow a Redis on another host without a password in the URL")
     args = parser.parse_args(argv)
     if args.tls_key and not args.tls_cert:
         parser.error("--tls-key needs --tls-cert")
@@ -297,6 +308,7 @@ def parse_args(argv: Sequence[str] | None) -> ServerConfig:
         hello_timeout=args.hello_timeout, max_clients=args.max_clients, rate=args.rate,
         quiet=args.quiet, max_per_ip=args.max_per_ip, tls_cert=args.tls_cert,
         tls_key=args.tls_key, redis_url=args.redis, cluster_ttl=args.cluster_ttl,
+        cluster_secret_file=args.cluster_secret_file, redis_insecure=args.redis_insecure,
     )
 
 
@@ -304,16 +316,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the server until Ctrl-C or SIGTERM; exit code 0 on a clean stop."""
     config = parse_args(argv)
     cluster_errors: tuple[type[Exception], ...] = ()  # none without --redis
+    cluster_options: tuple[type[Exception], ...] = ()
     if config.redis_url is not None:
         try:
-            from chatsuite.server.cluster import ClusterError
+            from chatsuite.server.cluster import ClusterConfigError, ClusterError
         except ImportError:
             print("chat-server: --redis needs the redis package: "
                   "pip install 'chat-suite[cluster]'", file=sys.stderr)
             return 1
         cluster_errors = (ClusterError,)
+        cluster_options = (ClusterConfigError,)
     try:
         server = ChatServer(config)
+    except cluster_options as error:  # unsafe or missing cluster options: like any bad option
+        print(f"chat-server: {error}", file=sys.stderr)
+        return 2
     except cluster_errors as error:
         print(f"chat-server: {error}", file=sys.stderr)
         return 1

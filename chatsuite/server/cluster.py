@@ -23,6 +23,17 @@ What it owns:
     ``chat:reap:<k>`` (SET NX), announces their users ``lost`` and frees their names. While
     Redis is away it retries every ``retry`` seconds, then rejoins.
 
+Trust: Redis is not trusted. Everything a node publishes and every member record it stores
+is sealed with an HMAC-SHA256 of the cluster's shared secret (``--cluster-secret-file`` or
+``CHAT_CLUSTER_SECRET``; required); a message or record that is unsigned, forged, or filed
+under another id or name is ignored and logged (at most once per ``COMPLAINT_INTERVAL``).
+A node refuses to start against a Redis on another host whose URL has no password, unless
+told ``--redis-insecure``. Sealing is integrity only: a Redis reader still sees every text.
+
+Names after an outage: a name given on two nodes while Redis was away goes to the earlier
+registration, ranked by ``(joined_at, id)``, whichever node rejoins first; the other member
+is disconnected.
+
 Invariant: no Redis call is made with ``Room.lock`` held, and every Redis call is guarded: a
 connection error marks an outage (logged once), the room keeps serving this node's members on
 its own, and the keeper brings the node back into the cluster when Redis answers again.
@@ -30,14 +41,18 @@ its own, and the keeper brings the node back into the cluster when Redis answers
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import ipaddress
 import json
+import os
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
-from urllib.parse import urlsplit
+from typing import Any, Literal, Protocol
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis
 from redis.backoff import NoBackoff
@@ -55,6 +70,16 @@ USERS = "chat:users"
 NODES = "chat:nodes"
 ID_STRIDE = 1_000_000  # member id = node * ID_STRIDE + file descriptor
 REAP_CLAIM_MS = 30_000
+SECRET_ENV = "CHAT_CLUSTER_SECRET"
+MIN_SECRET = 16  # bytes: shorter secrets are refused
+COMPLAINT_INTERVAL = 10.0  # seconds between two log lines about ignored data
+# What a seal covers besides the payload: a record can never pass for a message, nor the reverse.
+ROOM_SEAL = b"chat:room"
+USER_SEAL = b"chat:users"
+MAC_CHARS = 64  # hex SHA-256
+# A message sent longer ago than this (by its node's clock) is refused as a replay; within it,
+# each publisher's sequence numbers must grow.
+REPLAY_WINDOW = 120.0
 
 # Claims a name and stores its member's record, at once: whoever finds the name finds the record.
 _CLAIM = """
@@ -75,6 +100,16 @@ local id = redis.call('HGET', KEYS[1], ARGV[1])
 if not id then return false end
 return redis.call('HGET', KEYS[2], id)
 """
+# Hands a name to a member if it is still held by whom the caller saw ('' for nobody); the
+# record of the member it is taken from goes with it (that member is being disconnected).
+_TAKE = """
+local holder = redis.call('HGET', KEYS[1], ARGV[1])
+if (holder or '') ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
+if holder and holder ~= ARGV[3] then redis.call('HDEL', KEYS[2], holder) end
+return 1
+"""
 # After Redis lost its data, the counter must not hand out a number a running node holds.
 _RAISE = """
 local current = tonumber(redis.call('GET', KEYS[1]) or '0')
@@ -83,11 +118,25 @@ return 0
 """
 
 Record = dict[str, Any]
+Outcome = Literal["won", "lost", "wait"]
 Command = Callable[[Any], object]  # applied to a pipeline
+
+
+class PubSub(Protocol):
+    """What the subscriber uses of ``redis.client.PubSub``."""
+
+    def subscribe(self, *channels: str) -> object: ...
+    def get_message(self, ignore_subscribe_messages: bool = False,
+                    timeout: float = 0.0) -> dict[str, Any] | None: ...
+    def close(self) -> None: ...
 
 
 class ClusterError(Exception):
     """Redis cannot be reached (or the URL is wrong) when the server starts."""
+
+
+class ClusterConfigError(ClusterError):
+    """The cluster options are unsafe or incomplete: the node refuses to start (exit code 2)."""
 
 
 def node_key(node: int) -> str:
@@ -112,6 +161,152 @@ def safe_url(url: str) -> str:
     return parts._replace(netloc=f"***@{host}").geturl()
 
 
+def is_loopback(host: str) -> bool:
+    """``host`` is this machine, judged from its text alone (no name is ever resolved)."""
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False  # another name: it may resolve anywhere
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
+
+
+def check_url(url: str, insecure: bool = False) -> None:
+    """Refuse (``ClusterConfigError``) a Redis on another host whose URL carries no password.
+
+    Decided from the URL alone, before any connection: a ``unix://`` socket and a loopback
+    address are this machine; anything else needs a password (``redis://:PASSWORD@host``, or
+    ``?password=``) unless ``insecure``. Read as redis-py reads it (the host may be a query
+    argument when the URL has none).
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ClusterConfigError(f"bad Redis URL {safe_url(url)!r}: "
+                                 "it must start with redis://, rediss:// or unix://")
+    if parts.scheme == "unix" or insecure:
+        return
+    query = parse_qs(parts.query)
+    host = unquote(parts.hostname or "") or query.get("host", ["localhost"])[0]
+    password = parts.password or query.get("password", [""])[0]
+    if not is_loopback(host) and not password:
+        raise ClusterConfigError(
+            f"refusing Redis at {safe_url(url)}: it is not on this machine and the URL has no "
+            "password, so anyone who can reach it could read and disrupt the cluster; give "
+            "Redis a password (redis://:PASSWORD@host:port/db, rediss:// for TLS) or accept "
+            "the risk with --redis-insecure"
+        )
+
+
+def load_secret(secret: str | None, path: str | None,
+                environ: Mapping[str, str] | None = None) -> bytes:
+    """The cluster's shared secret: given, else read from ``path``, else ``$CHAT_CLUSTER_SECRET``.
+
+    Surrounding whitespace (a file's last newline) is not part of it. Missing or shorter than
+    ``MIN_SECRET`` bytes: ``ClusterConfigError``.
+    """
+    if secret is not None:
+        where, value = "the cluster secret", secret.strip().encode()
+    elif path is not None:
+        where = f"the cluster secret file {path}"
+        try:
+            with open(path, "rb") as file:
+                value = file.read().strip()
+        except OSError as error:
+            raise ClusterConfigError(f"cannot read {where}: {error.strerror}") from None
+    else:
+        where = f"${SECRET_ENV}"
+        value = (os.environ if environ is None else environ).get(SECRET_ENV, "").strip().encode()
+        if not value:
+            raise ClusterConfigError(
+                "--redis needs the cluster's shared secret (the same on every node): "
+                f"--cluster-secret-file FILE or the environment variable {SECRET_ENV}"
+            )
+    if len(value) < MIN_SECRET:
+        raise ClusterConfigError(f"{where} is too short: at least {MIN_SECRET} bytes")
+    return value
+
+
+class Unsigned(ValueError):
+    """Data without a seal."""
+
+
+class Forged(ValueError):
+    """Data whose seal does not match: another secret, or changed after sealing."""
+
+
+class Sealer:
+    """Seals text with an HMAC-SHA256 of the cluster secret: ``<64 hex digits>.<text>``."""
+
+    def __init__(self, secret: bytes) -> None:
+        self._secret = secret
+
+    def _mac(self, kind: bytes, text: str) -> str:
+        return hmac.digest(self._secret, kind + b"\0" + text.encode(), hashlib.sha256).hex()
+
+    def seal(self, kind: bytes, text: str) -> str:
+        return f"{self._mac(kind, text)}.{text}"
+
+    def open(self, kind: bytes, sealed: str) -> str:
+        """The text under a valid seal of this ``kind``; raises ``Unsigned`` or ``Forged``."""
+        if len(sealed) <= MAC_CHARS or sealed[MAC_CHARS] != ".":
+            raise Unsigned("no seal")
+        text = sealed[MAC_CHARS + 1:]
+        if not hmac.compare_digest(sealed[:MAC_CHARS], self._mac(kind, text)):
+            raise Forged("bad seal")
+        return text
+
+
+class Complaints:
+    """Logs ignored data at most once per ``interval``, with how many were not logged since.
+
+    A flood of forgeries then costs the log one line per interval, not one per forgery.
+    """
+
+    def __init__(self, log: Callable[[str], None], interval: float = COMPLAINT_INTERVAL,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.log = log
+        self.interval = interval
+        self.clock = clock
+        self.count = 0  # everything ignored, logged or not
+        self._lock = threading.Lock()
+        self._quiet_until = float("-inf")
+        self._unlogged = 0
+
+    def __call__(self, text: str) -> None:
+        with self._lock:
+            self.count += 1
+            now = self.clock()
+            if now < self._quiet_until:
+                self._unlogged += 1
+                return
+            unlogged, self._unlogged = self._unlogged, 0
+            self._quiet_until = now + self.interval
+        more = f" ({unlogged} more ignored since the last such line)" if unlogged else ""
+        self.log(f"cluster: ignored {text}{more}")
+
+    def flush(self) -> None:
+        """Log the count of the unlogged ones once the interval is over (the keeper calls it)."""
+        with self._lock:
+            if not self._unlogged or self.clock() < self._quiet_until:
+                return
+            unlogged, self._unlogged = self._unlogged, 0
+            self._quiet_until = self.clock() + self.interval
+        self.log(f"cluster: ignored {unlogged} more unsigned, forged or replayed items")
+
+
+def _text(value: str | bytes) -> str:
+    """A reply as text (the client decodes replies already; its type hints cannot know that)."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _rank(record: Record) -> tuple[float, int]:
+    """Registration order across the cluster: time on the node's clock, then id (unique)."""
+    return float(record["at"]), int(record["id"])
+
+
 @dataclass
 class _Op:
     """One thing for the publisher: registry commands, then events (or ``lazy`` makes both)."""
@@ -127,8 +322,12 @@ class Backplane:
 
     def __init__(
         self, url: str, log: Callable[[str], None], ttl: float = 3.0, retry: float = 0.5,
-        disconnect: Callable[[int], None] | None = None,
+        disconnect: Callable[[int], None] | None = None, *, secret: str | None = None,
+        secret_file: str | None = None, insecure: bool = False,
     ) -> None:
+        # Both checks before the client exists: a refused URL is never connected to.
+        check_url(url, insecure)
+        self._sealer = Sealer(load_secret(secret, secret_file))
         self.url = url
         self.log = log
         self.ttl = ttl
@@ -138,6 +337,7 @@ class Backplane:
         self.token = uuid.uuid4().hex
         self.timeout = min(1.0, ttl / 2)
         self.room: Room | None = None
+        self.complaints = Complaints(log)
         try:
             # No hidden retries: an error means an outage, which this module handles itself.
             self._redis = redis.Redis.from_url(
@@ -150,11 +350,16 @@ class Backplane:
         self._release = self._redis.register_script(_RELEASE)
         self._lookup_name = self._redis.register_script(_LOOKUP_NAME)
         self._raise = self._redis.register_script(_RAISE)
+        self._take = self._redis.register_script(_TAKE)
+        self._pubsub: Callable[[], PubSub] = self._redis.pubsub  # typed: redis's is not
         self._state = threading.Lock()  # guards the four fields below
         self._up = False
         self._generation = 0  # counts outages: the subscriber resubscribes after each
         self._up_since = 0.0
         self._claimed: set[int] = set()  # members of this node whose name Redis holds
+        self._evicting: set[tuple[int, float]] = set()  # (id, joined_at) being disconnected
+        self._sequence = 0  # of the messages of this node's publisher (its thread only)
+        self._streams: dict[str, tuple[int, float]] = {}  # publisher -> (last seq, its time)
         self._up_event = threading.Event()
         self._synced = threading.Event()  # the subscriber has subscribed and taken its snapshot
         self._stopping = threading.Event()
@@ -259,8 +464,9 @@ class Backplane:
         if not self._up:
             return None
         try:
+            sealed = self._seal_record(record)
             return bool(self._claim(keys=[NAMES, USERS],
-                                    args=[name.casefold(), record["id"], _dumps(record)]))
+                                    args=[name.casefold(), record["id"], sealed]))
         except RedisError as error:
             self._down(error)
             return None
@@ -300,7 +506,10 @@ class Backplane:
         except RedisError as error:
             self._down(error)
             return None
-        return json.loads(raw) if raw else None
+        # Filed under the id or name asked for, or it would route the message to someone else.
+        if isinstance(key, int):
+            return self._open_record(raw, member_id=key)
+        return self._open_record(raw, name=key.casefold())
 
     def joined(self, record: Record, claimed: bool) -> None:
         """A member registered here: store it and announce it (unclaimed: the keeper will)."""
@@ -319,6 +528,7 @@ class Backplane:
         """
         with self._state:
             self._claimed.discard(record["id"])
+            self._evicting.discard((record["id"], record["at"]))
         member_id, name = record["id"], record["name"].casefold()
         done = threading.Event()
         self._enqueue(_Op(
@@ -340,10 +550,80 @@ class Backplane:
         """A direct message from a member of this node to a member of another."""
         self._enqueue(_Op(events=[{"k": "dm", "u": record, "to": to, "t": text, "ts": ts}]))
 
-    @staticmethod
-    def _store(record: Record) -> Command:
-        value = _dumps(record)
+    def _store(self, record: Record) -> Command:
+        value = self._seal_record(record)
         return lambda pipe: pipe.hset(USERS, record["id"], value)
+
+    # -- seals --------------------------------------------------------------------------------
+
+    def _seal_record(self, record: Record) -> str:
+        return self._sealer.seal(USER_SEAL, _dumps(record))
+
+    def _seal_message(self, origin: int, events: list[Record], stream: str | None = None) -> str:
+        """A message, sealed, with what makes a replay of it detectable.
+
+        ``p`` names the publisher (this node's publisher thread, unless ``stream``), ``s``
+        counts its messages, ``t`` is the time it was sealed.
+        """
+        if stream is None:
+            self._sequence += 1
+            stream, sequence = self.token, self._sequence
+        else:
+            sequence = 1  # a stream of one message (the reaper's)
+        message = {"o": origin, "p": stream, "s": sequence, "t": round(time.time(), 3),
+                   "ev": events}
+        return self._sealer.seal(ROOM_SEAL, _dumps(message))
+
+    def _replayed(self, message: Record) -> str | None:
+        """Why a validly sealed message is not new (None: it is); the subscriber's thread only.
+
+        A stream is forgotten once its last message is older than the window, when a copy of
+        it would be refused for its age anyway.
+        """
+        now, sent = time.time(), float(message["t"])
+        if abs(now - sent) > REPLAY_WINDOW:
+            return (f"a message sealed {now - sent:.0f} s ago by its node's clock on {CHANNEL} "
+                    "(a replay, or the nodes' clocks disagree)")
+        stream, sequence = str(message["p"]), int(message["s"])
+        last = self._streams.get(stream)
+        if last is not None and sequence <= last[0]:
+            return f"a replayed message on {CHANNEL}"
+        if last is None:
+            self._streams = {k: v for k, v in self._streams.items() if v[1] > now - REPLAY_WINDOW}
+        self._streams[stream] = (sequence, sent)
+        return None
+
+    def _open_record(self, raw: str | bytes | None, member_id: int | str | bytes | None = None,
+                     name: str | None = None) -> Record | None:
+        """A stored record if its seal is valid and it is filed under its own id or name.
+
+        A valid record copied under another id or name would misroute: it is refused too.
+        """
+        if raw is None:
+            return None
+        if isinstance(member_id, bytes):
+            member_id = _text(member_id)
+        try:
+            record = json.loads(self._sealer.open(USER_SEAL, _text(raw)))
+            if not isinstance(record, dict):
+                raise TypeError("not an object")
+            if member_id is not None and str(record["id"]) != str(member_id):
+                raise Forged(f"a record of id {record['id']} filed under id {member_id!r}")
+            if name is not None and str(record["name"]).casefold() != name:
+                raise Forged(f"a record of {record['name']!r} filed under the name {name!r}")
+        except (Unsigned, Forged) as error:
+            kind = "an unsigned" if isinstance(error, Unsigned) else "a forged"
+            self.complaints(f"{kind} member record in {USERS} ({error})")
+            return None
+        except (ValueError, KeyError, TypeError) as error:
+            self.complaints(f"a malformed member record in {USERS} ({error!r})")
+            return None
+        return record
+
+    def _stored(self) -> list[Record]:
+        """Every valid member record in Redis."""
+        found = (self._open_record(raw, key) for key, raw in self._redis.hgetall(USERS).items())
+        return [record for record in found if record is not None]
 
     # -- the publisher ------------------------------------------------------------------------
 
@@ -370,7 +650,7 @@ class Backplane:
                     self._write(ops)
             except RedisError as error:
                 self._down(error)
-            except Exception as error:  # noqa: BLE001 - the publisher must outlive any one bug
+            except Exception as error:  # the publisher must outlive any one bug
                 self.log(f"cluster: publisher error, carrying on: {error!r}")
             finally:
                 for op in ops:
@@ -387,13 +667,13 @@ class Backplane:
                 # The registry changes before the events after it: a snapshot taken after
                 # subscribing then never misses what an event already announced.
                 if batch:
-                    pipe.publish(CHANNEL, _dumps({"o": self.node, "ev": batch}))
+                    pipe.publish(CHANNEL, self._seal_message(self.node, batch))
                     batch = []
                 for command in commands:
                     command(pipe)
             batch.extend(events)
         if batch:
-            pipe.publish(CHANNEL, _dumps({"o": self.node, "ev": batch}))
+            pipe.publish(CHANNEL, self._seal_message(self.node, batch))
         pipe.execute()
 
     # -- the subscriber -----------------------------------------------------------------------
@@ -403,7 +683,7 @@ class Backplane:
             if not self._up_event.wait(0.2):
                 continue
             generation = self._generation
-            pubsub = self._redis.pubsub()
+            pubsub = self._pubsub()
             try:
                 pubsub.subscribe(CHANNEL)
                 deadline = time.monotonic() + self.ttl
@@ -421,7 +701,7 @@ class Backplane:
                         self._receive(message["data"])
             except RedisError as error:
                 self._down(error)
-            except Exception as error:  # noqa: BLE001 - the subscriber must outlive any one bug
+            except Exception as error:  # the subscriber must outlive any one bug
                 self.log(f"cluster: subscriber error, resubscribing: {error!r}")
             finally:
                 try:
@@ -431,16 +711,33 @@ class Backplane:
 
     def _snapshot(self) -> None:
         assert self.room is not None
-        records = [json.loads(raw) for raw in self._redis.hgetall(USERS).values()]
-        self.room.cluster_reset(r for r in records if r["node"] != self.node)
+        self.room.cluster_reset(r for r in self._stored() if r["node"] != self.node)
 
     def _receive(self, data: str) -> None:
         assert self.room is not None
         try:
-            message = json.loads(data)
+            text = self._sealer.open(ROOM_SEAL, data)
+        except Unsigned:
+            self.complaints(f"an unsigned message on {CHANNEL}")
+            return
+        except Forged:
+            self.complaints(f"a forged message on {CHANNEL} (its seal does not match)")
+            return
+        try:
+            message = json.loads(text)
             if message["o"] == self.node:
                 return  # this node delivered its own events already
-            self.room.remote(message["ev"])
+            replayed = self._replayed(message)
+            if replayed is not None:
+                self.complaints(replayed)
+                return
+            events = []
+            for event in message["ev"]:
+                if event["k"] != "evict":
+                    events.append(event)
+                elif int(event["id"]) // ID_STRIDE == self.node:
+                    self._give_up(int(event["id"]), str(event["name"]))
+            self.room.remote(events)
         except (ValueError, KeyError, TypeError) as error:
             self.log(f"cluster: skipped a malformed event: {error!r}")
 
@@ -448,6 +745,7 @@ class Backplane:
 
     def _keep_loop(self) -> None:
         while not self._stopping.wait(self.ttl / 3 if self._up else self.retry):
+            self.complaints.flush()
             try:
                 if self._up:
                     self._beat()
@@ -455,7 +753,7 @@ class Backplane:
                     self._rejoin()
             except RedisError as error:
                 self._down(error)
-            except Exception as error:  # noqa: BLE001 - the keeper must outlive any one bug
+            except Exception as error:  # the keeper must outlive any one bug
                 self.log(f"cluster: keeper error, carrying on: {error!r}")
 
     def _beat(self) -> None:
@@ -469,6 +767,7 @@ class Backplane:
             self.log(f"cluster: node {self.node} was taken for dead; announcing its users again")
             self._resync(announce=True)
         else:
+            self._check_names()
             self._claim_unclaimed(announce=False)
         if time.monotonic() - self._up_since >= self.ttl:
             # Only after a TTL here: nodes rejoining after an outage have had time to beat.
@@ -489,7 +788,7 @@ class Backplane:
     def _resync(self, announce: bool) -> None:
         """Make Redis hold exactly this node's members, then tell the other nodes who they are."""
         assert self.room is not None
-        stored = [json.loads(raw) for raw in self._redis.hgetall(USERS).values()]
+        stored = self._stored()
         # Read after the registry: a member in ``stored`` registered before this snapshot.
         current = {r["id"]: r for r in self.room.cluster_records()}
         pipe = self._redis.pipeline(transaction=False)
@@ -515,16 +814,17 @@ class Backplane:
         if not todo:
             return
         won = []
+        evicts: list[Record] = []
         for record in todo:
-            folded = record["name"].casefold()
-            claim = [folded, record["id"], _dumps(record)]
-            if (not self._claim(keys=[NAMES, USERS], args=claim)
-                    and self._redis.hget(NAMES, folded) != str(record["id"])):
-                self.log(f"cluster: the name {record['name']} was taken on another node while "
-                         f"Redis was away; disconnecting {record['name']} (id {record['id']})")
-                self.disconnect(record["id"])
-                continue
+            outcome, displaced = self._contest(record)
+            if outcome == "lost":
+                self._give_up(record["id"], record["name"])
+            if outcome != "won":
+                continue  # lost, or undecided: the next beat asks again
             won.append(record)
+            if displaced is not None:
+                # Its node disconnects it on hearing this (or, failing that, at its next beat).
+                evicts.append({"k": "evict", "id": displaced, "name": record["name"]})
         with self._state:
             self._claimed.update(r["id"] for r in won)
         still_here = {r["id"] for r in self.room.cluster_records()}
@@ -532,9 +832,77 @@ class Backplane:
             if record["id"] not in still_here:  # it left while we claimed: give the name back
                 self._release(keys=[NAMES], args=[record["name"].casefold(), record["id"]])
         joined = {r["id"] for r in won} if announce else set()
-        self._enqueue(_Op(lazy=lambda: self._sync(joined)))
+        self._enqueue(_Op(lazy=lambda: self._sync(joined, evicts)))
 
-    def _sync(self, announce: set[int]) -> tuple[list[Command], list[Record]]:
+    def _contest(self, record: Record) -> tuple[Outcome, int | None]:
+        """Claim the name of a member that registered while Redis was away: earlier wins.
+
+        ``lost``: a member of a live node who registered earlier (``_rank``) holds it.
+        ``wait``: such a member holds it but its node's heartbeat is missing: that node may be
+        rejoining after the same outage (Redis kept its data, the heartbeats expired), or dead
+        and soon reaped; the keeper asks again at its next beat. ``won``: the name is this
+        member's, with the id of the member it was taken from, if any.
+        """
+        folded, mine = record["name"].casefold(), str(record["id"])
+        sealed = self._seal_record(record)
+        for _ in range(8):  # the holder changed between our read and our write: look again
+            reply = self._redis.hget(NAMES, folded)
+            holder = None if reply is None else _text(reply)
+            if holder == mine:
+                return "won", None
+            if holder is not None:
+                theirs = self._open_record(self._redis.hget(USERS, holder), holder, folded)
+                # Names of this node are unique here already: its holder is a stale entry.
+                if (theirs is not None and int(theirs["node"]) != self.node
+                        and _rank(theirs) < _rank(record)):
+                    node = int(theirs["node"])
+                    if self._redis.exists(node_key(node)):
+                        return "lost", None
+                    if self._redis.sismember(NODES, str(node)):
+                        return "wait", None
+                    # Neither alive nor listed: nobody will ever free it, so it is stale.
+            if self._take(keys=[NAMES, USERS], args=[folded, holder or "", mine, sealed]):
+                return "won", int(holder) if holder is not None and holder.isdigit() else None
+        return "wait", None
+
+    def _check_names(self) -> None:
+        """Forget the claims of members of this node whose name Redis no longer gives them.
+
+        ``_claim_unclaimed`` then contests those names again: a member that an earlier
+        registration took the name from is disconnected (the fallback for an ``evict`` event
+        this node missed while resubscribing), and a name lost or overwritten in Redis any other
+        way is taken back.
+        """
+        assert self.room is not None
+        with self._state:
+            claimed = set(self._claimed)
+        records = [r for r in self.room.cluster_records() if r["id"] in claimed]
+        if not records:
+            return
+        holders = self._redis.hmget(NAMES, [r["name"].casefold() for r in records])
+        lost = {r["id"] for r, holder in zip(records, holders, strict=True)
+                if holder != str(r["id"])}
+        if lost:
+            with self._state:
+                self._claimed -= lost
+
+    def _give_up(self, member_id: int, name: str) -> None:
+        """A member of this node lost its name to an earlier registration: disconnect it, once."""
+        assert self.room is not None
+        record = next((r for r in self.room.cluster_records()
+                       if r["id"] == member_id and r["name"].casefold() == name.casefold()), None)
+        if record is None:
+            return  # gone already, or that id is someone else's now
+        with self._state:
+            if (member_id, record["at"]) in self._evicting:
+                return
+            self._evicting.add((member_id, record["at"]))
+        self.log(f"cluster: the name {record['name']} was taken on another node while Redis was "
+                 f"away, by an earlier registration; disconnecting {record['name']} "
+                 f"(id {member_id})")
+        self.disconnect(member_id)
+
+    def _sync(self, announce: set[int], evicts: list[Record]) -> tuple[list[Command], list[Record]]:
         """Built when written: this node's claimed members as they are now."""
         assert self.room is not None
         with self._state:
@@ -543,7 +911,7 @@ class Backplane:
         ts = utc_timestamp()
         events: list[Record] = [{"k": "sync", "node": self.node, "users": records}]
         events += [{"k": "join", "u": r, "ts": ts} for r in records if r["id"] in announce]
-        return [self._store(r) for r in records], events
+        return [self._store(r) for r in records], events + evicts
 
     def _reap(self) -> None:
         """Clean up after nodes whose key expired (one node does it for each)."""
@@ -553,7 +921,7 @@ class Backplane:
         pipe = self._redis.pipeline(transaction=False)
         for node in nodes:
             pipe.exists(node_key(node))
-        for node, alive in zip(nodes, pipe.execute()):
+        for node, alive in zip(nodes, pipe.execute(), strict=True):
             if alive or not self._redis.set(reap_key(node), self.node, nx=True,
                                             px=REAP_CLAIM_MS):
                 continue
@@ -563,8 +931,7 @@ class Backplane:
 
     def _reap_node(self, node: int) -> int:
         """Free the names of ``node``'s members and announce them lost, as if ``node`` did."""
-        stored = [json.loads(raw) for raw in self._redis.hgetall(USERS).values()]
-        theirs = [r for r in stored if r["node"] == node]
+        theirs = [r for r in self._stored() if r["node"] == node]
         if not theirs:
             return 0
         pipe = self._redis.pipeline(transaction=False)
@@ -575,6 +942,7 @@ class Backplane:
             pipe.hdel(USERS, record["id"])
         # Published in the dead node's name, so that every live node (this one too) takes it.
         events = [{"k": "leave", "u": r, "e": "lost", "ts": ts} for r in theirs]
-        pipe.publish(CHANNEL, _dumps({"o": node, "ev": events}))
+        stream = f"{self.token}/reap/{uuid.uuid4().hex}"
+        pipe.publish(CHANNEL, self._seal_message(node, events, stream))
         pipe.execute()
         return len(theirs)
