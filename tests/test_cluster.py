@@ -847,6 +847,8 @@ def test_forged_registry_entries_never_route_a_direct_message(
         alice.send({"type": "dm", "to": name, "text": "secret", "ref": ref})
         assert alice.expect("error", ref=ref)["code"] == "no-such-user"
     assert no_more(bob) == []
+    # The log is written by its own thread: wait for the line rather than expect it already.
+    wait_until(lambda: any(" ignored " in x for x in logs), 5, "the forgery to be logged")
     ignored = [x for x in logs if " ignored " in x]
     assert ignored[0] == ("cluster: ignored a forged member record in chat:users (a record of "
                           "'bob' filed under the name 'ghost')")
