@@ -136,7 +136,7 @@ class ChatServer:
             self.backplane = Backplane(config.redis_url, self.log, config.cluster_ttl,
                                        config.cluster_retry, self._drop_member)
         self.room = Room(config.max_clients, config.pending_limit, config.pending_bytes, self.log,
-                         self.backplane)
+                         self.backplane, config.max_frame)
         self.writer = Writer(self.room.lock, self.log)
         self.room.fan_out = self.writer.push_all  # the inlined broadcast loop
         self.stopping = threading.Event()
