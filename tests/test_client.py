@@ -52,6 +52,7 @@ from chatsuite.client.display import (
 )
 from chatsuite.client.history import history_line, history_path
 from modes import HELP_TEXT
+from protocol import Error, Message, Notice, Ok, Target, User
 
 # --------------------------------------------------------------------------------------------
 # Pure helpers.
@@ -91,38 +92,37 @@ def test_local_time_converts_utc_to_local_clock() -> None:
     assert local_time(None) == "--:--:--"
 
 
+TS = "2026-11-22T06:05:09.123Z"
+
+
 def test_format_broadcast_message() -> None:
     """A broadcast shows time, sender name and text, a newline as an indented continuation."""
-    event = {"type": "message", "from": {"id": 4, "name": "bob"}, "to": None,
-             "text": "hi\nthere", "ts": "2026-11-22T06:05:09.123Z"}
-    assert format_message(event) == f"{local_time(event['ts'])} bob: hi\n    there"
+    event = Message(User(4, "bob"), None, "hi\nthere", TS)
+    assert format_message(event) == f"{local_time(TS)} bob: hi\n    there"
 
 
 def test_format_direct_message_shows_sender_details() -> None:
     """A direct message also shows the sender's id, title and company (seed 003)."""
-    event = {"type": "message", "to": {"id": 5, "name": "al"}, "text": "psst",
-             "from": {"id": 4, "name": "bob", "title": "CTO", "company": "Acme\x1b"},
-             "ts": "2026-11-22T06:05:09.123Z"}
+    event = Message(User(4, "bob", "CTO", "Acme\x1b"), Target(5, "al"), "psst", TS)
     assert format_message(event) == (
-        f"{local_time(event['ts'])} [direct] bob (id 4, title: CTO, company: Acme^[): psst")
+        f"{local_time(TS)} [direct] bob (id 4, title: CTO, company: Acme^[): psst")
 
 
 def test_describe_user_leaves_out_missing_fields() -> None:
     """A user without title or company is described by name and id only."""
-    assert describe_user({"id": 9, "name": "eve", "title": None, "company": None}) == "eve (id 9)"
+    assert describe_user(User(9, "eve", None, None)) == "eve (id 9)"
 
 
 def test_format_notice() -> None:
     """A notice shows time, a star and its sentence."""
-    event = {"type": "notice", "event": "left", "text": "bob is quitting.",
-             "ts": "2026-11-22T06:05:09.123Z"}
-    assert format_notice(event) == f"{local_time(event['ts'])} * bob is quitting."
+    assert format_notice(Notice("left", "bob is quitting.", TS)) == (
+        f"{local_time(TS)} * bob is quitting.")
 
 
 def test_format_users_table() -> None:
     """The users table aligns id, name, title, company and status, marking oneself."""
-    users = [{"id": 4, "name": "bob", "title": "CTO", "company": None, "status": "available"},
-             {"id": 12, "name": "al", "title": None, "company": "Acme", "status": "unavailable"}]
+    users = [User(4, "bob", "CTO", None, "available"),
+             User(12, "al", None, "Acme", "unavailable")]
     assert format_users(users, own_id=12) == [
         "id  name      title  company  status",
         "4   bob       CTO    -        available",
@@ -132,10 +132,8 @@ def test_format_users_table() -> None:
 
 def test_format_delivery_and_failure() -> None:
     """A send reports its counts, or the server's reason (seed 004's sentence)."""
-    assert format_delivery({"type": "ok", "delivered": 2, "queued": 1}) == (
-        "message sent (delivered to 2, held for 1)")
-    error = {"type": "error", "code": "no-such-user",
-             "message": 'User "client4" is not connected to the server.'}
+    assert format_delivery(Ok(2, 1)) == "message sent (delivered to 2, held for 1)"
+    error = Error("no-such-user", 'User "client4" is not connected to the server.')
     assert format_failure(error) == (
         'failed to deliver message because User "client4" is not connected to the server.')
 
@@ -494,15 +492,16 @@ def test_view_starts_with_dropped_notice(
 
 def test_control_characters_from_the_network_are_shown_not_obeyed(
         spawn: Callable[..., pexpect.spawn], server: Any, connect: Callable[..., Peer]) -> None:
-    """ESC, BEL, C1 and bidi overrides in texts and titles are printed visibly, never raw."""
-    bob, bob_id = registered_peer(connect, server, "bob", title="\x1b[31mred", company="\u202eAcme")
+    """ESC, BEL, C1 and bidi overrides in texts are printed visibly, never raw (titles cannot
+    hold them: the server refuses them, and describe_user's test shows they are escaped too)."""
+    bob, bob_id = registered_peer(connect, server, "bob", title="CTO", company="Acme")
     child = typing_client(spawn, server, "alice")
     child.sendline("#view")
     child.expect_exact("viewing messages: press e to type, q to quit")
     bob.send({"type": "say", "text": "\x1b[2J wipe \x07 ring \x9b1m \u202eevil\x7f"})
     child.expect_exact("bob: ^[[2J wipe ^G ring \\x9b1m \\u202eevil\\x7f\r\n")
     bob.send({"type": "dm", "to": "alice", "text": "two\nlines"})
-    child.expect_exact(f"[direct] bob (id {bob_id}, title: ^[[31mred, company: \\u202eAcme): "
+    child.expect_exact(f"[direct] bob (id {bob_id}, title: CTO, company: Acme): "
                        "two\r\n    lines\r\n")
     printed = output(child)
     for raw in ("\x1b", "\x07", "\x9b", "\u202e", "\x7f"):

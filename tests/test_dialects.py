@@ -379,7 +379,8 @@ def test_native_hello_with_line_users_name_is_name_taken(
 
 @pytest.mark.parametrize("bad", ["HELLO-FROM al!ce", "HELLO-FROM 12345", "HELLO-FROM server",
                                  "HELLO-FROM ALL", "HELLO-FROM " + "a" * 33,
-                                 "HELLO-FROM two words", "HELLO-FROM", "HELLO-FROM h\u00e9"])
+                                 "HELLO-FROM two words", "HELLO-FROM", "HELLO-FROM h\u00e9",
+                                 "HELLO-FROM -", "HELLO-FROM ....", "HELLO-FROM 1-2"])
 def test_line_login_with_invalid_name_is_bad_body_and_may_retry(
         server: ChatServer, line_client: Callable[..., LineClient], bad: str) -> None:
     """An invalid, reserved or missing name gets BAD-RQST-BODY and the connection may try again."""

@@ -69,6 +69,7 @@ from protocol import (
 T = TypeVar("T")
 
 PING_FRAME = encode_event(Ping())
+EPSILON = 1e-9
 
 
 class TokenBucket:
@@ -92,10 +93,11 @@ class TokenBucket:
         now = self.clock()
         self.tokens = min(self.burst, self.tokens + (now - self.refilled) * self.rate)
         self.refilled = now
-        if self.tokens < 1:
+        # EPSILON: waiting exactly the time told may refill to 0.999...: that must count as 1.
+        if self.tokens < 1 - EPSILON:
             return 0, (1 - self.tokens) / self.rate
-        count = min(wanted, int(self.tokens))
-        self.tokens -= count
+        count = min(wanted, int(self.tokens + EPSILON))
+        self.tokens = max(0.0, self.tokens - count)
         return count, 0.0
 
 
