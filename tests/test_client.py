@@ -34,7 +34,7 @@ from client_helpers import (
     ended,
     output,
 )
-from conftest import ROOT, Peer, free_port
+from conftest import ROOT, Peer, ServerProcess, free_port, take_over_id
 
 import chat_client
 from chat_client import ask_address, parse_port
@@ -388,6 +388,37 @@ def test_send_asks_receiver_id_then_message(
     message = bob.wait_for("message")
     assert (message["text"], message["from"]["name"], message["to"]["id"]) == (
         "via send", "alice", bob_id)
+
+
+def test_send_to_a_reused_id_says_it_is_no_longer_the_user_seen(
+        spawn: Callable[..., pexpect.spawn], server_process: Callable[..., ServerProcess],
+        connect: Callable[..., Peer]) -> None:
+    """``send`` to the id /users showed as alice, now mallory's, delivers nothing and says so."""
+    server = server_process()
+    alice, alice_id = registered_peer(connect, server, "alice")
+    child = typing_client(spawn, server, "carol")
+    assert f"{alice_id}" in command(child, "/users")
+    alice.send({"type": "quit"})
+    alice.wait_for("bye")
+    assert alice.closed()
+    alice.close()
+    mallory = take_over_id(connect, server, alice_id, "mallory")
+    mallory.view()
+    mallory.sync()
+    child.sendline("send")
+    child.expect_exact("receiver id: ")
+    child.sendline(str(alice_id))
+    child.expect_exact("message: ")
+    assert command(child, "for alice only") == (
+        f"failed to deliver message because id {alice_id} is no longer alice: "
+        'User "alice" is not connected to the server.\n')
+    assert mallory.sync() == []
+    child.sendline("send")  # the failure forgot the old name: now the id means mallory
+    child.expect_exact("receiver id: ")
+    child.sendline(str(alice_id))
+    child.expect_exact("message: ")
+    assert command(child, "hi") == "message sent (delivered to 1, held for 0)\n"
+    assert mallory.wait_for("message")["text"] == "hi"
 
 
 def test_users_and_who_list_everyone(

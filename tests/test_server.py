@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from conftest import Peer, ServerProcess, wait_until
+from conftest import Peer, ServerProcess, take_over_id, wait_until
 
 from chat_server import ChatServer
 from modes import dropped_text
@@ -1495,7 +1495,7 @@ def test_log_lines_connections_and_messages(
         what="bob's disconnection logged with 1 online",
     )
     alice.send({"type": "quit"})
-    alice.expect("bye")
+    alice.wait_for("bye")
     wait_until(
         lambda: any("alice" in x and re.search(r"\b0 online", x) for x in proc.lines),
         what="alice's departure logged with 0 online",
@@ -1672,20 +1672,6 @@ def test_log_escapes_line_separators_and_bidi_marks(start_server, connect) -> No
 # Ids are reused file descriptors: a dm by id names who it is for (SPEC 1.2, issue 11 item 5).
 
 
-def take_over_id(connect: Connect, server: Any, wanted: int, name: str) -> Peer:
-    """A peer registered as ``name`` on the id ``wanted``: the server process reuses a freed
-    descriptor at once (a try that comes before the old socket is closed quits and tries again)."""
-    for _ in range(50):
-        peer = connect(server)
-        if peer.register(name)["id"] == wanted:
-            return peer
-        peer.send({"type": "quit"})
-        peer.expect("bye")
-        assert peer.closed()
-        peer.close()
-    raise AssertionError(f"id {wanted} was never reused")
-
-
 def test_dm_by_reused_id_with_the_old_name_is_no_such_user(
     server_process: Callable[..., ServerProcess], connect: Connect
 ) -> None:
@@ -1696,7 +1682,7 @@ def test_dm_by_reused_id_with_the_old_name_is_no_such_user(
     alice = member(connect, server, "alice")
     alice_id = user_object(alice)["id"]
     alice.send({"type": "quit"})
-    alice.expect("bye")
+    alice.wait_for("bye")
     assert alice.closed()
     alice.close()
     mallory = take_over_id(connect, server, alice_id, "mallory")
