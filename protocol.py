@@ -149,7 +149,9 @@ class Splitter:
 # Native protocol values.
 
 
-UNSAFE_TEXT = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+UNSAFE_TEXT = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]"
+)
 """Characters that must never reach a terminal or a log as they are: C0 controls, DEL, C1
 controls, and the invisible ones that reorder or break lines (bidirectional marks, embeddings,
 overrides and isolates, the "Trojan Source" set, and U+2028/U+2029). Both programs show them
@@ -171,7 +173,7 @@ def encode(obj: dict[str, Any]) -> bytes:
 
 
 json_string = json.encoder.encode_basestring
-"""A str as a JSON string literal, raw UTF-8 kept, quotes and control characters escaped (C speed)."""
+"""A str as a JSON string literal, raw UTF-8 kept, quotes and controls escaped (C speed)."""
 
 
 def encode_json(value: Any) -> str:
@@ -289,11 +291,10 @@ class _Wire:
         for key, value in self.__dict__.items():
             if value is None and key in _OMIT_NONE:
                 continue
-            if isinstance(value, User):
-                value = value.wire()
-            elif isinstance(value, tuple):
-                value = [item.wire() if isinstance(item, User) else item for item in value]
-            obj[_WIRE_NAMES.get(key, key)] = value
+            obj[_WIRE_NAMES.get(key, key)] = (
+                value.wire() if isinstance(value, User)
+                else [item.wire() if isinstance(item, User) else item for item in value]
+                if isinstance(value, tuple) else value)
         return obj
 
 
@@ -504,7 +505,7 @@ class Target(_Wire):
 
 @dataclass(frozen=True)
 class Message(_Wire):
-    """A chat message; ``to`` is None for a broadcast. ``queued`` is written last (``held_variant``)."""
+    """A chat message; ``to`` None for a broadcast; ``queued`` written last (``held_variant``)."""
     TYPE = "message"
     sender: User
     to: Target | None

@@ -128,7 +128,8 @@ def users_of(peer: Peer) -> list[dict[str, Any]]:
     """The server's user list, asked through ``peer`` (other events before the reply are
     skipped)."""
     peer.send({"type": "users", "ref": "users-of"})
-    return peer.wait_for("users", ref="users-of")["users"]
+    users: list[dict[str, Any]] = peer.wait_for("users", ref="users-of")["users"]
+    return users
 
 
 def user_names(peer: Peer) -> list[str]:
@@ -508,7 +509,7 @@ def test_two_clients_racing_for_one_name(server: ChatServer, connect: Connect) -
 
         threads = [
             threading.Thread(target=hello, args=(peer, wanted))
-            for peer, wanted in zip(peers, [name, name.upper()])
+            for peer, wanted in zip(peers, [name, name.upper()], strict=True)
         ]
         for thread in threads:
             thread.start()
@@ -1205,6 +1206,29 @@ def test_rate_limit_delays_flooder_only_and_loses_nothing(
     assert bob.sync() == []
 
 
+def churn_once(address: tuple[str, int], index: int) -> None:
+    """One connection that opens, maybe registers or sends part of a frame, and vanishes."""
+    kind = index % 6
+    hello = encode({"type": "hello", "name": f"churn{index}"})
+    sock = raw_connect(address)
+    try:
+        if kind == 1:
+            sock.sendall(hello)
+            sock.recv(65536)  # welcome (maybe with more)
+        elif kind in (2, 3, 4, 5):
+            sock.sendall({
+                2: hello + b'{"type":"say","te',
+                3: b'{"type":"hel',
+                4: encode({"type": "hello"}) + encode({"type": "mode", "mode": 2}),
+                5: hello + encode({"type": "say", "text": "bye all"}),
+            }[kind])
+    finally:
+        if index % 2:
+            abort(sock)
+        else:
+            sock.close()
+
+
 @pytest.mark.timeout(60)
 def test_500_abrupt_connections_during_broadcasts(server: ChatServer, connect: Connect) -> None:
     """500 connections opening and vanishing (registered or not, some mid-frame) during broadcasts
@@ -1237,30 +1261,7 @@ def test_500_abrupt_connections_during_broadcasts(server: ChatServer, connect: C
                 heard.append(event["text"])
 
     def churn(index: int) -> None:
-        kind = index % 6
-        sock = raw_connect(server.address)
-        try:
-            if kind == 1:
-                sock.sendall(encode({"type": "hello", "name": f"churn{index}"}))
-                sock.recv(65536)  # welcome (maybe with more)
-            elif kind == 2:
-                sock.sendall(
-                    encode({"type": "hello", "name": f"churn{index}"}) + b'{"type":"say","te'
-                )
-            elif kind == 3:
-                sock.sendall(b'{"type":"hel')
-            elif kind == 4:
-                sock.sendall(encode({"type": "hello"}) + encode({"type": "mode", "mode": 2}))
-            elif kind == 5:
-                sock.sendall(
-                    encode({"type": "hello", "name": f"churn{index}"})
-                    + encode({"type": "say", "text": "bye all"})
-                )
-        finally:
-            if index % 2:
-                abort(sock)
-            else:
-                sock.close()
+        churn_once(server.address, index)
 
     speaking = threading.Thread(target=speak, daemon=True)
     listening = threading.Thread(target=listen, daemon=True)
@@ -1594,7 +1595,7 @@ def test_client_id_is_a_socket_descriptor_of_the_server(
     assert len(set(ids)) == 3
 
 
-def test_pong_before_hello_is_not_registered(server, connect) -> None:
+def test_pong_before_hello_is_not_registered(server: ChatServer, connect: Connect) -> None:
     """A pong sent before registering is answered not-registered, like any other request."""
     peer = connect(server)
     peer.send({"type": "pong", "ref": 4})
@@ -1602,9 +1603,9 @@ def test_pong_before_hello_is_not_registered(server, connect) -> None:
 
 
 def test_fast_readers_are_not_dropped_when_a_burst_exceeds_the_output_limit(
-    start_server, connect
+    start_server: StartServer, connect: Connect
 ) -> None:
-    """A burst far larger than --output-limit reaches viewers that keep reading, and none is dropped."""
+    """A burst far larger than --output-limit reaches viewers that keep reading, none dropped."""
     server = start_server(rate=0, output_limit=4096)
     viewers = [connect(server) for _ in range(5)]
     for index, viewer in enumerate(viewers):
@@ -1629,8 +1630,10 @@ def test_fast_readers_are_not_dropped_when_a_burst_exceeds_the_output_limit(
 
 
 @pytest.mark.timeout(20)
-def test_hello_timeout_holds_against_a_peer_that_never_pauses(start_server, connect) -> None:
-    """A connection streaming an endless frame and never registering is closed at the hello timeout."""
+def test_hello_timeout_holds_against_a_peer_that_never_pauses(
+    start_server: StartServer, connect: Connect
+) -> None:
+    """A connection streaming an endless frame and never registering is closed at its timeout."""
     server = start_server(rate=0, hello_timeout=0.3)
     peer = connect(server)
     stop = threading.Event()
@@ -1656,7 +1659,9 @@ def test_hello_timeout_holds_against_a_peer_that_never_pauses(start_server, conn
         stop.set()
 
 
-def test_log_escapes_line_separators_and_bidi_marks(start_server, connect) -> None:
+def test_log_escapes_line_separators_and_bidi_marks(
+    start_server: StartServer, connect: Connect
+) -> None:
     """U+2028, U+2029, U+061C and U+202E in a message are logged as escapes, never raw."""
     logs: list[str] = []
     server = start_server(rate=0, log=logs.append)

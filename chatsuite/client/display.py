@@ -136,7 +136,7 @@ def format_users(users: Sequence[User], own_id: int | None = None) -> list[str]:
         rows.append((str(user.id), name, sanitize(user.title), sanitize(user.company),
                      sanitize(user.status)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
 
 
 def format_names(names: list[str], own_name: str | None = None) -> list[str]:

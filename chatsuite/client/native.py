@@ -206,8 +206,8 @@ class NativeSession(Session):
         name = self.name
         if name is None:
             name = self.ask("your name (Enter for an automatic one): ").strip()
-            self.title = self.title or self.ask("your job title (Enter for none): ").strip() or None
-            self.company = self.company or self.ask("your company (Enter for none): ").strip() or None
+            self.title = self.title or self.ask("your job title (Enter for none): ").strip()
+            self.company = self.company or self.ask("your company (Enter for none): ").strip()
         while True:
             reply = self.conn.request(Hello(name or None, self.title or None, self.company or None))
             if isinstance(reply, Welcome):

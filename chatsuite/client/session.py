@@ -164,7 +164,7 @@ class Session:
         return self.finish()
 
     def finish(self) -> int:
-        """End the session: a failure is said and gives 1; a chosen exit tells the server, gives 0."""
+        """End the session: a failure is said, gives 1; a chosen exit tells the server, gives 0."""
         self.exiting = True
         if self.failure:
             self.link.close()
@@ -197,12 +197,7 @@ class Session:
             elif isinstance(command, DirectMessage):
                 self.send_direct(command.to, command.text)
             elif isinstance(command, AskSend):
-                to = self.ask(self.receiver_prompt).strip()
-                text = self.ask("message: ")
-                if to and text.strip():
-                    self.send_direct(to, text)
-                else:
-                    self.show(f"nothing sent: a {self.receiver_prompt[:-2]} and a message are needed")
+                self.ask_send()
             elif isinstance(command, UsersCommand):
                 self.show_users()
             elif isinstance(command, StatusCommand):
@@ -214,6 +209,15 @@ class Session:
             elif isinstance(command, Invalid):
                 self.show(command.reason)
             # Nothing (an empty line): prompt again.
+
+    def ask_send(self) -> None:
+        """``send`` (seed 003): ask for the receiver, then the message, and send it."""
+        to = self.ask(self.receiver_prompt).strip()
+        text = self.ask("message: ")
+        if to and text.strip():
+            self.send_direct(to, text)
+        else:
+            self.show(f"nothing sent: a {self.receiver_prompt[:-2]} and a message are needed")
 
     def viewing(self) -> Mode | None:
         """Mode 2: show what arrives until ``e`` (typing) or ``q`` (None: quit)."""

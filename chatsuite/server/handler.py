@@ -271,7 +271,7 @@ class Handler:
                  Dialect.PLAIN: self.run_plain}[dialect](data)
         except Disconnect as end:
             quitting, reason = end.quitting, end.reason or reason
-        except Exception as error:  # noqa: BLE001 - one broken connection never takes the server down
+        except Exception as error:  # one broken connection never takes the server down
             reason = f"internal error: {error!r}"
         finally:
             if self.conn.overflowed:
@@ -440,9 +440,9 @@ class Handler:
             except Refusal as error:
                 if error.code is ErrorCode.SERVER_FULL:
                     self.send_line(LineReply.BUSY.value)
-                    raise Disconnect(reason="server full")
-                reply = LineReply.IN_USE if error.code is ErrorCode.NAME_TAKEN else LineReply.BAD_BODY
-                self.send_line(reply.value)
+                    raise Disconnect(reason="server full") from None
+                taken = error.code is ErrorCode.NAME_TAKEN
+                self.send_line((LineReply.IN_USE if taken else LineReply.BAD_BODY).value)
         elif not member.registered:
             self.send_line(LineReply.BAD_HEADER.value)
         elif isinstance(command, LineList):

@@ -162,7 +162,7 @@ class Room:
         return Delivery(delivered + rest.delivered, rest.queued)
 
     def _sort(self, member: Member) -> None:
-        """File a registered member under how events reach it (after a registration or mode change)."""
+        """File a registered member under how events reach it (after joining or a mode change)."""
         if member.dialect is Dialect.NATIVE and member.mode is Mode.VIEWING:
             self._individual.pop(member.id, None)
             self._viewers[member.id] = member.outbox
