@@ -273,9 +273,7 @@ def parse_object(frame: bytes) -> dict[str, Any]:
         raise ProtocolError(ErrorCode.BAD_FRAME, "The frame is not valid JSON.") from None
     if not isinstance(obj, dict):
         raise ProtocolError(ErrorCode.BAD_FRAME, "The frame is not a JSON object.")
-    ref = obj.get("ref")
-    if not isinstance(ref, (str, int)) or isinstance(ref, bool):
-        ref = None
+    ref = _ref_of(obj)
     if not isinstance(obj.get("type"), str):
         raise ProtocolError(ErrorCode.BAD_FRAME, 'The frame has no string "type".', ref)
     # Raw UTF-8 cannot carry a surrogate, only a \u escape can: skip the walk when there is none.
@@ -642,8 +640,11 @@ REQUEST_TYPES = frozenset(_REQUEST_PARSERS)
 
 
 def _ref_of(obj: dict[str, Any]) -> Ref:
+    """The object's ref when it is one we can echo (a string without lone surrogates, an int)."""
     ref = obj.get("ref")
-    return ref if isinstance(ref, (str, int)) and not isinstance(ref, bool) else None
+    if isinstance(ref, str):
+        return None if _has_surrogate(ref) else ref
+    return ref if isinstance(ref, int) and not isinstance(ref, bool) else None
 
 
 def parse_request(frame: bytes) -> Request:
@@ -706,7 +707,7 @@ def _oversized_ref(head: bytes) -> Ref:
         ref = json.loads(match.group(1))
     except ValueError:
         return None
-    return ref if isinstance(ref, (str, int)) else None
+    return _ref_of({"ref": ref})
 
 
 _REF_RE = re.compile(rb'"ref"\s*:\s*("(?:[^"\\]|\\.){0,200}"|-?\d{1,18})\s*[,}]')

@@ -985,3 +985,11 @@ def test_sniff_decides_the_same_however_the_bytes_arrive(data: bytes, expected: 
             break
     else:
         assert expected is None
+
+
+def test_a_ref_with_a_lone_surrogate_is_not_echoed() -> None:
+    """A ref holding a lone surrogate cannot be written back as UTF-8: the error's ref is null."""
+    assert decode_one(b'{"type":"say","text":"\\ud800","ref":"\\udc00"}\0') == ProtocolError(
+        ErrorCode.BAD_REQUEST, "The text holds a lone surrogate.")
+    big = b'{"type":"say","ref":"\\ud800","text":"' + b"x" * 100 + b'"}\0'
+    assert [e.ref for e in RequestDecoder(64).feed(big)] == [None]
