@@ -71,6 +71,7 @@ from protocol import (
     message_frame,
     name_problem,
     no_such_user_message,
+    ok_frames,
     parse_object,
     parse_target,
     sniff,
@@ -993,3 +994,10 @@ def test_a_ref_with_a_lone_surrogate_is_not_echoed() -> None:
         ErrorCode.BAD_REQUEST, "The text holds a lone surrogate.")
     big = b'{"type":"say","ref":"\\ud800","text":"' + b"x" * 100 + b'"}\0'
     assert [e.ref for e in RequestDecoder(64).feed(big)] == [None]
+
+
+@pytest.mark.parametrize("refs", [[None], [1, None, "a\"é", -5, ""], []])
+def test_ok_frames_are_the_typed_oks_with_each_ref(refs: list[Any]) -> None:
+    """ok_frames() (the say path's splice) writes exactly the encode_event() of each Ok."""
+    ok = Ok(3, 2)
+    assert ok_frames(ok, refs) == b"".join(encode_event(replace(ok, ref=ref)) for ref in refs)

@@ -63,6 +63,7 @@ from protocol import (
     StatusChanged,
     Users,
     encode_event,
+    ok_frames,
     sniff,
 )
 
@@ -311,7 +312,7 @@ class Handler:
 
     # -- native -------------------------------------------------------------------------------
 
-    def send(self, event: Ok | Error | Users | StatusChanged | Pong | Bye) -> None:
+    def send(self, event: Error | Users | StatusChanged | Pong | Bye) -> None:
         self.room.push(self.member, encode_event(event))
 
     def error(self, error: ChatError) -> None:
@@ -375,17 +376,16 @@ class Handler:
     def say(self, requests: list[Say]) -> None:
         texts = [request.text for request in requests]
         delivery = self.room.broadcast(self.member, texts)
-        plain_ok = encode_event(Ok(delivery.delivered, delivery.queued))  # shared by refless says
-        oks = [plain_ok if r.ref is None else
-               encode_event(Ok(delivery.delivered, delivery.queued, r.ref)) for r in requests]
-        self.room.push(self.member, b"".join(oks))
+        ok = Ok(delivery.delivered, delivery.queued)  # one count for the run, each with its ref
+        self.room.push(self.member, ok_frames(ok, [request.ref for request in requests]))
         self.server.log_messages(self.member.name, "all", texts)
 
     def dm(self, request: Request) -> None:
         assert isinstance(request, Dm)
         recipient, delivery = self.room.direct(self.member, request.to, request.text,
                                                request.ref, request.name)
-        self.send(Ok(delivery.delivered, delivery.queued, request.ref))
+        self.room.push(self.member, ok_frames(Ok(delivery.delivered, delivery.queued),
+                                              [request.ref]))
         self.server.log_messages(self.member.name, recipient.name, [request.text])
 
     def set_mode(self, request: Request) -> None:
