@@ -110,7 +110,7 @@ class ChatServer:
                                        secret_file=config.cluster_secret_file,
                                        insecure=config.redis_insecure)
         self.room = Room(config.max_clients, config.pending_limit, config.pending_bytes, self.log,
-                         self.backplane)
+                         self.backplane, config.max_frame)
         self.writer = Writer(self.room.lock, self.log)
         self.room.fan_out = self.writer.push_all  # the inlined broadcast loop
         self.stopping = threading.Event()

@@ -1,25 +1,37 @@
-"""The chat suite's wire protocols, sans I/O: bytes in, messages out, messages in, bytes out.
+"""The chat suite's native protocol, sans I/O: bytes in, typed values out, and back again.
 
-This module owns every byte format the server and client speak (SPEC sections 1 and 2):
+This module owns the native protocol of SPEC section 1, symmetric like h11 and wsproto:
 
-* the native protocol: one compact JSON object per frame, each frame ended by a NUL byte;
-* the line protocol of seed 002 (``HELLO-FROM``, ``SEND``, ``LIST``/``WHO``), one command per line;
-* the plain text protocol of seed 001: UTF-8 text frames ended by NUL.
+* framing: one compact JSON object per frame, each ended by a NUL byte (``Splitter``, shared
+  with the line and plain dialects, whose codecs live in ``chatsuite/dialects.py``);
+* every request (``Hello``, ``Say``, ``Dm``, ...) and every event (``Welcome``, ``Ok``,
+  ``Error``, ``Message``, ``Notice``, ...) as a frozen dataclass, with one encoder
+  (``encode_event``, also ``encode_request``) and one parser each way (``RequestDecoder`` on the
+  server, ``EventDecoder`` on the client); the server's hot path (``message_frame``,
+  ``held_variant``) writes the same bytes as ``encode_event(Message(...))``, once per broadcast;
+* the two error families: ``ProtocolError`` (the peer broke the protocol) and ``Refusal`` (a
+  well-formed request the room refuses), both carrying code, sentence and ref;
+* ``sniff``: which of the three dialects a connection speaks, from its first bytes (SPEC 2).
 
 It never touches a socket, a thread or a terminal, so every rule can be tested (and fuzzed) alone.
 Its one invariant: whatever bytes a peer sends, the decoders return only well-formed values or
-``ProtocolError`` values carrying the SPEC's error code; they never raise on remote input, and they
-never keep more than one frame's worth of partial data.
+``ProtocolError`` values carrying the SPEC's error code (the client's: ``UnknownEvent``); they
+never raise on remote input, and they never keep more than one frame's worth of partial data.
+
+Length: past STYLE's ~500 lines on purpose. Issue 10 asks for every request and event here, in
+one module both programs read, and each is a small dataclass; the next split, if it grows, is
+the event classes and their parsers apart from framing and requests.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import Enum
-from typing import Any
+from typing import Any, ClassVar
 
 MAX_FRAME = 65_536
 """Largest frame (bytes before its terminator) a peer may send; the server's ``--max-frame``."""
@@ -47,31 +59,44 @@ class ErrorCode(str, Enum):
 Ref = str | int | None
 
 
-class ProtocolError(Exception):
-    """A remote peer broke the protocol; carries the error code, a sentence and the request's ref."""
+class ChatError(Exception):
+    """An error reply in waiting: the code, a sentence for people and the request's ref."""
 
-    def __init__(self, code: ErrorCode, message: str, ref: Ref = None, kind: str | None = None) -> None:
+    def __init__(self, code: ErrorCode, message: str, ref: Ref = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.ref = ref
-        self.kind = kind  # the request's "type", when the frame had one
 
     def __eq__(self, other: object) -> bool:
-        return (
-            isinstance(other, ProtocolError)
-            and (self.code, self.message, self.ref) == (other.code, other.message, other.ref)
-        )
+        return type(other) is type(self) and isinstance(other, ChatError) and (
+            (self.code, self.message, self.ref) == (other.code, other.message, other.ref))
 
     def __hash__(self) -> int:
         return hash((self.code, self.message, self.ref))
 
     def __repr__(self) -> str:
-        return f"ProtocolError({self.code.value!r}, {self.message!r}, ref={self.ref!r})"
+        return f"{type(self).__name__}({self.code.value!r}, {self.message!r}, ref={self.ref!r})"
+
+
+class ProtocolError(ChatError):
+    """The peer broke the protocol (bad-frame, frame-too-large, bad-request, unknown-type, ...)."""
+
+    def __init__(self, code: ErrorCode, message: str, ref: Ref = None,
+                 kind: str | None = None) -> None:
+        super().__init__(code, message, ref)
+        self.kind = kind  # the request's "type", when the frame had one
+
+
+class Refusal(ChatError):
+    """A well-formed request the room refuses (name-taken, no-such-user, server-full, ...)."""
 
 
 # --------------------------------------------------------------------------------------------
 # Framing: a delimiter-separated byte stream with a size limit (shared by all three dialects).
+
+
+HEAD = 256  # bytes kept of an oversized frame's start: enough to show its "ref"
 
 
 @dataclass(frozen=True)
@@ -79,6 +104,7 @@ class Oversized:
     """Marks a frame that exceeded the limit; its bytes were discarded up to its terminator."""
 
     size: int
+    head: bytes = field(default=b"", compare=False)  # its first bytes (at most ``HEAD``)
 
 
 class Splitter:
@@ -97,6 +123,7 @@ class Splitter:
         self.max_size = max_size
         self._buffer = b""
         self._discarding = 0  # bytes dropped so far of an oversized frame, 0 when not discarding
+        self._head = b""  # the first bytes of the oversized frame being dropped
 
     @property
     def pending(self) -> int:
@@ -111,8 +138,8 @@ class Splitter:
             if end < 0:
                 self._discarding += len(data)
                 return out
-            out.append(Oversized(self._discarding + end))
-            self._discarding = 0
+            out.append(Oversized(self._discarding + end, self._head))
+            self._discarding, self._head = 0, b""
             data = data[end + 1 :]
         if self._buffer:
             data = self._buffer + data
@@ -121,9 +148,9 @@ class Splitter:
         tail = parts.pop()
         limit = self.max_size
         for part in parts:
-            out.append(part if len(part) <= limit else Oversized(len(part)))
+            out.append(part if len(part) <= limit else Oversized(len(part), part[:HEAD]))
         if len(tail) > limit:
-            self._discarding = len(tail)
+            self._discarding, self._head = len(tail), tail[:HEAD]
         else:
             self._buffer = tail
         return out
@@ -133,7 +160,9 @@ class Splitter:
 # Native protocol values.
 
 
-UNSAFE_TEXT = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+UNSAFE_TEXT = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]"
+)
 """Characters that must never reach a terminal or a log as they are: C0 controls, DEL, C1
 controls, and the invisible ones that reorder or break lines (bidirectional marks, embeddings,
 overrides and isolates, the "Trojan Source" set, and U+2028/U+2029). Both programs show them
@@ -154,8 +183,8 @@ def encode(obj: dict[str, Any]) -> bytes:
     return _json_encoder.encode(obj).encode("utf-8", "surrogatepass") + NUL
 
 
-json_string = json.encoder.encode_basestring  # type: ignore[attr-defined]
-"""A str as a JSON string literal, raw UTF-8 kept, quotes and control characters escaped (C speed)."""
+json_string = json.encoder.encode_basestring
+"""A str as a JSON string literal, raw UTF-8 kept, quotes and controls escaped (C speed)."""
 
 
 def encode_json(value: Any) -> str:
@@ -184,14 +213,6 @@ def held_variant(frame: bytes) -> bytes:
     if not frame.endswith(_LIVE_TAIL):
         raise ValueError("not a live event frame")
     return frame[: -len(_LIVE_TAIL)] + _HELD_TAIL
-
-
-def event_frame(obj: dict[str, Any]) -> bytes:
-    """An event frame for a ``message`` or ``notice`` object: ``queued`` false, written last."""
-    body = dict(obj)
-    body.pop("queued", None)
-    text = _json_encoder.encode(body)
-    return (text[:-1] + ",").encode("utf-8") + _LIVE_TAIL
 
 
 def _reject_constant(name: str) -> Any:
@@ -252,9 +273,7 @@ def parse_object(frame: bytes) -> dict[str, Any]:
         raise ProtocolError(ErrorCode.BAD_FRAME, "The frame is not valid JSON.") from None
     if not isinstance(obj, dict):
         raise ProtocolError(ErrorCode.BAD_FRAME, "The frame is not a JSON object.")
-    ref = obj.get("ref")
-    if not isinstance(ref, (str, int)) or isinstance(ref, bool):
-        ref = None
+    ref = _ref_of(obj)
     if not isinstance(obj.get("type"), str):
         raise ProtocolError(ErrorCode.BAD_FRAME, 'The frame has no string "type".', ref)
     # Raw UTF-8 cannot carry a surrogate, only a \u escape can: skip the walk when there is none.
@@ -264,13 +283,75 @@ def parse_object(frame: bytes) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------
-# Requests (client to server).
+# Typed values: requests (client to server) and events (server to client), frozen dataclasses.
+# ``TYPE`` is the wire's "type"; ``wire()`` is the JSON object, fields in declaration order,
+# ``ref`` only when set (an error always has one, maybe null).
+
+AVAILABLE = "available"
+UNAVAILABLE = "unavailable"
+
+
+class _Wire:
+    TYPE: ClassVar[str]
+
+    def wire(self) -> dict[str, Any]:
+        """The JSON object for this value (what travels, before framing)."""
+        obj: dict[str, Any] = {"type": self.TYPE}
+        for key, value in self.__dict__.items():
+            if value is None and key in _OMIT_NONE:
+                continue
+            obj[_WIRE_NAMES.get(key, key)] = (
+                value.wire() if isinstance(value, User)
+                else [item.wire() if isinstance(item, User) else item for item in value]
+                if isinstance(value, tuple) else value)
+        return obj
+
+
+_OMIT_NONE = frozenset({"ref", "status", "name", "title", "company", "user", "count"})
+_WIRE_NAMES = {"sender": "from"}
 
 
 @dataclass(frozen=True)
-class Hello:
-    """Register: optional name (None asks for an automatic one), title and company."""
+class User:
+    """The wire's ``user`` object (SPEC 1.2)."""
 
+    id: int
+    name: str
+    title: str | None = None
+    company: str | None = None
+    status: str = AVAILABLE
+    mode: int = 1
+
+    def wire(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def parse(cls, obj: Any) -> User:
+        """A user from its JSON object; ``ValueError`` when it is not one."""
+        if not isinstance(obj, dict):
+            raise ValueError("not a user")
+        return cls(_of(obj, "id", int), _of(obj, "name", str), _of(obj, "title", str, None),
+                   _of(obj, "company", str, None), _of(obj, "status", str, AVAILABLE),
+                   _of(obj, "mode", int, 1))
+
+
+_MISSING: Any = object()
+
+
+def _of(obj: dict[str, Any], key: str, kind: type, default: Any = _MISSING) -> Any:
+    """``obj[key]`` when it has type ``kind`` (bool is no int); else the default or ValueError."""
+    value = obj.get(key)
+    if isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool):
+        return value
+    if default is not _MISSING and value is None:
+        return default
+    raise ValueError(f"bad {key!r}")
+
+
+@dataclass(frozen=True)
+class Hello(_Wire):
+    """Register: optional name (None asks for an automatic one), title and company."""
+    TYPE = "hello"
     name: str | None = None
     title: str | None = None
     company: str | None = None
@@ -278,70 +359,232 @@ class Hello:
 
 
 @dataclass(frozen=True)
-class SetMode:
+class SetMode(_Wire):
     """Switch to mode 1 (typing) or 2 (viewing)."""
-
+    TYPE = "mode"
     mode: int
     ref: Ref = None
 
 
 @dataclass(frozen=True)
-class Say:
+class Say(_Wire):
     """Broadcast text to every other registered client."""
-
+    TYPE = "say"
     text: str
     ref: Ref = None
 
 
 @dataclass(frozen=True)
-class Dm:
-    """Direct message to a user named by name (str) or id (int)."""
-
+class Dm(_Wire):
+    """Direct message to a user named by name or id; ``name``: who the sender believes the id is."""
+    TYPE = "dm"
     to: str | int
     text: str
     ref: Ref = None
+    name: str | None = None
 
 
 @dataclass(frozen=True)
-class ListUsers:
+class ListUsers(_Wire):
     """Ask for the list of registered users."""
-
+    TYPE = "users"
     ref: Ref = None
 
 
 @dataclass(frozen=True)
-class SetStatus:
+class SetStatus(_Wire):
     """Set availability; None toggles it."""
-
+    TYPE = "status"
     status: str | None = None
     ref: Ref = None
 
 
 @dataclass(frozen=True)
-class Ping:
-    """Liveness check (either direction)."""
-
+class Ping(_Wire):
+    """Liveness check, either direction (a request, and the server's event)."""
+    TYPE = "ping"
     ref: Ref = None
 
 
 @dataclass(frozen=True)
-class Pong:
-    """Answer to a ``ping``."""
-
+class Pong(_Wire):
+    """Answer to a ``ping``, either direction."""
+    TYPE = "pong"
     ref: Ref = None
 
 
 @dataclass(frozen=True)
-class Quit:
+class Quit(_Wire):
     """Leave the room; the server answers ``bye`` and closes."""
-
+    TYPE = "quit"
     ref: Ref = None
 
 
 Request = Hello | SetMode | Say | Dm | ListUsers | SetStatus | Ping | Pong | Quit
 
-AVAILABLE = "available"
-UNAVAILABLE = "unavailable"
+
+@dataclass(frozen=True)
+class Welcome(_Wire):
+    """Registered: who we are, how many are online, the server's frame limit."""
+    TYPE = "welcome"
+    user: User
+    online: int
+    max_frame: int = MAX_FRAME
+    ref: Ref = None
+
+    def wire(self) -> dict[str, Any]:
+        obj = {"type": self.TYPE, **self.user.wire(), "online": self.online,
+               "max_frame": self.max_frame}
+        if self.ref is not None:
+            obj["ref"] = self.ref
+        return obj
+
+
+@dataclass(frozen=True)
+class Ok(_Wire):
+    """A message went out: recipients that got it live, and those holding it."""
+    TYPE = "ok"
+    delivered: int
+    queued: int
+    ref: Ref = None
+
+    def wire(self) -> dict[str, Any]:
+        # Spelled out: an ``ok`` answers every say, so it is on the message path.
+        obj = {"type": "ok", "delivered": self.delivered, "queued": self.queued}
+        if self.ref is not None:
+            obj["ref"] = self.ref
+        return obj
+
+
+def ok_frames(ok: Ok, refs: list[Ref]) -> bytes:
+    """The ``ok`` frames answering a run of says, one per ref, spelled out: the same bytes as
+    ``encode_event(replace(ok, ref=ref))`` for each (an ``ok`` answers every say: hot path)."""
+    head = b'{"type":"ok","delivered":%d,"queued":%d' % (ok.delivered, ok.queued)
+    plain = head + b"}\0"
+    return b"".join(
+        plain if ref is None else head + b',"ref":' + (
+            json_string(ref) if isinstance(ref, str) else str(ref)).encode() + b"}\0"
+        for ref in refs)
+
+
+@dataclass(frozen=True)
+class Error(_Wire):
+    """A request failed, or a frame was bad: the code (``ErrorCode`` value), a sentence, the ref."""
+    TYPE = "error"
+    code: str
+    message: str
+    ref: Ref = None
+
+    def wire(self) -> dict[str, Any]:
+        return {"type": self.TYPE, "code": self.code, "message": self.message, "ref": self.ref}
+
+    @classmethod
+    def of(cls, error: ChatError) -> Error:
+        """The reply to a ``ProtocolError`` or ``Refusal``: the one place either becomes data."""
+        return cls(error.code.value, error.message, error.ref)
+
+
+@dataclass(frozen=True)
+class Users(_Wire):
+    """The registered users, in registration order."""
+    TYPE = "users"
+    users: tuple[User, ...]
+    ref: Ref = None
+
+
+@dataclass(frozen=True)
+class ModeChanged(_Wire):
+    """The reply to ``mode``."""
+    TYPE = "mode"
+    mode: int
+    ref: Ref = None
+
+
+@dataclass(frozen=True)
+class StatusChanged(_Wire):
+    """The reply to ``status``: the status now."""
+    TYPE = "status"
+    status: str
+    ref: Ref = None
+
+
+@dataclass(frozen=True)
+class Bye(_Wire):
+    """The reply to ``quit``; the server closes next."""
+    TYPE = "bye"
+    ref: Ref = None
+
+
+@dataclass(frozen=True)
+class Pending(_Wire):
+    """How many events the server holds for us while we type."""
+    TYPE = "pending"
+    count: int
+
+
+@dataclass(frozen=True)
+class Target(_Wire):
+    """The ``to`` of a direct message: {id, name}."""
+
+    id: int
+    name: str
+
+
+@dataclass(frozen=True)
+class Message(_Wire):
+    """A chat message; ``to`` None for a broadcast; ``queued`` written last (``held_variant``)."""
+    TYPE = "message"
+    sender: User
+    to: Target | None
+    text: str
+    ts: str
+    queued: bool = False
+
+    def wire(self) -> dict[str, Any]:
+        to = None if self.to is None else {"id": self.to.id, "name": self.to.name}
+        return {"type": self.TYPE, "from": self.sender.wire(), "to": to, "text": self.text,
+                "ts": self.ts, "queued": self.queued}
+
+
+@dataclass(frozen=True)
+class Notice(_Wire):
+    """Something happened (joined, left, lost, dropped, shutdown...); ``queued`` written last."""
+    TYPE = "notice"
+    event: str
+    text: str
+    ts: str
+    user: User | None = None
+    count: int | None = None
+    queued: bool = False
+
+
+@dataclass(frozen=True)
+class UnknownEvent:
+    """An event this client does not know, or a known one it could not read: kept, not obeyed."""
+
+    type: str
+    fields: dict[str, Any] = field(compare=False)
+
+    @property
+    def ref(self) -> Ref:
+        ref = self.fields.get("ref")
+        return ref if isinstance(ref, (str, int)) and not isinstance(ref, bool) else None
+
+
+Event = (Welcome | Ok | Error | Users | ModeChanged | StatusChanged | Pong | Bye | Ping | Message
+         | Notice | Pending | UnknownEvent)
+
+
+def encode_event(event: _Wire) -> bytes:
+    """One native frame for an event or a request (the server's and the client's ``send``)."""
+    return encode(event.wire())
+
+
+encode_request = encode_event
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing: requests (server side: strict, errors are data) and events (client side: tolerant).
 
 
 def _field(obj: dict[str, Any], key: str, ref: Ref, *, optional: bool = False) -> Any:
@@ -360,13 +603,20 @@ def _text(obj: dict[str, Any], ref: Ref) -> str:
     return text
 
 
+DETAIL_MAX = 64  # title and company (SPEC 1.2): 32 KB of title made a 27-byte say 64 KB
+
+
+def _detail(obj: dict[str, Any], key: str, ref: Ref) -> str | None:
+    value: str | None = _field(obj, key, ref, optional=True)
+    if value is not None and (len(value) > DETAIL_MAX or UNSAFE_TEXT.search(value)):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f'"{key}" must be at most {DETAIL_MAX} '
+                            "characters, with no control characters.", ref)
+    return value
+
+
 def _parse_hello(obj: dict[str, Any], ref: Ref) -> Request:
-    return Hello(
-        _field(obj, "name", ref, optional=True),
-        _field(obj, "title", ref, optional=True),
-        _field(obj, "company", ref, optional=True),
-        ref,
-    )
+    return Hello(_field(obj, "name", ref, optional=True), _detail(obj, "title", ref),
+                 _detail(obj, "company", ref), ref)
 
 
 def _parse_mode(obj: dict[str, Any], ref: Ref) -> Request:
@@ -380,7 +630,7 @@ def _parse_dm(obj: dict[str, Any], ref: Ref) -> Request:
     to = obj.get("to")
     if isinstance(to, bool) or not isinstance(to, (str, int)) or to == "":
         raise ProtocolError(ErrorCode.BAD_REQUEST, '"to" must be a name or an id.', ref)
-    return Dm(to, _text(obj, ref), ref)
+    return Dm(to, _text(obj, ref), ref, _field(obj, "name", ref, optional=True))
 
 
 def _parse_status(obj: dict[str, Any], ref: Ref) -> Request:
@@ -392,7 +642,7 @@ def _parse_status(obj: dict[str, Any], ref: Ref) -> Request:
     return SetStatus(status, ref)
 
 
-_REQUEST_PARSERS = {
+_REQUEST_PARSERS: dict[str, Callable[[dict[str, Any], Ref], Request]] = {
     "hello": _parse_hello,
     "mode": _parse_mode,
     "say": lambda obj, ref: Say(_text(obj, ref), ref),
@@ -407,12 +657,18 @@ _REQUEST_PARSERS = {
 REQUEST_TYPES = frozenset(_REQUEST_PARSERS)
 
 
+def _ref_of(obj: dict[str, Any]) -> Ref:
+    """The object's ref when it is one we can echo (a string without lone surrogates, an int)."""
+    ref = obj.get("ref")
+    if isinstance(ref, str):
+        return None if _has_surrogate(ref) else ref
+    return ref if isinstance(ref, int) and not isinstance(ref, bool) else None
+
+
 def parse_request(frame: bytes) -> Request:
     """Decode one native frame into a typed request, or raise ``ProtocolError``."""
     obj = parse_object(frame)
-    ref = obj.get("ref")
-    if not isinstance(ref, (str, int)) or isinstance(ref, bool):
-        ref = None
+    ref = _ref_of(obj)
     kind = obj["type"]
     parser = _REQUEST_PARSERS.get(kind)
     if parser is None:
@@ -424,25 +680,55 @@ def parse_request(frame: bytes) -> Request:
         raise
 
 
-def request_to_wire(request: Request) -> dict[str, Any]:
-    """The JSON object for a request (what a client sends); ``ref`` only when set."""
-    kind = {
-        Hello: "hello", SetMode: "mode", Say: "say", Dm: "dm", ListUsers: "users",
-        SetStatus: "status", Ping: "ping", Pong: "pong", Quit: "quit",
-    }[type(request)]
-    obj: dict[str, Any] = {"type": kind}
-    for key, value in request.__dict__.items():
-        if key == "ref" and value is None:
-            continue
-        if isinstance(request, SetStatus) and key == "status" and value is None:
-            continue
-        obj[key] = value
-    return obj
+_EVENT_PARSERS: dict[str, Callable[[dict[str, Any], Ref], Event]] = {
+    "welcome": lambda o, r: Welcome(User.parse(o), _of(o, "online", int, 0),
+                                    _of(o, "max_frame", int, MAX_FRAME), r),
+    "ok": lambda o, r: Ok(_of(o, "delivered", int, 0), _of(o, "queued", int, 0), r),
+    "error": lambda o, r: Error(_of(o, "code", str), _of(o, "message", str, ""), r),
+    "users": lambda o, r: Users(tuple(User.parse(u) for u in _of(o, "users", list)), r),
+    "mode": lambda o, r: ModeChanged(_of(o, "mode", int), r),
+    "status": lambda o, r: StatusChanged(_of(o, "status", str), r),
+    "pong": lambda o, r: Pong(r),
+    "bye": lambda o, r: Bye(r),
+    "ping": lambda o, r: Ping(r),
+    "pending": lambda o, r: Pending(_of(o, "count", int)),
+    "message": lambda o, r: Message(
+        User.parse(o.get("from")), None if o.get("to") is None else Target(
+            _of(o["to"], "id", int), _of(o["to"], "name", str)),
+        _of(o, "text", str), _of(o, "ts", str, ""), _of(o, "queued", bool, False)),
+    "notice": lambda o, r: Notice(
+        _of(o, "event", str), _of(o, "text", str, ""), _of(o, "ts", str, ""),
+        None if o.get("user") is None else User.parse(o["user"]), _of(o, "count", int, None),
+        _of(o, "queued", bool, False)),
+}
 
 
-def encode_request(request: Request) -> bytes:
-    """One native frame for a request."""
-    return encode(request_to_wire(request))
+def parse_event(frame: bytes) -> Event:
+    """Decode one event frame; an unknown type, or a known one with bad fields, is an
+    ``UnknownEvent``. Raises ``ProtocolError`` only when the frame is no object with a type."""
+    obj = parse_object(frame)
+    parser = _EVENT_PARSERS.get(obj["type"])
+    if parser is not None:
+        try:
+            return parser(obj, _ref_of(obj))
+        except (ValueError, TypeError, AttributeError):
+            pass
+    return UnknownEvent(obj["type"], obj)
+
+
+def _oversized_ref(head: bytes) -> Ref:
+    """The ref shown in the first bytes of an oversized frame, if any (a cheap look, no parse)."""
+    match = _REF_RE.search(head)
+    if match is None:
+        return None
+    try:
+        ref = json.loads(match.group(1))
+    except ValueError:
+        return None
+    return _ref_of({"ref": ref})
+
+
+_REF_RE = re.compile(rb'"ref"\s*:\s*("(?:[^"\\]|\\.){0,200}"|-?\d{1,18})\s*[,}]')
 
 
 class RequestDecoder:
@@ -457,13 +743,9 @@ class RequestDecoder:
         out: list[Request | ProtocolError] = []
         for frame in self._splitter.feed(data):
             if isinstance(frame, Oversized):
-                out.append(
-                    ProtocolError(
-                        ErrorCode.FRAME_TOO_LARGE,
-                        f"The frame of {frame.size} bytes is over the limit of "
-                        f"{self.max_frame} bytes.",
-                    )
-                )
+                out.append(ProtocolError(
+                    ErrorCode.FRAME_TOO_LARGE, f"The frame of {frame.size} bytes is over the "
+                    f"limit of {self.max_frame} bytes.", _oversized_ref(frame.head)))
                 continue
             try:
                 out.append(parse_request(frame))
@@ -473,23 +755,24 @@ class RequestDecoder:
 
 
 class EventDecoder:
-    """Native protocol, client side: bytes in, event objects (dicts with a ``type``) out.
+    """Native protocol, client side: bytes in, typed events out.
 
     The client trusts the server's structure less than its own: a frame that is not an object
-    with a string ``type`` is skipped rather than raised, so a broken server cannot crash it.
+    with a string ``type`` is skipped, and one it cannot read is an ``UnknownEvent``, so a broken
+    server cannot crash it.
     """
 
     def __init__(self, max_frame: int = 16 * MAX_FRAME) -> None:
         self._splitter = Splitter(NUL, max_frame)
 
-    def feed(self, data: bytes) -> list[dict[str, Any]]:
+    def feed(self, data: bytes) -> list[Event]:
         """Add received bytes; return the events they complete."""
-        out = []
+        out: list[Event] = []
         for frame in self._splitter.feed(data):
             if isinstance(frame, Oversized):
                 continue
             try:
-                out.append(parse_object(frame))
+                out.append(parse_event(frame))
             except ProtocolError:
                 continue
         return out
@@ -500,6 +783,7 @@ class EventDecoder:
 
 NAME_MAX = 32
 _NAME_RE = re.compile(r"[A-Za-z0-9_.\-]{1,32}\Z")
+_LETTER_RE = re.compile(r"[A-Za-z]")
 RESERVED_NAMES = frozenset({"server", "all"})
 
 
@@ -509,6 +793,8 @@ def name_problem(name: str) -> str | None:
         return "A name is 1 to 32 characters: ASCII letters, digits, '_', '-' and '.'."
     if name.isdigit():
         return "A name cannot be all digits (those are ids)."
+    if not _LETTER_RE.search(name):
+        return "A name needs at least one ASCII letter."
     if name.casefold() in RESERVED_NAMES:
         return f'The name "{name}" is reserved.'
     return None
@@ -526,3 +812,61 @@ def parse_target(to: str | int) -> str | int:
 def no_such_user_message(who: str | int) -> str:
     """The sentence of seed 004 for a missing user."""
     return f'User "{who}" is not connected to the server.'
+
+
+# --------------------------------------------------------------------------------------------
+# Dialect sniffing (SPEC 2): which protocol a connection speaks, from its first bytes.
+
+
+class Dialect(str, Enum):
+    """How a client speaks: the native JSON protocol, seed 002's lines or seed 001's plain text."""
+
+    NATIVE = "native"
+    LINE = "line"
+    PLAIN = "plain"
+
+
+@dataclass(frozen=True)
+class Sniffed:
+    """The dialect, and where its bytes start (past a byte order mark, and for native the
+    white space before the ``{``)."""
+
+    dialect: Dialect
+    start: int
+
+
+@dataclass(frozen=True)
+class Refused:
+    """The connection is no chat client: close it at once; ``reason`` is for the log."""
+
+    reason: str
+
+
+BOM = b"\xef\xbb\xbf"
+_HTTP_REQUEST_LINE = re.compile(rb"[A-Z]{3,10} \S+ HTTP/\d")
+
+
+def sniff(data: bytes, *, tls: bool = False, limit: int = MAX_FRAME) -> Sniffed | Refused | None:
+    """The dialect of a connection that began with ``data``; None: need more bytes.
+
+    After a UTF-8 byte order mark and spaces, tabs and ``\\r``, a ``{`` is native. Else the first
+    ``\\n`` or NUL decides: ``\\n`` the line protocol (so a bare ``\\n`` first is an empty line
+    command, as before), NUL plain text. An HTTP request line, a TLS handshake on a plain port
+    (``tls`` False) and ``limit`` bytes with no end are refused.
+    """
+    start = len(BOM) if data.startswith(BOM) else 0
+    if BOM.startswith(data):
+        return None  # all of it may still be the byte order mark
+    first = len(data) - len(data[start:].lstrip(b" \t\r\f\v"))
+    if data[first:first + 1] == b"{":
+        return Sniffed(Dialect.NATIVE, first)
+    if data[:1] == b"\x16" and not tls:
+        return Refused("a TLS handshake on a plain port")
+    newline, nul = data.find(LF), data.find(NUL)
+    if newline < 0 and nul < 0:
+        return Refused("no line or frame end in the first bytes") if len(data) > limit else None
+    if nul < 0 or 0 <= newline < nul:
+        if _HTTP_REQUEST_LINE.match(data, start):
+            return Refused("an HTTP request, not a chat client")
+        return Sniffed(Dialect.LINE, start)
+    return Sniffed(Dialect.PLAIN, start)

@@ -258,3 +258,18 @@ def server_process() -> Iterator[Callable[..., ServerProcess]]:
     yield start
     for proc in procs:
         proc.stop()
+
+
+def take_over_id(connect: Callable[..., Peer], server: Any, wanted: int, name: str) -> Peer:
+    """A peer registered as ``name`` on the id ``wanted`` of a server process, which reuses a
+    freed descriptor at once (a try that comes before the old socket is closed quits and tries
+    again). Ids are socket numbers: this is how a departed user's id reaches someone else."""
+    for _ in range(50):
+        peer = connect(server)
+        if peer.register(name)["id"] == wanted:
+            return peer
+        peer.send({"type": "quit"})
+        peer.wait_for("bye")
+        assert peer.closed()
+        peer.close()
+    raise AssertionError(f"id {wanted} was never reused")

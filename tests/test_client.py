@@ -35,7 +35,7 @@ from client_helpers import (
     ended,
     output,
 )
-from conftest import ROOT, Peer, free_port
+from conftest import ROOT, Peer, ServerProcess, free_port, take_over_id
 
 import chat_client
 from chat_client import ask_address, parse_port
@@ -53,6 +53,7 @@ from chatsuite.client.display import (
 )
 from chatsuite.client.history import history_line, history_path
 from modes import HELP_TEXT
+from protocol import Error, Message, Notice, Ok, Target, User
 
 # --------------------------------------------------------------------------------------------
 # Pure helpers.
@@ -92,38 +93,37 @@ def test_local_time_converts_utc_to_local_clock() -> None:
     assert local_time(None) == "--:--:--"
 
 
+TS = "2026-11-22T06:05:09.123Z"
+
+
 def test_format_broadcast_message() -> None:
     """A broadcast shows time, sender name and text, a newline as an indented continuation."""
-    event = {"type": "message", "from": {"id": 4, "name": "bob"}, "to": None,
-             "text": "hi\nthere", "ts": "2026-11-22T06:05:09.123Z"}
-    assert format_message(event) == f"{local_time(event['ts'])} bob: hi\n    there"
+    event = Message(User(4, "bob"), None, "hi\nthere", TS)
+    assert format_message(event) == f"{local_time(TS)} bob: hi\n    there"
 
 
 def test_format_direct_message_shows_sender_details() -> None:
     """A direct message also shows the sender's id, title and company (seed 003)."""
-    event = {"type": "message", "to": {"id": 5, "name": "al"}, "text": "psst",
-             "from": {"id": 4, "name": "bob", "title": "CTO", "company": "Acme\x1b"},
-             "ts": "2026-11-22T06:05:09.123Z"}
+    event = Message(User(4, "bob", "CTO", "Acme\x1b"), Target(5, "al"), "psst", TS)
     assert format_message(event) == (
-        f"{local_time(event['ts'])} [direct] bob (id 4, title: CTO, company: Acme^[): psst")
+        f"{local_time(TS)} [direct] bob (id 4, title: CTO, company: Acme^[): psst")
 
 
 def test_describe_user_leaves_out_missing_fields() -> None:
     """A user without title or company is described by name and id only."""
-    assert describe_user({"id": 9, "name": "eve", "title": None, "company": None}) == "eve (id 9)"
+    assert describe_user(User(9, "eve", None, None)) == "eve (id 9)"
 
 
 def test_format_notice() -> None:
     """A notice shows time, a star and its sentence."""
-    event = {"type": "notice", "event": "left", "text": "bob is quitting.",
-             "ts": "2026-11-22T06:05:09.123Z"}
-    assert format_notice(event) == f"{local_time(event['ts'])} * bob is quitting."
+    assert format_notice(Notice("left", "bob is quitting.", TS)) == (
+        f"{local_time(TS)} * bob is quitting.")
 
 
 def test_format_users_table() -> None:
     """The users table aligns id, name, title, company and status, marking oneself."""
-    users = [{"id": 4, "name": "bob", "title": "CTO", "company": None, "status": "available"},
-             {"id": 12, "name": "al", "title": None, "company": "Acme", "status": "unavailable"}]
+    users = [User(4, "bob", "CTO", None, "available"),
+             User(12, "al", None, "Acme", "unavailable")]
     assert format_users(users, own_id=12) == [
         "id  name      title  company  status",
         "4   bob       CTO    -        available",
@@ -133,10 +133,8 @@ def test_format_users_table() -> None:
 
 def test_format_delivery_and_failure() -> None:
     """A send reports its counts, or the server's reason (seed 004's sentence)."""
-    assert format_delivery({"type": "ok", "delivered": 2, "queued": 1}) == (
-        "message sent (delivered to 2, held for 1)")
-    error = {"type": "error", "code": "no-such-user",
-             "message": 'User "client4" is not connected to the server.'}
+    assert format_delivery(Ok(2, 1)) == "message sent (delivered to 2, held for 1)"
+    error = Error("no-such-user", 'User "client4" is not connected to the server.')
     assert format_failure(error) == (
         'failed to deliver message because User "client4" is not connected to the server.')
 
@@ -397,6 +395,37 @@ def test_send_asks_receiver_id_then_message(
         "via send", "alice", bob_id)
 
 
+def test_send_to_a_reused_id_says_it_is_no_longer_the_user_seen(
+        spawn: Callable[..., pexpect.spawn], server_process: Callable[..., ServerProcess],
+        connect: Callable[..., Peer]) -> None:
+    """``send`` to the id /users showed as alice, now mallory's, delivers nothing and says so."""
+    server = server_process()
+    alice, alice_id = registered_peer(connect, server, "alice")
+    child = typing_client(spawn, server, "carol")
+    assert f"{alice_id}" in command(child, "/users")
+    alice.send({"type": "quit"})
+    alice.wait_for("bye")
+    assert alice.closed()
+    alice.close()
+    mallory = take_over_id(connect, server, alice_id, "mallory")
+    mallory.view()
+    mallory.sync()
+    child.sendline("send")
+    child.expect_exact("receiver id: ")
+    child.sendline(str(alice_id))
+    child.expect_exact("message: ")
+    assert command(child, "for alice only") == (
+        f"failed to deliver message because id {alice_id} is no longer alice: "
+        'User "alice" is not connected to the server.\n')
+    assert mallory.sync() == []
+    child.sendline("send")  # the failure forgot the old name: now the id means mallory
+    child.expect_exact("receiver id: ")
+    child.sendline(str(alice_id))
+    child.expect_exact("message: ")
+    assert command(child, "hi") == "message sent (delivered to 1, held for 0)\n"
+    assert mallory.wait_for("message")["text"] == "hi"
+
+
 def test_users_and_who_list_everyone(
         spawn: Callable[..., pexpect.spawn], server: Any, connect: Callable[..., Peer]) -> None:
     """/users and !who print id, name, title, company and status of every user."""
@@ -501,15 +530,16 @@ def test_view_starts_with_dropped_notice(
 
 def test_control_characters_from_the_network_are_shown_not_obeyed(
         spawn: Callable[..., pexpect.spawn], server: Any, connect: Callable[..., Peer]) -> None:
-    """ESC, BEL, C1 and bidi overrides in texts and titles are printed visibly, never raw."""
-    bob, bob_id = registered_peer(connect, server, "bob", title="\x1b[31mred", company="\u202eAcme")
+    """ESC, BEL, C1 and bidi overrides in texts are printed visibly, never raw (titles cannot
+    hold them: the server refuses them, and describe_user's test shows they are escaped too)."""
+    bob, bob_id = registered_peer(connect, server, "bob", title="CTO", company="Acme")
     child = typing_client(spawn, server, "alice")
     child.sendline("#view")
     child.expect_exact("viewing messages: press e to type, q to quit")
     bob.send({"type": "say", "text": "\x1b[2J wipe \x07 ring \x9b1m \u202eevil\x7f"})
     child.expect_exact("bob: ^[[2J wipe ^G ring \\x9b1m \\u202eevil\\x7f\r\n")
     bob.send({"type": "dm", "to": "alice", "text": "two\nlines"})
-    child.expect_exact(f"[direct] bob (id {bob_id}, title: ^[[31mred, company: \\u202eAcme): "
+    child.expect_exact(f"[direct] bob (id {bob_id}, title: CTO, company: Acme): "
                        "two\r\n    lines\r\n")
     printed = output(child)
     for raw in ("\x1b", "\x07", "\x9b", "\u202e", "\x7f"):

@@ -10,6 +10,7 @@ import itertools
 import json
 import re
 import tracemalloc
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -28,31 +29,58 @@ from chatsuite.dialects import (
 )
 from protocol import (
     MAX_FRAME,
+    UNSAFE_TEXT,
+    Bye,
+    Dialect,
     Dm,
+    Error,
     ErrorCode,
     EventDecoder,
     Hello,
     ListUsers,
+    Message,
+    ModeChanged,
+    Notice,
+    Ok,
     Oversized,
+    Pending,
     Ping,
     Pong,
     ProtocolError,
     Quit,
+    Refusal,
+    Refused,
     Request,
     RequestDecoder,
     Say,
     SetMode,
     SetStatus,
+    Sniffed,
     Splitter,
+    StatusChanged,
+    Target,
+    UnknownEvent,
+    User,
+    Users,
+    Welcome,
     encode,
+    encode_event,
+    encode_json,
     encode_request,
+    held_variant,
+    message_frame,
     name_problem,
     no_such_user_message,
+    ok_frames,
+    parse_object,
     parse_target,
+    sniff,
     utc_timestamp,
 )
 
 REQUEST_CLASSES = (Hello, SetMode, Say, Dm, ListUsers, SetStatus, Ping, Pong, Quit)
+EVENT_CLASSES = (Welcome, Ok, Error, Users, ModeChanged, StatusChanged, Pong, Bye, Ping, Message,
+                 Notice, Pending, UnknownEvent)
 
 BAD_LENGTH_OR_CHARS = "A name is 1 to 32 characters: ASCII letters, digits, '_', '-' and '.'."
 ALL_DIGITS = "A name cannot be all digits (those are ids)."
@@ -450,11 +478,12 @@ ids = st.integers(min_value=-(10**18) + 1, max_value=10**18 - 1)
 refs = st.none() | st.text(max_size=8) | ids
 texts = st.text(min_size=1, max_size=30)
 optional_texts = st.none() | st.text(max_size=10)
+details = st.none() | st.text(max_size=64).filter(lambda t: not UNSAFE_TEXT.search(t))
 requests_strategy: st.SearchStrategy[Request] = st.one_of(
-    st.builds(Hello, optional_texts, optional_texts, optional_texts, refs),
+    st.builds(Hello, optional_texts, details, details, refs),
     st.builds(SetMode, st.sampled_from([1, 2]), refs),
     st.builds(Say, texts, refs),
-    st.builds(Dm, texts | ids, texts, refs),
+    st.builds(Dm, texts | ids, texts, refs, optional_texts),
     st.builds(ListUsers, refs),
     st.builds(SetStatus, st.sampled_from([None, "available", "unavailable"]), refs),
     st.builds(Ping, refs),
@@ -510,7 +539,7 @@ def test_arbitrary_bytes_never_raise(chunks: list[bytes], max_frame: int) -> Non
     decoder = RequestDecoder(max_frame)
     for chunk in chunks:
         for item in decoder.feed(chunk):
-            assert isinstance(item, REQUEST_CLASSES + (ProtocolError,)), item
+            assert isinstance(item, (*REQUEST_CLASSES, ProtocolError)), item
             if isinstance(item, ProtocolError):
                 assert isinstance(item.code, ErrorCode)
                 assert item.ref is None or (
@@ -524,7 +553,7 @@ def test_event_decoder_never_raises(data: bytes) -> None:
     """The client's EventDecoder skips anything that is not an object with a string type, never
     raising."""
     for event in EventDecoder().feed(data + b"\0"):
-        assert isinstance(event, dict) and isinstance(event["type"], str)
+        assert isinstance(event, EVENT_CLASSES), event
 
 
 # --------------------------------------------------------------------------------------------
@@ -546,7 +575,7 @@ def test_encoded_text_round_trips(text: str) -> None:
     data = encode({"type": "say", "text": text})
     assert data.index(b"\0") == len(data) - 1
     assert RequestDecoder().feed(data) == [Say(text)]
-    assert EventDecoder().feed(data) == [{"type": "say", "text": text}]
+    assert parse_object(data[:-1]) == {"type": "say", "text": text}
 
 
 def test_encode_refuses_nan() -> None:
@@ -588,9 +617,9 @@ def test_utc_timestamp_format() -> None:
         "alice",
         "Bob_2",
         "a-b.c",
-        "_",
-        ".",
-        "-",
+        "_a",
+        ".x",
+        "-Z-",
         "1a",
         "a1",
         "007bond",
@@ -602,9 +631,14 @@ def test_utc_timestamp_format() -> None:
     ],
 )
 def test_good_names(name: str) -> None:
-    """Names of 1 to 32 letters, digits, _ - and . that are not all digits nor reserved are
-    allowed."""
+    """Names of 1 to 32 letters, digits, _ - and . with a letter, not reserved, are allowed."""
     assert name_problem(name) is None
+
+
+@pytest.mark.parametrize("name", ["-", "....", "_", "-_.", "1-2", "0.5", "_" * 32])
+def test_names_without_a_letter_are_refused(name: str) -> None:
+    """A name of only digits, '-', '.' and '_' (at least one not a digit) needs a letter."""
+    assert name_problem(name) == "A name needs at least one ASCII letter."
 
 
 @pytest.mark.parametrize(
@@ -775,3 +809,195 @@ def test_mode_must_be_an_integer_not_a_float_or_bool() -> None:
             assert error.code is ErrorCode.BAD_REQUEST
         else:
             raise AssertionError(f"{raw!r} was accepted")
+
+
+# --------------------------------------------------------------------------------------------
+# Typed events: one encode and one parse each way.
+
+ALICE = User(5, "alice", "CTO", None, "available", 2)
+EVENTS = [
+    Welcome(ALICE, 3, 1024, "r1"),
+    Ok(2, 1, 7),
+    Error("no-such-user", 'User "bob" is not connected to the server.', None),
+    Error("bad-frame", "The frame is not valid JSON.", "x"),
+    Users((ALICE, User(6, "bob")), 3),
+    ModeChanged(2, 4),
+    StatusChanged("unavailable"),
+    Pong("p"),
+    Bye(9),
+    Ping(),
+    Pending(12),
+    Message(ALICE, None, "hi\nthere", "2026-11-22T06:00:00.123Z"),
+    Message(ALICE, Target(6, "bob"), "psst", "2026-11-22T06:00:00.123Z", queued=True),
+    Notice("joined", "alice joined the chat.", "2026-11-22T06:00:00.123Z", ALICE),
+    Notice("dropped", "3 messages were dropped.", "2026-11-22T06:00:00.123Z", count=3,
+           queued=True),
+]
+
+
+@pytest.mark.parametrize("event", EVENTS, ids=[type(e).__name__ for e in EVENTS])
+def test_every_event_round_trips_whole_and_byte_by_byte(event: Any) -> None:
+    """encode_event() of any event decodes back to an equal event, whole or one byte at a time."""
+    data = encode_event(event)
+    assert EventDecoder().feed(data) == [event]
+    decoder = EventDecoder()
+    out: list[Any] = []
+    for byte in data:
+        out.extend(decoder.feed(bytes([byte])))
+    assert out == [event]
+
+
+def test_event_wire_shapes_are_the_specs() -> None:
+    """Events travel with SPEC 1.3's fields: welcome flat with max_frame, error always with ref."""
+    assert json.loads(encode_event(Welcome(ALICE, 3, 1024))[:-1]) == {
+        "type": "welcome", "id": 5, "name": "alice", "title": "CTO", "company": None,
+        "status": "available", "mode": 2, "online": 3, "max_frame": 1024}
+    assert encode_event(Error("bad-frame", "x")) == (
+        b'{"type":"error","code":"bad-frame","message":"x","ref":null}\0')
+    assert encode_event(Ok(1, 0)) == b'{"type":"ok","delivered":1,"queued":0}\0'
+
+
+def test_the_broadcast_hot_path_encodes_the_same_bytes_as_the_typed_message() -> None:
+    """message_frame() (pre-encoded parts, once per broadcast) equals encode_event(Message)."""
+    ts = "2026-11-22T06:00:00.123Z"
+    live = message_frame(encode_json(ALICE.wire()), "null", "a \"b\" é\n", ts)
+    assert live == encode_event(Message(ALICE, None, 'a "b" é\n', ts))
+    assert held_variant(live) == encode_event(Message(ALICE, None, 'a "b" é\n', ts, queued=True))
+    notice = Notice("left", "alice is quitting.", ts, ALICE)
+    assert held_variant(encode_event(notice)) == encode_event(replace(notice, queued=True))
+
+
+@pytest.mark.parametrize("frame", [
+    b'{"type":"welcome","name":"x"}', b'{"type":"ok","delivered":"2"}',
+    b'{"type":"message","from":7,"text":"x"}', b'{"type":"users","users":[1]}',
+    b'{"type":"launch","ref":3}', b'{"type":"error","code":5,"ref":2}',
+])
+def test_unreadable_or_unknown_events_are_kept_as_unknown_events(frame: bytes) -> None:
+    """A known event with bad fields, or an unknown type, is an UnknownEvent with its ref, not an
+    exception."""
+    [event] = EventDecoder().feed(frame + b"\0")
+    assert isinstance(event, UnknownEvent)
+    assert event.fields == json.loads(frame)
+    assert event.ref == json.loads(frame).get("ref")
+
+
+def test_refusals_and_protocol_errors_are_different_classes_with_the_same_data() -> None:
+    """A Refusal (domain) is no ProtocolError (peer's fault); both become the same Error event."""
+    refusal = Refusal(ErrorCode.NAME_TAKEN, "taken", 3)
+    violation = ProtocolError(ErrorCode.BAD_FRAME, "bad", 4)
+    assert not isinstance(refusal, ProtocolError) and not isinstance(violation, Refusal)
+    assert refusal != ProtocolError(ErrorCode.NAME_TAKEN, "taken", 3)
+    assert Error.of(refusal) == Error("name-taken", "taken", 3)
+    assert Error.of(violation) == Error("bad-frame", "bad", 4)
+
+
+@pytest.mark.parametrize("head,ref", [
+    (b'{"type":"say","ref":"abc","text":"', "abc"),
+    (b'{"ref": 42, "type":"say","text":"', 42),
+    (b'{"type":"say","text":"', None),
+    (b'{"type":"say","ref":"a\\"b","text":"', 'a"b'),
+])
+def test_frame_too_large_carries_the_ref_its_start_showed(head: bytes, ref: Any) -> None:
+    """An oversized frame's error carries the ref found in its first bytes, fed whole or in
+    pieces."""
+    data = head + b"x" * 200 + b'"}\0'
+    assert RequestDecoder(64).feed(data) == [
+        ProtocolError(ErrorCode.FRAME_TOO_LARGE,
+                      f"The frame of {len(data) - 1} bytes is over the limit of 64 bytes.", ref)]
+    decoder = RequestDecoder(64)
+    out: list[Any] = []
+    for start in range(0, len(data), 10):
+        out.extend(decoder.feed(data[start : start + 10]))
+    assert [e.ref for e in out] == [ref]
+
+
+def test_dm_carries_the_name_the_sender_believes() -> None:
+    """A dm's optional name is parsed and encoded; a non-string name is bad-request."""
+    assert decode_one(frame({"type": "dm", "to": 10, "text": "hi", "name": "alice"})) == Dm(
+        10, "hi", None, "alice")
+    assert encode_request(Dm(10, "hi", name="alice")) == (
+        b'{"type":"dm","to":10,"text":"hi","name":"alice"}\0')
+    assert decode_one(frame({"type": "dm", "to": 10, "text": "hi", "name": 3})) == ProtocolError(
+        ErrorCode.BAD_REQUEST, '"name" must be a string.')
+
+
+DETAIL_PROBLEM = ("must be at most 64 characters, with no control characters.")
+
+
+@pytest.mark.parametrize("key", ["title", "company"])
+@pytest.mark.parametrize("value", ["x" * 65, "a\x1bb", "line\nbreak", "\u202eevil", "\x7f"])
+def test_title_and_company_are_short_and_free_of_control_characters(key: str, value: str) -> None:
+    """A title or company over 64 characters or holding a control character is bad-request."""
+    assert decode_one(frame({"type": "hello", "name": "al", key: value, "ref": 1})) == (
+        ProtocolError(ErrorCode.BAD_REQUEST, f'"{key}" {DETAIL_PROBLEM}', 1))
+
+
+def test_title_of_64_characters_is_accepted() -> None:
+    """A title and company of exactly 64 characters are kept."""
+    assert decode_one(frame({"type": "hello", "title": "t" * 64, "company": "é" * 64})) == Hello(
+        None, "t" * 64, "é" * 64)
+
+
+# --------------------------------------------------------------------------------------------
+# Sniffing the dialect (SPEC 2).
+
+SNIFFS = [
+    (b'{"type":"hello"}\0', Sniffed(Dialect.NATIVE, 0)),
+    (b'\xef\xbb\xbf{"type":"hello"}\0', Sniffed(Dialect.NATIVE, 3)),
+    (b' \t\r {"type"', Sniffed(Dialect.NATIVE, 4)),
+    (b'\xef\xbb\xbf  {', Sniffed(Dialect.NATIVE, 5)),
+    (b"HELLO-FROM bob\n", Sniffed(Dialect.LINE, 0)),
+    (b"\xef\xbb\xbfHELLO-FROM bob\r\n", Sniffed(Dialect.LINE, 3)),
+    (b"\n", Sniffed(Dialect.LINE, 0)),
+    (b"  \n{", Sniffed(Dialect.LINE, 0)),
+    (b"hi\0", Sniffed(Dialect.PLAIN, 0)),
+    (b"hi\0there\n", Sniffed(Dialect.PLAIN, 0)),
+    (b"\0", Sniffed(Dialect.PLAIN, 0)),
+    (b"", None),
+    (b"\xef", None),
+    (b"\xef\xbb\xbf", None),
+    (b"   ", None),
+    (b"HELLO-FROM", None),
+    (b"POST / HTTP/1.1\r\n", Refused("an HTTP request, not a chat client")),
+    (b"\x16\x03\x01\x02\x00", Refused("a TLS handshake on a plain port")),
+]
+
+
+@pytest.mark.parametrize("data,expected", SNIFFS, ids=[repr(d) for d, _ in SNIFFS])
+def test_sniff(data: bytes, expected: Any) -> None:
+    """The first bytes pick the dialect (BOM and white space skipped before '{'), or need more."""
+    assert sniff(data) == expected
+
+
+def test_sniff_on_a_tls_port_and_past_the_limit() -> None:
+    """A TLS record is fine once decrypted (tls=True); no line end within the limit is refused."""
+    assert sniff(b"\x16abc\0", tls=True) == Sniffed(Dialect.PLAIN, 0)
+    assert sniff(b"x" * 10, limit=10) is None
+    assert sniff(b"x" * 11, limit=10) == Refused("no line or frame end in the first bytes")
+
+
+@pytest.mark.parametrize("data,expected", SNIFFS, ids=[repr(d) for d, _ in SNIFFS])
+def test_sniff_decides_the_same_however_the_bytes_arrive(data: bytes, expected: Any) -> None:
+    """Sniffing grown prefixes never decides early: the first decision is the final one."""
+    for end in range(len(data) + 1):
+        found = sniff(data[:end])
+        if found is not None:
+            assert found == expected
+            break
+    else:
+        assert expected is None
+
+
+def test_a_ref_with_a_lone_surrogate_is_not_echoed() -> None:
+    """A ref holding a lone surrogate cannot be written back as UTF-8: the error's ref is null."""
+    assert decode_one(b'{"type":"say","text":"\\ud800","ref":"\\udc00"}\0') == ProtocolError(
+        ErrorCode.BAD_REQUEST, "The text holds a lone surrogate.")
+    big = b'{"type":"say","ref":"\\ud800","text":"' + b"x" * 100 + b'"}\0'
+    assert [e.ref for e in RequestDecoder(64).feed(big)] == [None]
+
+
+@pytest.mark.parametrize("refs", [[None], [1, None, "a\"é", -5, ""], []])
+def test_ok_frames_are_the_typed_oks_with_each_ref(refs: list[Any]) -> None:
+    """ok_frames() (the say path's splice) writes exactly the encode_event() of each Ok."""
+    ok = Ok(3, 2)
+    assert ok_frames(ok, refs) == b"".join(encode_event(replace(ok, ref=ref)) for ref in refs)

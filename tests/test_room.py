@@ -10,7 +10,7 @@ import pytest
 from chatsuite.server.members import Dialect, Member
 from chatsuite.server.room import Room
 from modes import Mode
-from protocol import ErrorCode, ProtocolError
+from protocol import ErrorCode, Refusal, User
 
 
 class RecordingOutbox:
@@ -64,14 +64,15 @@ def test_name_rules_and_taken_names() -> None:
     alice = member(room, 5, "alice")
     for name, code in [("ALICE", ErrorCode.NAME_TAKEN), ("", ErrorCode.BAD_NAME),
                        ("123", ErrorCode.BAD_NAME), ("All", ErrorCode.BAD_NAME),
-                       ("a" * 33, ErrorCode.BAD_NAME), ("sp ace", ErrorCode.BAD_NAME)]:
-        with pytest.raises(ProtocolError) as failure:
+                       ("a" * 33, ErrorCode.BAD_NAME), ("sp ace", ErrorCode.BAD_NAME),
+                       ("-", ErrorCode.BAD_NAME), ("....", ErrorCode.BAD_NAME)]:
+        with pytest.raises(Refusal) as failure:
             room.register(Member(9, RecordingOutbox(), Dialect.NATIVE), name)
         assert failure.value.code is code, name
-    with pytest.raises(ProtocolError) as failure:
+    with pytest.raises(Refusal) as failure:
         room.register(alice, "again")
     assert failure.value.code is ErrorCode.ALREADY_REGISTERED
-    assert [u["name"] for u in room.users()] == ["alice"]
+    assert [u.name for u in room.users()] == ["alice"]
 
 
 def test_automatic_names_count_up_and_skip_taken_ones() -> None:
@@ -86,7 +87,7 @@ def test_server_full_changes_nothing() -> None:
     """Past max_clients a registration is refused with server-full and nobody is told."""
     room = Room(max_clients=1)
     alice = member(room, 1, "alice")
-    with pytest.raises(ProtocolError) as failure:
+    with pytest.raises(Refusal) as failure:
         room.register(Member(2, RecordingOutbox(), Dialect.NATIVE), "bob")
     assert failure.value.code is ErrorCode.SERVER_FULL
     assert len(alice.hold) == 0
@@ -144,12 +145,12 @@ def test_direct_message_by_name_id_and_errors() -> None:
     frames = outbox(bob).frames()
     assert [f["to"] for f in frames] == [{"id": 8, "name": "bob"}] * 3
     assert frames[0]["from"]["name"] == "alice"
-    with pytest.raises(ProtocolError) as failure:
+    with pytest.raises(Refusal) as failure:
         room.direct(alice, "client4", "x", ref=3)
     assert (failure.value.code, failure.value.message, failure.value.ref) == (
         ErrorCode.NO_SUCH_USER, 'User "client4" is not connected to the server.', 3)
     assert room.set_status(bob, None) == "unavailable"
-    with pytest.raises(ProtocolError) as failure:
+    with pytest.raises(Refusal) as failure:
         room.direct(alice, "bob", "x")
     assert failure.value.code is ErrorCode.UNAVAILABLE
     assert outbox(bob).take() == b""
@@ -169,7 +170,7 @@ def test_leave_announces_left_or_lost_once() -> None:
     room.leave(bob, quitting=False)
     texts = [(f["event"], f["text"]) for f in outbox(carol).frames()]
     assert texts == [("left", "alice is quitting."), ("lost", "bob has lost its connection.")]
-    assert [u["name"] for u in room.users()] == ["carol"]
+    assert [u.name for u in room.users()] == ["carol"]
     assert member(room, 4, "alice").name == "alice"  # the name is free again
 
 
@@ -180,9 +181,22 @@ def test_user_objects_follow_status_and_mode_changes() -> None:
     bob = member(room, 2, "bob")
     room.set_status(alice, "unavailable")
     room.set_mode(bob, Mode.VIEWING, b"")
-    assert room.users() == [
-        {"id": 1, "name": "alice", "title": None, "company": None, "status": "unavailable",
-         "mode": 1},
-        {"id": 2, "name": "bob", "title": None, "company": None, "status": "available",
-         "mode": 2},
-    ]
+    assert room.users() == (
+        User(1, "alice", None, None, "unavailable", 1), User(2, "bob", None, None, "available", 2))
+
+
+def test_direct_by_id_with_another_name_is_no_such_user_and_delivers_nothing() -> None:
+    """A dm by id that names someone else (the id was reused) is no-such-user; nothing is sent."""
+    room = Room()
+    sender = member(room, 1, "bob")
+    mallory = member(room, 10, "mallory")
+    room.set_mode(mallory, Mode.VIEWING, b"")
+    outbox(mallory).take()
+    with pytest.raises(Refusal) as failure:
+        room.direct(sender, 10, "for alice", "r", name="alice")
+    assert (failure.value.code, failure.value.message, failure.value.ref) == (
+        ErrorCode.NO_SUCH_USER, 'User "alice" is not connected to the server.', "r")
+    assert outbox(mallory).take() == b"" and len(mallory.hold) == 0
+    recipient, _ = room.direct(sender, "10", "for mallory", name="MALLORY")
+    assert recipient is mallory
+    assert [f["text"] for f in outbox(mallory).frames()] == ["for mallory"]

@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from conftest import Peer, ServerProcess, wait_until
+from conftest import Peer, ServerProcess, take_over_id, wait_until
 
 from chat_server import ChatServer
 from modes import dropped_text
@@ -128,7 +128,8 @@ def users_of(peer: Peer) -> list[dict[str, Any]]:
     """The server's user list, asked through ``peer`` (other events before the reply are
     skipped)."""
     peer.send({"type": "users", "ref": "users-of"})
-    return peer.wait_for("users", ref="users-of")["users"]
+    users: list[dict[str, Any]] = peer.wait_for("users", ref="users-of")["users"]
+    return users
 
 
 def user_names(peer: Peer) -> list[str]:
@@ -224,13 +225,14 @@ def test_many_frames_in_one_send_answered_in_order(server: ChatServer, connect: 
 
 
 def test_frame_too_large_then_valid_frame(server: ChatServer, connect: Connect) -> None:
-    """A 65,537-byte frame gets frame-too-large, and the next frame on the connection is served."""
+    """A 65,537-byte frame gets frame-too-large with the ref its start showed, and the next frame
+    on the connection is served."""
     peer = member(connect, server, "big")
     head = b'{"type":"say","ref":"big","text":"'
     oversized = head + b"x" * (MAX_FRAME + 1 - len(head) - 2) + b'"}'
     assert len(oversized) == MAX_FRAME + 1
     peer.send_raw(oversized + b"\0" + encode({"type": "ping", "ref": "after"}))
-    check_error(peer.next_event(), "frame-too-large", None)
+    check_error(peer.next_event(), "frame-too-large", "big")
     assert peer.expect("pong") == {"type": "pong", "ref": "after"}
 
 
@@ -255,7 +257,7 @@ def test_max_frame_option(start_server: StartServer, connect: Connect) -> None:
     peer.send({"type": "say", "text": "z" * 150, "ref": "fits"})
     peer.expect("ok", ref="fits")
     peer.send({"type": "say", "text": "z" * 200, "ref": "over"})
-    check_error(peer.next_event(), "frame-too-large", None)
+    check_error(peer.next_event(), "frame-too-large", "over")
     assert peer.sync() == []
 
 
@@ -429,6 +431,9 @@ def test_hello_with_wrongly_typed_field_is_bad_request(
         "all",
         "ALL",
         "aLl",
+        "-",
+        "....",
+        "_-.",
     ],
 )
 def test_bad_names_refused_and_retry_works(server: ChatServer, connect: Connect, name: str) -> None:
@@ -441,7 +446,7 @@ def test_bad_names_refused_and_retry_works(server: ChatServer, connect: Connect,
 
 
 @pytest.mark.parametrize(
-    "name", ["a", "x" * 32, "A.b-c_d", "1a", "a1", "servers", "allen", "-", "."]
+    "name", ["a", "x" * 32, "A.b-c_d", "1a", "a1", "servers", "allen", "-a", ".Z"]
 )
 def test_good_names_accepted(server: ChatServer, connect: Connect, name: str) -> None:
     """Names within the rules are accepted as given."""
@@ -504,7 +509,7 @@ def test_two_clients_racing_for_one_name(server: ChatServer, connect: Connect) -
 
         threads = [
             threading.Thread(target=hello, args=(peer, wanted))
-            for peer, wanted in zip(peers, [name, name.upper()])
+            for peer, wanted in zip(peers, [name, name.upper()], strict=True)
         ]
         for thread in threads:
             thread.start()
@@ -519,8 +524,8 @@ def test_two_clients_racing_for_one_name(server: ChatServer, connect: Connect) -
 
 
 def test_welcome_fields(server: ChatServer, connect: Connect) -> None:
-    """welcome carries the id, the name, title, company, status available, mode 1 and the online
-    count."""
+    """welcome carries the id, the name, title, company, status available, mode 1, the online
+    count and the server's frame limit."""
     first = connect(server)
     first.send({"type": "hello", "name": "alice", "title": "Engineer", "company": "Acme", "ref": 9})
     welcome = first.expect("welcome")
@@ -534,6 +539,7 @@ def test_welcome_fields(server: ChatServer, connect: Connect) -> None:
         "status": "available",
         "mode": 1,
         "online": 1,
+        "max_frame": MAX_FRAME,
         "ref": 9,
     }
     second = connect(server).register("bob")
@@ -546,6 +552,7 @@ def test_welcome_fields(server: ChatServer, connect: Connect) -> None:
         "status": "available",
         "mode": 1,
         "online": 2,
+        "max_frame": MAX_FRAME,
     }
 
 
@@ -1167,22 +1174,19 @@ def test_slow_reader_does_not_slow_others_and_is_dropped(
 def test_rate_limit_delays_flooder_only_and_loses_nothing(
     start_server: StartServer, connect: Connect
 ) -> None:
-    """With rate=50 a flooding client is slowed, others are served at once, and every flooded
-    message arrives in order."""
-    server = start_server(rate=50)
+    """With rate=20 a flooding client is held back while others are served, and every flooded
+    message arrives in order (the bucket's timing is tested with a fake clock, test_handler.py)."""
+    server = start_server(rate=20)
     flooder = member(connect, server, "flooder")
     alice = member(connect, server, "alice")
     bob = member(connect, server, "bob", view=True)
     drain(flooder, alice, bob)
-    count = 160  # a burst of 2 * 50 = 100 (2 already spent), then 50 per second: about 1.2 s
-    sent_at = time.monotonic()
+    count = 100  # a burst of 2 * 20 = 40 (2 already spent), then 20 per second: about 3 s
     flooder.send_raw(
         b"".join(encode({"type": "say", "text": f"f{i}", "ref": i}) for i in range(count))
     )
     flood_texts: list[str] = []
-    latencies = []
     for index in range(5):
-        start = time.monotonic()
         alice.send({"type": "say", "text": f"a{index}"})
         while True:
             event = bob.next_event()
@@ -1190,10 +1194,8 @@ def test_rate_limit_delays_flooder_only_and_loses_nothing(
                 flood_texts.append(event["text"])
             elif event["text"] == f"a{index}":
                 break
-        latencies.append(time.monotonic() - start)
         alice.expect("ok")
-    assert max(latencies) < 0.3, latencies
-    assert len(flood_texts) < count, "the flooder was not slowed down"
+    assert len(flood_texts) < count, "alice waited for the whole flood"
     while len(flood_texts) < count:
         event = bob.next_event(timeout=10)
         assert event["from"]["name"] == "flooder"
@@ -1201,9 +1203,30 @@ def test_rate_limit_delays_flooder_only_and_loses_nothing(
     assert flood_texts == [f"f{i}" for i in range(count)]
     for index in range(count):
         flooder.expect("ok", ref=index)
-    elapsed = time.monotonic() - sent_at
-    assert elapsed > 0.9, elapsed  # 62 frames past the burst at 50/s
     assert bob.sync() == []
+
+
+def churn_once(address: tuple[str, int], index: int) -> None:
+    """One connection that opens, maybe registers or sends part of a frame, and vanishes."""
+    kind = index % 6
+    hello = encode({"type": "hello", "name": f"churn{index}"})
+    sock = raw_connect(address)
+    try:
+        if kind == 1:
+            sock.sendall(hello)
+            sock.recv(65536)  # welcome (maybe with more)
+        elif kind in (2, 3, 4, 5):
+            sock.sendall({
+                2: hello + b'{"type":"say","te',
+                3: b'{"type":"hel',
+                4: encode({"type": "hello"}) + encode({"type": "mode", "mode": 2}),
+                5: hello + encode({"type": "say", "text": "bye all"}),
+            }[kind])
+    finally:
+        if index % 2:
+            abort(sock)
+        else:
+            sock.close()
 
 
 @pytest.mark.timeout(60)
@@ -1238,30 +1261,7 @@ def test_500_abrupt_connections_during_broadcasts(server: ChatServer, connect: C
                 heard.append(event["text"])
 
     def churn(index: int) -> None:
-        kind = index % 6
-        sock = raw_connect(server.address)
-        try:
-            if kind == 1:
-                sock.sendall(encode({"type": "hello", "name": f"churn{index}"}))
-                sock.recv(65536)  # welcome (maybe with more)
-            elif kind == 2:
-                sock.sendall(
-                    encode({"type": "hello", "name": f"churn{index}"}) + b'{"type":"say","te'
-                )
-            elif kind == 3:
-                sock.sendall(b'{"type":"hel')
-            elif kind == 4:
-                sock.sendall(encode({"type": "hello"}) + encode({"type": "mode", "mode": 2}))
-            elif kind == 5:
-                sock.sendall(
-                    encode({"type": "hello", "name": f"churn{index}"})
-                    + encode({"type": "say", "text": "bye all"})
-                )
-        finally:
-            if index % 2:
-                abort(sock)
-            else:
-                sock.close()
+        churn_once(server.address, index)
 
     speaking = threading.Thread(target=speak, daemon=True)
     listening = threading.Thread(target=listen, daemon=True)
@@ -1496,7 +1496,7 @@ def test_log_lines_connections_and_messages(
         what="bob's disconnection logged with 1 online",
     )
     alice.send({"type": "quit"})
-    alice.expect("bye")
+    alice.wait_for("bye")
     wait_until(
         lambda: any("alice" in x and re.search(r"\b0 online", x) for x in proc.lines),
         what="alice's departure logged with 0 online",
@@ -1550,10 +1550,10 @@ def test_quiet_log_hides_message_text(
 def test_log_escapes_control_characters(
     server_process: Callable[..., ServerProcess], connect: Connect
 ) -> None:
-    """Control characters and escape sequences in texts and titles are logged escaped, never raw,
-    one line per entry."""
+    """Control characters and escape sequences in texts are logged escaped, never raw, one line
+    per entry (titles cannot hold them)."""
     proc = server_process()
-    alice = member(connect, proc, "alice", title="t\x1b]0;pwned\x07", company="c\r\nFAKE")
+    alice = member(connect, proc, "alice")
     bob = member(connect, proc, "bob", view=True)
     drain(alice, bob)
     evil = "evil\x1b[31mred\x07bell\r\n2099-01-01 00:00:00 FORGED line\x00nul\x7f\x9b"
@@ -1595,7 +1595,7 @@ def test_client_id_is_a_socket_descriptor_of_the_server(
     assert len(set(ids)) == 3
 
 
-def test_pong_before_hello_is_not_registered(server, connect) -> None:
+def test_pong_before_hello_is_not_registered(server: ChatServer, connect: Connect) -> None:
     """A pong sent before registering is answered not-registered, like any other request."""
     peer = connect(server)
     peer.send({"type": "pong", "ref": 4})
@@ -1603,9 +1603,9 @@ def test_pong_before_hello_is_not_registered(server, connect) -> None:
 
 
 def test_fast_readers_are_not_dropped_when_a_burst_exceeds_the_output_limit(
-    start_server, connect
+    start_server: StartServer, connect: Connect
 ) -> None:
-    """A burst far larger than --output-limit reaches viewers that keep reading, and none is dropped."""
+    """A burst far larger than --output-limit reaches viewers that keep reading, none dropped."""
     server = start_server(rate=0, output_limit=4096)
     viewers = [connect(server) for _ in range(5)]
     for index, viewer in enumerate(viewers):
@@ -1630,8 +1630,10 @@ def test_fast_readers_are_not_dropped_when_a_burst_exceeds_the_output_limit(
 
 
 @pytest.mark.timeout(20)
-def test_hello_timeout_holds_against_a_peer_that_never_pauses(start_server, connect) -> None:
-    """A connection streaming an endless frame and never registering is closed at the hello timeout."""
+def test_hello_timeout_holds_against_a_peer_that_never_pauses(
+    start_server: StartServer, connect: Connect
+) -> None:
+    """A connection streaming an endless frame and never registering is closed at its timeout."""
     server = start_server(rate=0, hello_timeout=0.3)
     peer = connect(server)
     stop = threading.Event()
@@ -1657,7 +1659,9 @@ def test_hello_timeout_holds_against_a_peer_that_never_pauses(start_server, conn
         stop.set()
 
 
-def test_log_escapes_line_separators_and_bidi_marks(start_server, connect) -> None:
+def test_log_escapes_line_separators_and_bidi_marks(
+    start_server: StartServer, connect: Connect
+) -> None:
     """U+2028, U+2029, U+061C and U+202E in a message are logged as escapes, never raw."""
     logs: list[str] = []
     server = start_server(rate=0, log=logs.append)
@@ -1667,3 +1671,71 @@ def test_log_escapes_line_separators_and_bidi_marks(start_server, connect) -> No
     alice.expect("ok")
     line = wait_until(lambda: next((x for x in logs if x.startswith("message alice")), None))
     assert line == "message alice -> all: a\\u2028b\\u2029c\\u061cd\\u202ee"
+
+
+# --------------------------------------------------------------------------------------------
+# Ids are reused file descriptors: a dm by id names who it is for (SPEC 1.2, issue 11 item 5).
+
+
+def test_dm_by_reused_id_with_the_old_name_is_no_such_user(
+    server_process: Callable[..., ServerProcess], connect: Connect
+) -> None:
+    """alice leaves, mallory gets her id: a dm to that id named "alice" is no-such-user and
+    mallory receives nothing; named "mallory" it is delivered."""
+    server = server_process()
+    bob = member(connect, server, "bob")
+    alice = member(connect, server, "alice")
+    alice_id = user_object(alice)["id"]
+    alice.send({"type": "quit"})
+    alice.wait_for("bye")
+    assert alice.closed()
+    alice.close()
+    mallory = take_over_id(connect, server, alice_id, "mallory")
+    mallory.view()
+    drain(bob, mallory)
+    bob.send({"type": "dm", "to": alice_id, "name": "alice", "text": "secret", "ref": "d"})
+    check_error(bob.next_event(), "no-such-user", "d",
+                'User "alice" is not connected to the server.')
+    assert mallory.sync() == []
+    bob.send({"type": "dm", "to": str(alice_id), "name": "Mallory", "text": "hi", "ref": "m"})
+    assert bob.expect("ok", ref="m")["delivered"] == 1
+    assert mallory.next_event()["text"] == "hi"
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 11 item 12 and 8: how a connection may begin, and what a hello may carry.
+
+
+@pytest.mark.parametrize("prefix", [b"\xef\xbb\xbf", b" ", b"\r\t  ",
+                                    b"\xef\xbb\xbf \t"])
+def test_bom_or_white_space_before_a_json_hello_is_native(
+    server: ChatServer, connect: Connect, prefix: bytes
+) -> None:
+    """A UTF-8 BOM or white space before the first '{' still speaks native: welcomed, and its
+    JSON is never broadcast as chat."""
+    viewer = member(connect, server, "viewer", view=True)
+    drain(viewer)
+    peer = connect(server)
+    peer.send_raw(prefix + b'{"type":"hello","name":"spaced","ref":1}\0')
+    welcome = peer.expect("welcome", ref=1)
+    assert welcome["name"] == "spaced"
+    joined = viewer.next_event()
+    assert (joined["type"], joined["event"], joined["user"]["name"]) == (
+        "notice", "joined", "spaced")
+    assert viewer.sync() == []
+
+
+@pytest.mark.parametrize("fields", [{"title": "x" * 65}, {"company": "c" * 65},
+                                    {"title": "t\x1b]0;pwned\x07"}, {"company": "c\r\nFAKE"},
+                                    {"title": "\u202eevil"}])
+def test_long_or_control_titles_are_bad_request(
+    server: ChatServer, connect: Connect, fields: dict[str, str]
+) -> None:
+    """A title or company over 64 characters or with a control character is bad-request, and
+    the same connection can register with a proper one."""
+    peer = connect(server)
+    peer.send({"type": "hello", "name": "alice", "ref": "h", **fields})
+    [key] = fields
+    check_error(peer.next_event(), "bad-request", "h",
+                f'"{key}" must be at most 64 characters, with no control characters.')
+    assert peer.register("alice", **{key: "y" * 64})[key] == "y" * 64

@@ -144,7 +144,7 @@ def test_tls_client_on_plain_port_fails_cleanly(start_server: Callable[..., Chat
         ssl.create_default_context().wrap_socket(
             socket.create_connection(server.address, timeout=5), server_hostname="localhost")
     assert wait_until(lambda: [x for x in logs if "TLS handshake on a plain port" in x])
-    assert server.room.users() == []
+    assert server.room.users() == ()
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import re
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from colorama import Fore, Style
 
-from protocol import UNSAFE_TEXT
+from protocol import UNSAFE_TEXT, Error, Message, Notice, Ok, User
 
 _UNSAFE = UNSAFE_TEXT  # what is never printed raw: see protocol.UNSAFE_TEXT
 
@@ -124,26 +124,23 @@ CONTINUATION = "\n    "
 """What a newline inside a message text becomes on screen: an indented continuation line."""
 
 
-def describe_user(user: Any) -> str:
+def describe_user(user: User) -> str:
     """``name (id 5, title: Engineer, company: Acme)``; absent title or company left out."""
-    if not isinstance(user, dict):
-        return "?"
-    details = [f"id {sanitize(user.get('id'))}"]
-    for field in ("title", "company"):
-        if user.get(field):
-            details.append(f"{field}: {sanitize(user[field])}")
-    return f"{sanitize(user.get('name'))} ({', '.join(details)})"
+    details = [f"id {user.id}"]
+    for label, value in (("title", user.title), ("company", user.company)):
+        if value:
+            details.append(f"{label}: {sanitize(value)}")
+    return f"{sanitize(user.name)} ({', '.join(details)})"
 
 
-def format_message(event: dict[str, Any], palette: Palette = Palette()) -> str:
+def format_message(event: Message, palette: Palette = Palette()) -> str:
     """A ``message`` event as one screen line (continuation lines for newlines in the text)."""
-    raw = event.get("from")
-    sender: dict[str, Any] = raw if isinstance(raw, dict) else {}
-    stamp = palette.time(local_time(event.get("ts")))
-    text = sanitize(event.get("text"), CONTINUATION)
-    if event.get("to") is None:
-        return f"{stamp} {palette.name(sanitize(sender.get('name')))}: {text}"
-    who = palette.name(describe_user(sender), sanitize(sender.get("name")))
+    stamp = palette.time(local_time(event.ts))
+    text = sanitize(event.text, CONTINUATION)
+    name = sanitize(event.sender.name)
+    if event.to is None:
+        return f"{stamp} {palette.name(name)}: {text}"
+    who = palette.name(describe_user(event.sender), name)
     return f"{stamp} {palette.direct('[direct]')} {who}: {text}"
 
 
@@ -155,21 +152,20 @@ def format_delivery_line(sender: str, text: str, when: datetime,
             f"{sanitize(text, CONTINUATION)}")
 
 
-def format_notice(event: dict[str, Any], palette: Palette = Palette()) -> str:
+def format_notice(event: Notice, palette: Palette = Palette()) -> str:
     """A ``notice`` event (joined, left, lost, dropped, shutdown) as one screen line."""
-    stamp = palette.time(local_time(event.get("ts")))
-    return f"{stamp} {palette.notice('* ' + sanitize(event.get('text'), CONTINUATION))}"
+    stamp = palette.time(local_time(event.ts))
+    return f"{stamp} {palette.notice('* ' + sanitize(event.text, CONTINUATION))}"
 
 
-def format_users(users: Any, own_id: Any = None) -> list[str]:
+def format_users(users: Sequence[User], own_id: int | None = None) -> list[str]:
     """The ``users`` reply as an aligned table: id, name, title, company, status."""
     header = ("id", "name", "title", "company", "status")
     rows = [header]
-    for user in users if isinstance(users, list) else []:
-        if isinstance(user, dict):
-            name = sanitize(user.get("name")) + (" (you)" if user.get("id") == own_id else "")
-            rows.append((sanitize(user.get("id")), name, sanitize(user.get("title")),
-                         sanitize(user.get("company")), sanitize(user.get("status"))))
+    for user in users:
+        name = sanitize(user.name) + (" (you)" if user.id == own_id else "")
+        rows.append((str(user.id), name, sanitize(user.title), sanitize(user.company),
+                     sanitize(user.status)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
             for row in rows]
@@ -183,12 +179,11 @@ def format_names(names: list[str], own_name: str | None = None) -> list[str]:
     ]
 
 
-def format_delivery(reply: dict[str, Any]) -> str:
+def format_delivery(reply: Ok) -> str:
     """The ``ok`` reply to a send, for people."""
-    return (f"message sent (delivered to {sanitize(reply.get('delivered', 0))}, "
-            f"held for {sanitize(reply.get('queued', 0))})")
+    return f"message sent (delivered to {reply.delivered}, held for {reply.queued})"
 
 
-def format_failure(reply: dict[str, Any]) -> str:
+def format_failure(reply: Error) -> str:
     """An ``error`` reply to a send, with the server's own sentence (seed 004)."""
-    return f"failed to deliver message because {sanitize(reply.get('message'))}"
+    return f"failed to deliver message because {sanitize(reply.message)}"

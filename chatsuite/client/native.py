@@ -9,6 +9,7 @@ or ``ConnectionLost``.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import queue
 from collections.abc import Callable
@@ -37,37 +38,62 @@ from chatsuite.client.session import (
 from chatsuite.client.terminal import Terminal
 from chatsuite.client.transport import Transport
 from modes import Mode
-from protocol import EventDecoder, encode, parse_target
+from protocol import (
+    Dm,
+    Error,
+    ErrorCode,
+    Event,
+    EventDecoder,
+    Hello,
+    ListUsers,
+    Message,
+    Notice,
+    Ok,
+    Ping,
+    Pong,
+    Quit,
+    Request,
+    Say,
+    SetMode,
+    SetStatus,
+    StatusChanged,
+    UnknownEvent,
+    User,
+    Users,
+    Welcome,
+    encode_event,
+    parse_target,
+)
 
 TLS_RECORD_STARTS = (0x15, 0x16)  # a TLS alert or handshake record: the server speaks TLS
 
 
 class Connection(Link):
-    """A native-protocol connection: requests with refs out, replies matched back by ref."""
+    """A native-protocol connection: typed requests with refs out, replies matched back by ref."""
 
-    def __init__(self, transport: Transport, on_event: Callable[[dict[str, Any]], None],
+    def __init__(self, transport: Transport, on_event: Callable[[Event], None],
                  on_end: Callable[[], None]) -> None:
         super().__init__(transport, on_end)
         self._on_event = on_event  # message, notice and stray errors (receiver thread)
-        self._waiting: dict[int, queue.Queue[dict[str, Any] | None]] = {}  # _state_lock
+        self._waiting: dict[int, queue.Queue[Event | None]] = {}  # _state_lock
         self._refs = itertools.count(1)
         self._decoder = EventDecoder()
         self._first = True
 
-    def send(self, obj: dict[str, Any]) -> None:
-        """Write one frame; ``ConnectionLost`` when the socket is gone."""
-        self.send_bytes(encode(obj))
+    def send(self, request: Request) -> None:
+        """Write one request; ``ConnectionLost`` when the socket is gone."""
+        self.send_bytes(encode_event(request))
 
-    def request(self, obj: dict[str, Any], timeout: float = REPLY_TIMEOUT) -> dict[str, Any]:
-        """Send ``obj`` with a fresh ref and return the server's reply to it."""
+    def request(self, request: Request, timeout: float = REPLY_TIMEOUT) -> Event:
+        """Send ``request`` with a fresh ref and return the server's reply to it."""
         ref = next(self._refs)
-        replies: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        replies: queue.Queue[Event | None] = queue.Queue()
         with self._state_lock:
             if self.ended:
                 raise ConnectionLost(self.failure or LOST)
             self._waiting[ref] = replies
         try:
-            self.send({**obj, "ref": ref})
+            self.send(dataclasses.replace(request, ref=ref))
             reply = replies.get(timeout=timeout)
         except queue.Empty:
             self.fail("the server did not answer; disconnected")
@@ -95,18 +121,18 @@ class Connection(Link):
             replies.put(None)
         self.fail(LOST if self.received_any else closed_early(self.transport.tls))
 
-    def _dispatch(self, event: dict[str, Any]) -> None:
-        kind, ref = event.get("type"), event.get("ref")
-        if kind == "ping":
+    def _dispatch(self, event: Event) -> None:
+        ref = getattr(event, "ref", None)
+        if isinstance(event, Ping):
             try:
-                self.send({"type": "pong"} if ref is None else {"type": "pong", "ref": ref})
+                self.send(Pong(event.ref))
             except ConnectionLost:
                 pass
             return
-        if kind == "error" and event.get("code") == "server-full":
+        if isinstance(event, Error) and event.code == ErrorCode.SERVER_FULL.value:
             # The server closes right after this (SPEC 1.2): record the real reason before the
             # end of the stream records "lost".
-            self.fail(f"the server refused the connection: {sanitize(event.get('message'))}")
+            self.fail(f"the server refused the connection: {sanitize(event.message)}")
         with self._state_lock:
             replies = self._waiting.get(ref) if isinstance(ref, int) else None
         if replies is not None:
@@ -119,10 +145,16 @@ class Connection(Link):
         with self._state_lock:
             self.closing = True
         try:
-            self.request({"type": "quit"}, timeout=BYE_TIMEOUT)
+            self.request(Quit(), timeout=BYE_TIMEOUT)
         except ConnectionLost:
             pass
         self.close()
+
+
+def unexpected(reply: Event) -> str:
+    """Why a reply of the wrong kind is a failure, for people."""
+    kind = reply.type if isinstance(reply, UnknownEvent) else reply.TYPE
+    return f"the server answered with an unexpected {sanitize(kind)}"
 
 
 class NativeSession(Session):
@@ -134,44 +166,41 @@ class NativeSession(Session):
                  wake_main: Callable[[], None], **kwargs: Any) -> None:
         super().__init__(terminal, *args, **kwargs)
         self.link = self.conn = Connection(transport, self.deliver, wake_main)
-        self.own_id: Any = None
+        self.own_id: int | None = None
+        # The name last seen for each id (users list, message senders): a dm by id carries it,
+        # so that a reused id never delivers to someone else (SPEC 1.2). Both threads write it.
+        self.seen_names: dict[int, str] = {}
 
     # ---- the receiver thread's side
 
-    def deliver(self, event: dict[str, Any]) -> None:
+    def deliver(self, event: Event) -> None:
         """Called by the receiver thread for every event that is not a reply."""
-        kind = event.get("type")
-        if kind == "message":
-            sender = event.get("from")
-            name = sender.get("name") if isinstance(sender, dict) else None
-            bell = self.heard(name, event.get("text"))
+        if isinstance(event, Message):
+            self.seen_names[event.sender.id] = event.sender.name
+            bell = self.heard(event.sender.name, event.text)
             self.viewer.post(format_message(event, self.palette) + bell)
-            if event.get("to") is not None:
+            if event.to is not None:
                 self._log_received(event)
-        elif kind == "notice":
+        elif isinstance(event, Notice):
             line = format_notice(event, self.palette)
-            if event.get("event") == "shutdown":
+            if event.event == "shutdown":
                 self.viewer.say(line)  # said at once, whatever the mode, then the session ends
                 self.conn.fail(SHUT_DOWN)
             else:
                 self.viewer.post(line)
-        elif kind == "error":
+        elif isinstance(event, Error):
             # An error that answers no waiting request (the server refusing the connection,
             # or a late reply): rare and about us, so said at once, whatever the mode.
-            self.viewer.say(self.palette.bad(f"server: {sanitize(event.get('message'))}"))
+            self.viewer.say(self.palette.bad(f"server: {sanitize(event.message)}"))
 
-    def _log_received(self, event: dict[str, Any]) -> None:
-        raw = event.get("from")
-        sender: dict[str, Any] = raw if isinstance(raw, dict) else {}
+    def _log_received(self, event: Message) -> None:
         when = datetime.now()
-        if isinstance(event.get("ts"), str):
-            try:
-                when = datetime.fromisoformat(event["ts"]).astimezone()
-            except ValueError:
-                pass
-        peer_name = sender.get("name")
-        if isinstance(peer_name, str):  # the log is named by the name: ids are reused
-            self.log(peer_name, "received from", peer_name, event.get("text"), when)
+        try:
+            when = datetime.fromisoformat(event.ts).astimezone()
+        except ValueError:
+            pass
+        # The log is named by the peer's name: ids are reused.
+        self.log(event.sender.name, "received from", event.sender.name, event.text, when)
 
     # ---- the main thread's side
 
@@ -179,87 +208,97 @@ class NativeSession(Session):
         name = self.name
         if name is None:
             name = self.ask("your name (Enter for an automatic one): ").strip()
-            self.title = self.title or self.ask("your job title (Enter for none): ").strip() or None
-            self.company = self.company or self.ask("your company (Enter for none): ").strip() or None
+            self.title = self.title or self.ask("your job title (Enter for none): ").strip()
+            self.company = self.company or self.ask("your company (Enter for none): ").strip()
         while True:
-            hello: dict[str, Any] = {"type": "hello"}
-            for key, value in (("name", name), ("title", self.title), ("company", self.company)):
-                if value:
-                    hello[key] = value
-            reply = self.conn.request(hello)
-            if reply.get("type") == "welcome":
-                self.own_id = reply.get("id")
-                self.registered(reply.get("name"))
+            reply = self.conn.request(Hello(name or None, self.title or None, self.company or None))
+            if isinstance(reply, Welcome):
+                self.own_id = reply.user.id
+                self.registered(reply.user.name)
                 self.show(self.palette.good(
-                    f"welcome {sanitize(reply.get('name'))}, your id is {sanitize(reply.get('id'))}"
-                    f" ({sanitize(reply.get('online'))} online)"))
+                    f"welcome {sanitize(reply.user.name)}, your id is {reply.user.id}"
+                    f" ({reply.online} online)"))
                 return
-            reason = sanitize(reply.get("message"))
-            if reply.get("code") not in ("name-taken", "bad-name"):
+            reason = sanitize(reply.message) if isinstance(reply, Error) else unexpected(reply)
+            if not isinstance(reply, Error) or reply.code not in ("name-taken", "bad-name"):
                 self.conn.fail(f"the server refused the connection: {reason}")
                 raise ConnectionLost(self.conn.failure)
             self.show(self.palette.bad(f"that name cannot be used: {reason}"))
             name = self.ask("your name (Enter for an automatic one): ").strip()
 
     def enter_mode(self, mode: Mode) -> None:
-        self.conn.request({"type": "mode", "mode": int(mode)})
+        self.conn.request(SetMode(int(mode)))
 
-    def report(self, reply: dict[str, Any]) -> bool:
+    def report(self, reply: Event) -> bool:
         """Say whether a send worked; True when it did."""
-        if reply.get("type") == "ok":
+        if isinstance(reply, Ok):
             self.show(self.palette.good(format_delivery(reply)))
             return True
-        self.show(self.palette.bad(format_failure(reply)))
+        if isinstance(reply, Error):
+            self.show(self.palette.bad(format_failure(reply)))
+        else:
+            self.report_failure(unexpected(reply))
         return False
 
     def broadcast(self, text: str) -> None:
-        self.report(self.conn.request({"type": "say", "text": text}))
+        self.report(self.conn.request(Say(text)))
 
-    def users(self) -> list[dict[str, Any]]:
-        users = self.conn.request({"type": "users"}).get("users")
-        return [user for user in users if isinstance(user, dict)] if isinstance(users, list) else []
+    def users(self) -> tuple[User, ...]:
+        reply = self.conn.request(ListUsers())
+        users = reply.users if isinstance(reply, Users) else ()
+        for user in users:
+            self.seen_names[user.id] = user.name
+        return users
 
     def member_names(self) -> list[str]:
-        return [user["name"] for user in self.users() if isinstance(user.get("name"), str)]
+        return [user.name for user in self.users()]
 
     def show_users(self) -> None:
         for row in format_users(self.users(), self.own_id):
             self.show(row)
 
-    def find_user(self, who: str) -> dict[str, Any] | None:
+    def find_user(self, who: str) -> User | None:
         """The connected user named ``who`` (a name, any case, or an id), or None."""
         target = parse_target(who)
         for user in self.users():
-            name = user.get("name")
-            if user.get("id") == target or (
-                isinstance(target, str) and isinstance(name, str)
-                and name.casefold() == target.casefold()
+            if user.id == target or (
+                isinstance(target, str) and user.name.casefold() == target.casefold()
             ):
                 return user
         return None
 
     def send_direct(self, to: str, text: str) -> None:
-        peer = self.find_user(to)  # for the log: an id typed is logged under its name
-        reply = self.conn.request({"type": "dm", "to": parse_target(to), "text": text})
-        name = peer.get("name") if peer is not None else parse_target(to)
+        target = parse_target(to)
+        # By id: send the name we last saw on it, so that a reused id cannot misdeliver.
+        believed = self.seen_names.get(target) if isinstance(target, int) else None
+        peer = None if believed is not None else self.find_user(to)  # its name names the log
+        reply = self.conn.request(Dm(target, text, name=believed))
+        if believed is not None and isinstance(target, int):
+            if isinstance(reply, Error) and reply.code == ErrorCode.NO_SUCH_USER.value:
+                self.seen_names.pop(target, None)
+                self.report_failure(f"id {target} is no longer {sanitize(believed)}: "
+                                    f"{sanitize(reply.message)}")
+                return
+            peer = User(target, believed)
+        name = peer.name if peer is not None else target
         if self.report(reply) and isinstance(name, str):
             self.log(name, "sent to", name, text)
 
     def toggle_status(self) -> None:
-        reply = self.conn.request({"type": "status"})
-        self.show(f"your status is now {sanitize(reply.get('status'))}")
+        reply = self.conn.request(SetStatus())
+        status = reply.status if isinstance(reply, StatusChanged) else unexpected(reply)
+        self.show(f"your status is now {sanitize(status)}")
 
     def history_key(self, peer: str) -> HistoryKey | None:
         target = parse_target(peer)
         if isinstance(target, str):
             return target  # a name: its log, whether or not that person is here now
         user = self.find_user(peer)
-        name = user.get("name") if user is not None else None
-        if not isinstance(name, str):
+        if user is None:
             self.show(f"nobody has the id {target} now; give the name to see the history "
                       "with someone who left")
             return None
-        return name
+        return user.name
 
     def leave(self) -> None:
         self.conn.quit()

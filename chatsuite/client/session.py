@@ -265,12 +265,7 @@ class Session:
         elif isinstance(command, DirectMessage):
             self.send_direct(command.to, command.text)
         elif isinstance(command, AskSend):
-            to = self.terminal.ask(self.receiver_prompt).strip()
-            text = self.terminal.ask("message: ")
-            if to and text.strip():
-                self.send_direct(to, text)
-            else:
-                self.show(f"nothing sent: a {self.receiver_prompt[:-2]} and a message are needed")
+            self.ask_send()
         elif isinstance(command, UsersCommand):
             self.show_users()
         elif isinstance(command, StatusCommand):
@@ -282,6 +277,17 @@ class Session:
         elif isinstance(command, Invalid):
             self.show(sanitize(command.reason))
         # Nothing (an empty line): prompt again.
+
+    def ask_send(self) -> None:
+        """``send`` (seed 003): ask for the receiver, then the message, and send it.
+
+        Asked of the terminal directly: Ctrl-C in either question drops the command."""
+        to = self.terminal.ask(self.receiver_prompt).strip()
+        text = self.terminal.ask("message: ")
+        if to and text.strip():
+            self.send_direct(to, text)
+        else:
+            self.show(f"nothing sent: a {self.receiver_prompt[:-2]} and a message are needed")
 
     def viewing(self) -> Mode | None:
         """Mode 2: show what arrives until ``e`` (typing) or ``q`` (None: quit)."""

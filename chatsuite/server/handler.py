@@ -1,21 +1,23 @@
 """One connection's life on the server: its reader thread, from the first byte to the close.
 
-A ``Handler`` is the only reader of its socket. It learns the dialect from the first bytes
-(SPEC 2: ``{`` native, else a line or a NUL frame first), decodes with ``protocol``, applies the
-rate limit and the heartbeat and hello deadlines while it waits, and asks the ``Room`` what to
-do with each request. Replies go through the same outbox as everything else, so the writer
-thread sends them in order. Invariant: whatever a peer sends, the handler ends at most its own
-connection, and always removes its member from the room and hands its socket to the writer
-to be closed.
+A ``Handler`` is the only reader of its socket, and thin: it reads bytes into the protocol
+(``protocol.sniff`` picks the dialect, the decoders turn bytes into typed requests) and hands
+what they decode to the ``Room``, whose answers are typed events. It keeps only the connection's
+clocks: the rate limit (a pure ``TokenBucket``), the heartbeat and the hello deadline. It reaches
+the server through the narrow ``Host`` protocol, never the whole ``ChatServer``. Replies go
+through the same outbox as everything else, so the writer thread sends them in order.
+Invariant: whatever a peer sends, the handler ends at most its own connection, and always
+removes its member from the room and hands its socket to the writer to be closed.
 """
 
 from __future__ import annotations
 
 import select
 import ssl
+import threading
 import time
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Protocol, TypeVar
 
 from chatsuite.dialects import (
     PLAIN_QUIT,
@@ -23,41 +25,121 @@ from chatsuite.dialects import (
     LineLogin,
     LineReply,
     LineSend,
-    is_http_request_line,
     line,
     line_list,
     parse_line_command,
     plain_text,
 )
-from chatsuite.server.members import Dialect, Member
+from chatsuite.server.members import Member
+from chatsuite.server.room import Room
 from chatsuite.server.writer import RECV_SIZE, Connection
 from modes import Mode
 from protocol import (
     LF,
     NUL,
+    Bye,
+    ChatError,
+    Dialect,
     Dm,
+    Error,
     ErrorCode,
     Hello,
     ListUsers,
+    ModeChanged,
+    Ok,
     Oversized,
     Ping,
     Pong,
     ProtocolError,
     Quit,
-    Ref,
+    Refusal,
+    Refused,
     Request,
     RequestDecoder,
     Say,
     SetMode,
     SetStatus,
     Splitter,
-    encode,
+    StatusChanged,
+    Users,
+    encode_event,
+    ok_frames,
+    sniff,
 )
 
-if TYPE_CHECKING:
-    from chat_server import ChatServer
-
 T = TypeVar("T")
+
+PING_FRAME = encode_event(Ping())
+EPSILON = 1e-9
+
+
+class TokenBucket:
+    """A rate limit, pure: ``rate`` items a second, up to ``burst`` at once; time from ``clock``.
+
+    ``take(n)`` says how many of ``n`` items may pass now (and spends them) and, when none may,
+    how many seconds until one can. A rate of 0 or less lets everything pass.
+    """
+
+    def __init__(self, rate: float, burst: float, clock: Callable[[], float]) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.clock = clock
+        self.tokens = burst  # a new connection may send its burst at once
+        self.refilled = clock()
+
+    def take(self, wanted: int) -> tuple[int, float]:
+        """``(items that may pass now, seconds to wait when that is 0)``."""
+        if self.rate <= 0:
+            return wanted, 0.0
+        now = self.clock()
+        self.tokens = min(self.burst, self.tokens + (now - self.refilled) * self.rate)
+        self.refilled = now
+        # EPSILON: waiting exactly the time told may refill to 0.999...: that must count as 1.
+        if self.tokens < 1 - EPSILON:
+            return 0, (1 - self.tokens) / self.rate
+        count = min(wanted, int(self.tokens + EPSILON))
+        self.tokens = max(0.0, self.tokens - count)
+        return count, 0.0
+
+
+class Limits(Protocol):
+    """The server options a connection's reader obeys."""
+
+    @property
+    def max_frame(self) -> int: ...
+    @property
+    def rate(self) -> float: ...
+    @property
+    def heartbeat(self) -> float: ...
+    @property
+    def hello_timeout(self) -> float: ...
+
+
+class WriterHooks(Protocol):
+    """What a reader asks of the one writer thread."""
+
+    def wait_for_room(self) -> None: ...
+    def kick(self, conn: Connection) -> None: ...
+    def close(self, conn: Connection) -> None: ...
+
+
+class Host(Protocol):
+    """What a handler needs of its server, and nothing more (``ChatServer`` is one)."""
+
+    @property
+    def config(self) -> Limits: ...
+    @property
+    def room(self) -> Room: ...
+    @property
+    def writer(self) -> WriterHooks: ...
+    @property
+    def stopping(self) -> threading.Event: ...
+    @property
+    def id_base(self) -> int: ...
+    def log(self, text: str) -> None: ...
+    def log_messages(self, sender: str, to: str, texts: list[str]) -> None: ...
+    def dialect_known(self, conn: Connection, dialect: Dialect) -> None: ...
+    def forget(self, conn: Connection) -> None: ...
 
 
 class Disconnect(Exception):
@@ -72,23 +154,30 @@ class Disconnect(Exception):
 class Handler:
     """Reads one connection, in its own thread, until it ends."""
 
-    def __init__(self, server: ChatServer, conn: Connection) -> None:
+    def __init__(self, server: Host, conn: Connection,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.server = server
         self.config = server.config
         self.room = server.room
         self.conn = conn
         self.sock = conn.sock
+        self.clock = clock
         self.member = Member(server.id_base + conn.fd, conn, Dialect.NATIVE, conn.address)
         conn.member = self.member
-        self.started = time.monotonic()
+        self.started = clock()
         self.last_heard = self.started
         self.ping_sent: float | None = None
-        self.tokens = 2.0 * self.config.rate  # rate limit bucket: burst of twice the rate
-        self.refilled = self.started
+        self.bucket = TokenBucket(self.config.rate, 2.0 * self.config.rate, clock)
         self.used_who = False
         self._poll = select.poll() if hasattr(select, "poll") else None
         if self._poll is not None:
             self._poll.register(self.sock, select.POLLIN)
+        self._requests: dict[type, Callable[[Request], None]] = {
+            Hello: self.hello, Say: self.say_one, Dm: self.dm, SetMode: self.set_mode,
+            ListUsers: self.users, SetStatus: self.set_status, Ping: self.ping,
+            Pong: lambda r: None,  # it already counted as a sign of life when it arrived
+            Quit: self.quit,
+        }
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -110,8 +199,8 @@ class Handler:
             raise Disconnect(reason="no registration within the hello timeout")
         if self.ping_sent is not None:
             raise Disconnect(reason="no answer to ping")
-        self.ping_sent = time.monotonic()
-        self.room.push(self.member, encode({"type": "ping"}))
+        self.ping_sent = self.clock()
+        self.room.push(self.member, PING_FRAME)
 
     def _wait_readable(self, timeout: float | None) -> bool:
         if self._poll is not None:
@@ -127,7 +216,7 @@ class Handler:
                 data = self.sock.recv(RECV_SIZE)
             except BlockingIOError:
                 deadline = self._deadline()
-                timeout = None if deadline is None else deadline - time.monotonic()
+                timeout = None if deadline is None else deadline - self.clock()
                 if timeout is not None and timeout <= 0:
                     self._on_deadline()
                     continue
@@ -135,7 +224,7 @@ class Handler:
                 continue
             except OSError:
                 return b""
-            self.last_heard = time.monotonic()
+            self.last_heard = self.clock()
             self.ping_sent = None
             if not self.member.registered and self.last_heard > self._deadline_of_hello():
                 # Checked on arrival too: a peer that never pauses must not outlive the timeout.
@@ -155,25 +244,15 @@ class Handler:
     def admitted(self, items: list[T]) -> Iterator[list[T]]:
         """``items`` in slices no faster than ``--rate`` allows: excess waits, nothing is dropped.
 
-        A token bucket holding up to twice the rate (the burst). While this thread waits it
-        does not read, so TCP pushes back on this sender alone.
+        While this thread waits it does not read, so TCP pushes back on this sender alone.
         """
-        rate = self.config.rate
-        if rate <= 0:
-            if items:
-                yield items
-            return
         start = 0
         while start < len(items):
-            now = time.monotonic()
-            self.tokens = min(2.0 * rate, self.tokens + (now - self.refilled) * rate)
-            self.refilled = now
-            if self.tokens < 1:
-                if self.server.stopping.wait((1 - self.tokens) / rate):
+            count, wait = self.bucket.take(len(items) - start)
+            if count == 0:
+                if self.server.stopping.wait(wait):
                     raise Disconnect(reason="server stopping")
                 continue
-            count = min(len(items) - start, int(self.tokens))
-            self.tokens -= count
             yield items[start : start + count]
             start += count
 
@@ -193,7 +272,7 @@ class Handler:
                  Dialect.PLAIN: self.run_plain}[dialect](data)
         except Disconnect as end:
             quitting, reason = end.quitting, end.reason or reason
-        except Exception as error:  # noqa: BLE001 - one broken connection never takes the server down
+        except Exception as error:  # one broken connection never takes the server down
             reason = f"internal error: {error!r}"
         finally:
             if self.conn.overflowed:
@@ -211,46 +290,37 @@ class Handler:
     def refuse(self, dialect: Dialect) -> None:
         """Answer "server full" in the connection's own dialect and end it."""
         if dialect is Dialect.NATIVE:
-            self.error(ProtocolError(ErrorCode.SERVER_FULL,
-                                     "Too many connections from your address; try again later."))
+            self.error(Refusal(ErrorCode.SERVER_FULL,
+                               "Too many connections from your address; try again later."))
         elif dialect is Dialect.LINE:
             self.send_line(LineReply.BUSY.value)
         raise Disconnect(reason="too many connections from its address")
 
     def detect(self) -> tuple[Dialect, bytes] | None:
-        """Read until the dialect is known: ``{`` native, else a line or a NUL frame first."""
+        """Read until ``protocol.sniff`` knows the dialect; the bytes from where it begins."""
         data = b""
         while True:
             chunk = self.receive()
             if not chunk:
                 return None
             data += chunk
-            if data[:1] == b"{":
-                return Dialect.NATIVE, data
-            if data[:1] == b"\x16" and self.conn.tls is None:
-                raise Disconnect(reason="a TLS handshake on a plain port")
-            newline, nul = data.find(LF), data.find(NUL)
-            if newline < 0 and nul < 0:
-                if len(data) > self.config.max_frame:
-                    raise Disconnect(reason="no line or frame end in the first bytes")
-                continue
-            if nul < 0 or 0 <= newline < nul:
-                if is_http_request_line(data[:newline]):
-                    raise Disconnect(reason="an HTTP request, not a chat client")
-                return Dialect.LINE, data
-            return Dialect.PLAIN, data
+            found = sniff(data, tls=self.conn.tls is not None, limit=self.config.max_frame)
+            if isinstance(found, Refused):
+                raise Disconnect(reason=found.reason)
+            if found is not None:
+                return found.dialect, data[found.start :]
 
     # -- native -------------------------------------------------------------------------------
 
-    def reply(self, obj: dict, ref: Ref) -> None:
-        if ref is not None:
-            obj["ref"] = ref
-        self.room.push(self.member, encode(obj))
+    def send(self, event: Error | Users | StatusChanged | Pong | Bye) -> None:
+        self.room.push(self.member, encode_event(event))
 
-    def error(self, error: ProtocolError) -> None:
-        self.room.push(self.member, encode({
-            "type": "error", "code": error.code.value, "message": error.message, "ref": error.ref,
-        }))
+    def error(self, error: ChatError) -> None:
+        """The one place where a ``ProtocolError`` or a ``Refusal`` becomes an ``error`` event."""
+        if (isinstance(error, ProtocolError) and not self.member.registered
+                and error.kind not in (None, "hello")):
+            error = Refusal(ErrorCode.NOT_REGISTERED, 'Register first with "hello".', error.ref)
+        self.send(Error.of(error))
 
     def run_native(self, data: bytes) -> None:
         decoder = RequestDecoder(self.config.max_frame)
@@ -272,69 +342,71 @@ class Handler:
                 index = end
                 continue
             index += 1
-            if isinstance(item, ProtocolError):
-                if not self.member.registered and item.kind not in (None, "hello"):
-                    item = ProtocolError(ErrorCode.NOT_REGISTERED,
-                                         'Register first with "hello".', item.ref)
-                self.error(item)
-            else:
-                try:
-                    self.handle(item)
-                except ProtocolError as error:
-                    self.error(error)
+            try:
+                if isinstance(item, ProtocolError):
+                    raise item
+                self.handle(item)
+            except ChatError as error:
+                self.error(error)
+
+    def handle(self, request: Request) -> None:
+        """Carry out one request; a refusal is raised (``Refusal``) and answered by the caller."""
+        if not self.member.registered and not isinstance(request, Hello):
+            raise Refusal(ErrorCode.NOT_REGISTERED, 'Register first with "hello".', request.ref)
+        self._requests[type(request)](request)
+
+    def hello(self, request: Request) -> None:
+        assert isinstance(request, Hello)
+        if self.member.registered:
+            raise Refusal(ErrorCode.ALREADY_REGISTERED, "You are already registered.",
+                          request.ref)
+        try:
+            self.room.register(self.member, request.name, request.title, request.company,
+                               request.ref)
+        except Refusal as error:
+            if error.code is ErrorCode.SERVER_FULL:
+                self.error(error)
+                raise Disconnect(reason="server full") from None
+            raise
+
+    def say_one(self, request: Request) -> None:
+        assert isinstance(request, Say)
+        self.say([request])
 
     def say(self, requests: list[Say]) -> None:
         texts = [request.text for request in requests]
         delivery = self.room.broadcast(self.member, texts)
-        ok = {"type": "ok", "delivered": delivery.delivered, "queued": delivery.queued}
-        plain_ok = encode(ok)  # the same for every say of the run that has no ref
-        oks = [plain_ok if r.ref is None else encode({**ok, "ref": r.ref}) for r in requests]
-        self.room.push(self.member, b"".join(oks))
+        ok = Ok(delivery.delivered, delivery.queued)  # one count for the run, each with its ref
+        self.room.push(self.member, ok_frames(ok, [request.ref for request in requests]))
         self.server.log_messages(self.member.name, "all", texts)
 
-    def handle(self, request: object) -> None:
-        member = self.member
-        if isinstance(request, Hello):
-            if member.registered:
-                raise ProtocolError(ErrorCode.ALREADY_REGISTERED, "You are already registered.",
-                                    request.ref)
-            try:
-                self.room.register(member, request.name, request.title, request.company,
-                                   request.ref)
-            except ProtocolError as error:
-                if error.code is ErrorCode.SERVER_FULL:
-                    self.error(error)
-                    raise Disconnect(reason="server full")
-                raise
-            return
-        ref = getattr(request, "ref", None)
-        if not member.registered:
-            raise ProtocolError(ErrorCode.NOT_REGISTERED, 'Register first with "hello".', ref)
-        if isinstance(request, Pong):
-            return  # it already counted as a sign of life when it arrived
-        if isinstance(request, Say):
-            self.say([request])
-        elif isinstance(request, Dm):
-            recipient, delivery = self.room.direct(member, request.to, request.text, ref)
-            self.reply({"type": "ok", "delivered": delivery.delivered,
-                        "queued": delivery.queued}, ref)
-            self.server.log_messages(member.name, recipient.name, [request.text])
-        elif isinstance(request, SetMode):
-            reply = {"type": "mode", "mode": request.mode}
-            if ref is not None:
-                reply["ref"] = ref
-            self.room.set_mode(member, Mode(request.mode), encode(reply))
-        elif isinstance(request, ListUsers):
-            self.reply({"type": "users", "users": self.room.users()}, ref)
-        elif isinstance(request, SetStatus):
-            status = self.room.set_status(member, request.status)
-            self.reply({"type": "status", "status": status}, ref)
-        elif isinstance(request, Ping):
-            self.reply({"type": "pong"}, ref)
-        elif isinstance(request, Quit):
-            self.room.leave(member, quitting=True)
-            self.reply({"type": "bye"}, ref)
-            raise Disconnect(quitting=True, reason="quit")
+    def dm(self, request: Request) -> None:
+        assert isinstance(request, Dm)
+        recipient, delivery = self.room.direct(self.member, request.to, request.text,
+                                               request.ref, request.name)
+        self.room.push(self.member, ok_frames(Ok(delivery.delivered, delivery.queued),
+                                              [request.ref]))
+        self.server.log_messages(self.member.name, recipient.name, [request.text])
+
+    def set_mode(self, request: Request) -> None:
+        assert isinstance(request, SetMode)
+        reply = encode_event(ModeChanged(request.mode, request.ref))
+        self.room.set_mode(self.member, Mode(request.mode), reply)
+
+    def users(self, request: Request) -> None:
+        self.send(Users(self.room.users(), request.ref))
+
+    def set_status(self, request: Request) -> None:
+        assert isinstance(request, SetStatus)
+        self.send(StatusChanged(self.room.set_status(self.member, request.status), request.ref))
+
+    def ping(self, request: Request) -> None:
+        self.send(Pong(request.ref))
+
+    def quit(self, request: Request) -> None:
+        self.room.leave(self.member, quitting=True)
+        self.send(Bye(request.ref))
+        raise Disconnect(quitting=True, reason="quit")
 
     # -- line protocol (seed 002) -------------------------------------------------------------
 
@@ -365,12 +437,12 @@ class Handler:
                 return
             try:
                 self.room.register(member, command.name)
-            except ProtocolError as error:
+            except Refusal as error:
                 if error.code is ErrorCode.SERVER_FULL:
                     self.send_line(LineReply.BUSY.value)
-                    raise Disconnect(reason="server full")
-                reply = LineReply.IN_USE if error.code is ErrorCode.NAME_TAKEN else LineReply.BAD_BODY
-                self.send_line(reply.value)
+                    raise Disconnect(reason="server full") from None
+                taken = error.code is ErrorCode.NAME_TAKEN
+                self.send_line((LineReply.IN_USE if taken else LineReply.BAD_BODY).value)
         elif not member.registered:
             self.send_line(LineReply.BAD_HEADER.value)
         elif isinstance(command, LineList):
@@ -379,7 +451,7 @@ class Handler:
         elif isinstance(command, LineSend):
             try:
                 recipient, _ = self.room.direct(member, command.user, command.text)
-            except ProtocolError:
+            except Refusal:
                 bad = LineReply.UNKNOWN if self.used_who else LineReply.BAD_DEST
                 self.send_line(bad.value)
                 return
@@ -407,7 +479,7 @@ class Handler:
                     if not self.member.registered:
                         try:
                             self.room.register(self.member, None)
-                        except ProtocolError:
+                        except Refusal:
                             raise Disconnect(reason="server full") from None
                     texts.append(text)
                 self.flush_plain(texts)

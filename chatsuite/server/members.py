@@ -9,19 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any, Protocol
 
 from modes import HoldQueue, Mode
-from protocol import AVAILABLE, encode_json, held_variant
+from protocol import AVAILABLE, Dialect, User, encode_json, held_variant
 
-
-class Dialect(str, Enum):
-    """How a member speaks: the native JSON protocol, seed 002's lines or seed 001's plain text."""
-
-    NATIVE = "native"
-    LINE = "line"
-    PLAIN = "plain"
+__all__ = ["NOWHERE", "Delivery", "Dialect", "Event", "Member", "Outbox", "push_each"]
 
 
 class Outbox(Protocol):
@@ -94,6 +87,10 @@ class Member:
             "id": self.id, "name": self.name, "title": self.title, "company": self.company,
             "status": self.status, "mode": int(self.mode),
         }
+
+    def as_user(self) -> User:
+        """The wire's ``user`` object, typed."""
+        return User(self.id, self.name, self.title, self.company, self.status, int(self.mode))
 
     def user_json(self) -> str:
         """``user()`` as compact JSON, cached until the member changes."""

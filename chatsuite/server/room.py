@@ -28,13 +28,16 @@ from chatsuite.server.members import Delivery, Dialect, Event, Member, Outbox, p
 from modes import PENDING_BYTES, PENDING_LIMIT, HoldQueue, Mode, dropped_text
 from protocol import (
     AVAILABLE,
+    MAX_FRAME,
     UNAVAILABLE,
     ErrorCode,
-    ProtocolError,
+    Notice,
     Ref,
-    encode,
+    Refusal,
+    User,
+    Welcome,
+    encode_event,
     encode_json,
-    event_frame,
     message_frame,
     name_problem,
     no_such_user_message,
@@ -77,8 +80,10 @@ class Room:
         pending_bytes: int = PENDING_BYTES,
         log: Callable[[str], None] = lambda line: None,
         backplane: Backplane | None = None,
+        max_frame: int = MAX_FRAME,
     ) -> None:
         self.lock = threading.Lock()
+        self.max_frame = max_frame  # told to native clients in their welcome
         self.backplane = backplane
         self.max_clients = max_clients
         self.pending_limit = pending_limit
@@ -157,7 +162,7 @@ class Room:
         return Delivery(delivered + rest.delivered, rest.queued)
 
     def _sort(self, member: Member) -> None:
-        """File a registered member under how events reach it (after a registration or mode change)."""
+        """File a registered member under how events reach it (after joining or a mode change)."""
         if member.dialect is Dialect.NATIVE and member.mode is Mode.VIEWING:
             self._individual.pop(member.id, None)
             self._viewers[member.id] = member.outbox
@@ -167,9 +172,8 @@ class Room:
 
     def _notice(self, kind: str, member: Member, ts: str | None = None) -> Event:
         text = NOTICE_TEXTS[kind].format(name=member.name)
-        obj = {"type": "notice", "event": kind, "user": member.user(), "text": text,
-               "ts": ts or self._timestamp()}
-        return Event(event_frame(obj), None, plain_frame(text))
+        notice = Notice(kind, text, ts or self._timestamp(), member.as_user())
+        return Event(encode_event(notice), None, plain_frame(text))
 
     def _message(
         self, sender: Member, text: str, to: Member | None, ts: str | None = None
@@ -190,7 +194,7 @@ class Room:
     ) -> None:
         """Add ``member`` under ``name`` (None: automatic) and tell the others it joined.
 
-        Raises ``ProtocolError`` (``bad-name``, ``name-taken``, ``server-full``,
+        Raises ``Refusal`` (``bad-name``, ``name-taken``, ``server-full``,
         ``already-registered``) and changes nothing then. In a cluster the name is first
         claimed in Redis (outside the lock), and released again if registering here fails.
         """
@@ -202,42 +206,13 @@ class Room:
             name, claimed = self._claim(member, name, title, company, ref)
         try:
             with self.lock:
-                if member.registered:
-                    raise ProtocolError(
-                        ErrorCode.ALREADY_REGISTERED, "You are already registered.", ref
-                    )
-                if name is not None:
-                    problem = name_problem(name)
-                    if problem:
-                        raise ProtocolError(ErrorCode.BAD_NAME, problem, ref)
-                    if name.casefold() in self._names:
-                        raise _name_taken(name, ref)
-                if len(self._members) >= self.max_clients:
-                    raise ProtocolError(
-                        ErrorCode.SERVER_FULL,
-                        f"The server is full ({self.max_clients} clients); try again later.", ref,
-                    )
-                member.name = name if name is not None else self._auto_name()
-                member.title, member.company = title, company
-                member.registered = True
-                member.hold = HoldQueue(self.pending_limit, self.pending_bytes)
-                member.changed()
-                if member.dialect is Dialect.NATIVE:
-                    online = len(self._members) + len(self._remote) + 1
-                    welcome = {"type": "welcome", **member.user(), "online": online}
-                    if ref is not None:
-                        welcome["ref"] = ref
-                    member.outbox.push(encode(welcome))
-                elif member.dialect is Dialect.LINE:
-                    member.outbox.push(line_hello(member.name))
-                self._to_everyone([self._notice("joined", member)])
-                self._members[member.id] = member
-                self._names[member.name.casefold()] = member
-                self._sort(member)
+                self._check_registration(member, name, ref)
+                self._admit(member, name if name is not None else self._auto_name(), title,
+                            company, ref)
                 online = len(self._members)
                 if backplane is not None:
                     record = member.record(backplane.node)
-        except ProtocolError:
+        except Refusal:
             if claimed and backplane is not None and name is not None:
                 backplane.release(name, member.id)
             raise
@@ -247,6 +222,41 @@ class Room:
             f"{member.name} (id {member.id}, {member.dialect.value}) joined from "
             f"{member.address} ({online} online)"
         )
+
+    def _check_registration(self, member: Member, name: str | None, ref: Ref) -> None:
+        """Raise the ``Refusal`` that registering ``member`` as ``name`` deserves, if any."""
+        if member.registered:
+            raise Refusal(ErrorCode.ALREADY_REGISTERED, "You are already registered.", ref)
+        if name is not None:
+            problem = name_problem(name)
+            if problem:
+                raise Refusal(ErrorCode.BAD_NAME, problem, ref)
+            if name.casefold() in self._names:
+                raise _name_taken(name, ref)
+        if len(self._members) >= self.max_clients:
+            raise Refusal(
+                ErrorCode.SERVER_FULL,
+                f"The server is full ({self.max_clients} clients); try again later.", ref,
+            )
+
+    def _admit(self, member: Member, name: str, title: str | None, company: str | None,
+               ref: Ref) -> None:
+        """Register ``member`` (checked): welcome it, tell the others, file it (lock held)."""
+        member.name = name
+        member.title, member.company = title, company
+        member.registered = True
+        member.hold = HoldQueue(self.pending_limit, self.pending_bytes)
+        member.changed()
+        if member.dialect is Dialect.NATIVE:
+            online = len(self._members) + len(self._remote) + 1
+            welcome = Welcome(member.as_user(), online, self.max_frame, ref)
+            member.outbox.push(encode_event(welcome))
+        elif member.dialect is Dialect.LINE:
+            member.outbox.push(line_hello(member.name))
+        self._to_everyone([self._notice("joined", member)])
+        self._members[member.id] = member
+        self._names[member.name.casefold()] = member
+        self._sort(member)
 
     def _claim(
         self, member: Member, name: str | None, title: str | None, company: str | None, ref: Ref
@@ -265,11 +275,11 @@ class Room:
             return replace(member, name=name, title=title, company=company).record(node)
 
         if member.registered:
-            raise ProtocolError(ErrorCode.ALREADY_REGISTERED, "You are already registered.", ref)
+            raise Refusal(ErrorCode.ALREADY_REGISTERED, "You are already registered.", ref)
         if name is not None:
             problem = name_problem(name)
             if problem:
-                raise ProtocolError(ErrorCode.BAD_NAME, problem, ref)
+                raise Refusal(ErrorCode.BAD_NAME, problem, ref)
             with self.lock:
                 taken = name.casefold() in self._names
             if not taken:
@@ -344,17 +354,24 @@ class Room:
         folded = key.casefold()
         return self._names.get(folded) or self._remote_names.get(folded)
 
-    def direct(self, sender: Member, target: str | int, text: str, ref: Ref = None) -> tuple[Member, Delivery]:
+    def direct(
+        self, sender: Member, target: str | int, text: str, ref: Ref = None,
+        name: str | None = None,
+    ) -> tuple[Member, Delivery]:
         """Send ``text`` to one member; raises ``no-such-user`` or ``unavailable``.
 
+        ``name``, with an id: the name the sender believes that id has; when the id is now
+        someone else's (ids are reused file descriptors) it is ``no-such-user``, nothing sent.
         A member of another node is found in this node's mirror, or else asked of Redis (it
         may have joined a moment ago); the message is published after the lock.
         """
         backplane = self.backplane
+        if not isinstance(parse_target(target), int):
+            name = None  # by name: the name is the target itself
         with self.lock:
-            recipient = self._find(target)
+            recipient = _named(self._find(target), name)
             if recipient is None and backplane is None:
-                raise ProtocolError(ErrorCode.NO_SUCH_USER, no_such_user_message(target), ref)
+                raise _no_such_user(target, name, ref)
             if recipient is not None and recipient.node is None:
                 _check_available(recipient, ref)
                 delivery = self._deliver([self._message(sender, text, recipient)], [recipient])
@@ -363,8 +380,10 @@ class Room:
         if recipient is None:
             record = backplane.lookup(target)
             if record is None or record["node"] == backplane.node:
-                raise ProtocolError(ErrorCode.NO_SUCH_USER, no_such_user_message(target), ref)
-            recipient = Member.from_record(record)
+                raise _no_such_user(target, name, ref)
+            recipient = _named(Member.from_record(record), name)
+            if recipient is None:
+                raise _no_such_user(target, name, ref)
         _check_available(recipient, ref)
         with self.lock:
             ts = self._timestamp()
@@ -380,10 +399,10 @@ class Room:
             return self._members.values()
         return sorted([*self._members.values(), *self._remote.values()], key=_joined_at)
 
-    def users(self) -> list[dict[str, Any]]:
+    def users(self) -> tuple[User, ...]:
         """Every registered member's ``user`` object, in registration order."""
         with self.lock:
-            return [member.user() for member in self._everyone()]
+            return tuple(member.as_user() for member in self._everyone())
 
     def names(self) -> list[str]:
         with self.lock:
@@ -401,10 +420,9 @@ class Room:
             if mode is Mode.VIEWING:
                 dropped, held = member.hold.flush()
                 if dropped:
-                    notice = {"type": "notice", "event": "dropped", "count": dropped,
-                              "text": dropped_text(dropped), "ts": self._timestamp(),
-                              "queued": True}
-                    member.outbox.push(encode(notice))
+                    notice = Notice("dropped", dropped_text(dropped), self._timestamp(),
+                                    count=dropped, queued=True)
+                    member.outbox.push(encode_event(notice))
                 if held:
                     member.outbox.push(b"".join(event.held for event in held))
         if record is not None and self.backplane is not None:
@@ -431,9 +449,7 @@ class Room:
     def shutdown(self, members: Iterable[Member]) -> None:
         """Tell every member the server is stopping, at once, whatever its mode."""
         with self.lock:
-            notice = {"type": "notice", "event": "shutdown", "text": SHUTDOWN_TEXT,
-                      "ts": self._timestamp(), "queued": False}
-            frame = encode(notice)
+            frame = encode_event(Notice("shutdown", SHUTDOWN_TEXT, self._timestamp()))
             for member in members:
                 if member.dialect is Dialect.NATIVE:
                     member.outbox.push(frame)
@@ -507,14 +523,26 @@ class Room:
             self._mirror(Member.from_record(record))
 
 
-def _name_taken(name: str, ref: Ref) -> ProtocolError:
-    return ProtocolError(ErrorCode.NAME_TAKEN, f'The name "{name}" is taken; choose another.', ref)
+def _name_taken(name: str, ref: Ref) -> Refusal:
+    return Refusal(ErrorCode.NAME_TAKEN, f'The name "{name}" is taken; choose another.', ref)
+
+
+def _named(member: Member | None, name: str | None) -> Member | None:
+    """``member`` unless the sender named someone else for its id (SPEC 1.2)."""
+    if member is None or name is None or member.name.casefold() == name.casefold():
+        return member
+    return None
+
+
+def _no_such_user(target: str | int, name: str | None, ref: Ref) -> Refusal:
+    """``no-such-user``; for an id the sender put a name on, the sentence names that name."""
+    return Refusal(ErrorCode.NO_SUCH_USER, no_such_user_message(name or target), ref)
 
 
 def _check_available(recipient: Member, ref: Ref) -> None:
     """Direct messages to an unavailable member are refused (seed 003)."""
     if recipient.status == UNAVAILABLE:
-        raise ProtocolError(
+        raise Refusal(
             ErrorCode.UNAVAILABLE, f"{recipient.name} is unavailable right now.", ref
         )
 
