@@ -2,7 +2,11 @@
 
 Theory of operation
 -------------------
-* The acceptor thread accepts connections and starts one reader thread for each.
+* The acceptor thread accepts connections and starts one reader thread for each. Before any
+  thread or buffer is spent, the door (SPEC 1.5) refuses what is over ``--max-per-ip`` or
+  ``--max-unregistered-per-ip`` (closed at once), and when the table of connections waiting to
+  register is full it has the writer close the oldest of them. A failure to accept or to start
+  a thread costs that one connection: it is logged, and the acceptor pauses briefly and goes on.
 * A connection's reader thread (handler.py) is the only reader of its socket. It learns the
   dialect from the first bytes (SPEC 2), decodes requests with ``protocol``, and asks the
   ``Room`` what to do.
@@ -242,23 +246,25 @@ class ChatServer:
                     self.stopping.wait(ACCEPT_PAUSE)
         selector.close()
 
-    def _door(self, ip: str) -> str | None:
-        """Make room for one more connection from ``ip``: None, or why it is refused.
+    def _door(self, ip: str) -> tuple[str | None, list[Connection]]:
+        """Make room for one more connection from ``ip``: why it is refused (None: it is not),
+        and the connections closed to make room.
 
         Called with the room lock held, before anything is spent on the connection (SPEC 1.5).
         When the table of unregistered connections is full, the oldest ones are closed.
         """
         config = self.config
         if config.max_per_ip > 0 and self._per_ip.get(ip, 0) >= config.max_per_ip:
-            return f"more than {config.max_per_ip} connections from its address"
+            return f"more than {config.max_per_ip} connections from its address", []
         waiting = self._waiting_by_ip.get(ip)
         if waiting is not None and 0 < config.max_unregistered_per_ip <= len(waiting):
             for conn in [c for c in waiting if c.member is not None and c.member.registered]:
                 self._unwait(conn)
             if len(waiting) >= config.max_unregistered_per_ip:
                 return (f"more than {config.max_unregistered_per_ip} connections from its "
-                        "address waiting to register")
+                        "address waiting to register"), []
         unregistered = len(self._connections) - self.room.online - len(self._evicted)
+        evicted: list[Connection] = []
         while unregistered >= self._table and self._waiting:
             oldest = next(iter(self._waiting))
             self._unwait(oldest)
@@ -267,10 +273,9 @@ class ChatServer:
             # Its reader sees the end and forgets it; only the writer closes its socket.
             self._evicted.add(oldest)
             self.writer.abort(oldest)
+            evicted.append(oldest)
             unregistered -= 1
-            self.log(f"closed: {oldest.address} (the oldest of {self._table} connections "
-                     "waiting to register, to make room)")
-        return None
+        return None, evicted
 
     def _unwait(self, conn: Connection) -> None:
         """Take ``conn`` out of the door's tables of unregistered connections (room lock held)."""
@@ -284,7 +289,10 @@ class ChatServer:
 
     def _open(self, sock: socket.socket, ip: str, address: str) -> None:
         with self.room.lock:
-            refusal = self._door(ip)
+            refusal, evicted = self._door(ip)
+        for oldest in evicted:  # logged outside the lock, like every log line
+            self.log(f"closed: {oldest.address} (the oldest of {self._table} connections "
+                     "waiting to register, to make room)")
         if refusal is not None:
             sock.close()  # no thread, no buffer: nothing else knows this socket
             self.log(f"refused: {address} ({refusal})")
