@@ -142,7 +142,7 @@ def test_unregistered_per_address_limit_refuses_the_ninth_at_once(
     assert ninth.recv(1) == b""  # closed at once, without a word
     refused = f"refused: 127.0.0.3:{ninth.getsockname()[1]} (more than 8 connections from its "
     wait_until(lambda: f"{refused}address waiting to register)" in lines, what="refusal logged")
-    assert len(server._threads) == 11  # no thread was started for it
+    wait_until(lambda: len(server._threads) == 11, what="a thread for each of the 11 accepted")
     other = silent(server, sockets, "127.0.0.4")  # another address is not affected
     accepted(server, 12)
     assert is_open(other)
