@@ -340,3 +340,29 @@ def test_accepted_sockets_use_tcp_keepalive(
     assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == 10
     assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 6
     assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+
+
+def blocked_signals(pid: int, tid: int) -> set[int]:
+    """The signals thread ``tid`` of process ``pid`` blocks (Linux /proc)."""
+    with open(f"/proc/{pid}/task/{tid}/status") as status:
+        mask = next(int(line.split()[1], 16) for line in status if line.startswith("SigBlk:"))
+    return {signum for signum in range(1, 65) if mask >> (signum - 1) & 1}
+
+
+def test_only_the_main_thread_takes_stop_signals(
+    server_process: Callable[..., ServerProcess], sockets: list[socket.socket]
+) -> None:
+    """Every thread of the server but the main one blocks SIGINT, SIGTERM and SIGHUP, so the
+    system hands a stop signal to the main thread, the one Python runs handlers in."""
+    proc = server_process()
+    alice = peer_from(proc, sockets, "127.0.0.1")
+    alice.register("alice")
+    pid = proc.proc.pid
+    stop = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    others = [int(tid) for tid in os.listdir(f"/proc/{pid}/task") if int(tid) != pid]
+    assert len(others) >= 3  # the writer, the acceptor and alice's reader at least
+    assert all(stop <= blocked_signals(pid, tid) for tid in others)
+    assert not stop & blocked_signals(pid, pid)
+    proc.proc.send_signal(signal.SIGTERM)
+    alice.wait_for("notice", event="shutdown")
+    assert proc.proc.wait(5) == 0
