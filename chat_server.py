@@ -2,7 +2,11 @@
 
 Theory of operation
 -------------------
-* The acceptor thread accepts connections and starts one reader thread for each.
+* The acceptor thread accepts connections and starts one reader thread for each. Before any
+  thread or buffer is spent, the door (SPEC 1.5) refuses what is over ``--max-per-ip`` or
+  ``--max-unregistered-per-ip`` (closed at once), and when the table of connections waiting to
+  register is full it has the writer close the oldest of them. A failure to accept or to start
+  a thread costs that one connection: it is logged, and the acceptor pauses briefly and goes on.
 * A connection's reader thread (handler.py) is the only reader of its socket. It learns the
   dialect from the first bytes (SPEC 2), decodes requests with ``protocol``, and asks the
   ``Room`` what to do.
@@ -33,7 +37,9 @@ import ssl
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -50,6 +56,22 @@ if TYPE_CHECKING:
     from chatsuite.server.cluster import Backplane
 
 OUTPUT_LIMIT = 8 * 1024 * 1024
+# Each connection's thread reserves this much address space for its stack, not the system's
+# default (often 8 MiB): the deepest recursion Python allows (its limit of 1000, through C code
+# such as the JSON decoder) needs under 192 KiB, so this is more than twice the worst case.
+THREAD_STACK = 512 * 1024
+ACCEPT_PAUSE = 0.1  # seconds the acceptor waits after a failure to accept or to start a thread
+# TCP keepalive on accepted sockets (SPEC 1.5): after 60 s of silence, 6 probes 10 s apart.
+KEEPALIVE = (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 6))
+
+
+def unregistered_table(max_clients: int) -> int:
+    """How many connections may wait to register at once, from all addresses together.
+
+    As many as may be registered (an unregistered connection costs what a registered one does:
+    a thread and a socket), and at least 64 so that a small server's burst of arrivals fits.
+    """
+    return max(64, max_clients)
 
 
 @dataclass
@@ -69,6 +91,8 @@ class ServerConfig:
     rate: float = 100.0
     quiet: bool = False
     max_per_ip: int = 0  # 0: unlimited
+    max_unregistered_per_ip: int = 8  # connections from one address waiting to register; 0: any
+    max_unregistered: int | None = None  # the door's table; None: unregistered_table(max_clients)
     tls_cert: str | None = None
     tls_key: str | None = None
     redis_url: str | None = None  # join the cluster of servers sharing this Redis (cluster.py)
@@ -82,6 +106,19 @@ class ServerConfig:
 
 # ---------------------------------------------------------------------------------------------
 # The server: acceptor, connections, shutdown.
+
+
+def set_socket_options(sock: socket.socket) -> None:
+    """No Nagle delay, and TCP keepalive where the platform has it (SPEC 1.5)."""
+    options = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),
+               (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
+    options += [(socket.IPPROTO_TCP, getattr(socket, name), value)
+                for name, value in KEEPALIVE if hasattr(socket, name)]
+    for level, option, value in options:
+        try:
+            sock.setsockopt(level, option, value)
+        except OSError:
+            pass  # a peer already gone, or an option this system refuses: not worth a refusal
 
 
 def tls_context(cert: str, key: str | None) -> ssl.SSLContext:
@@ -115,12 +152,24 @@ class ChatServer:
         self.room.fan_out = self.writer.push_all  # the inlined broadcast loop
         self.stopping = threading.Event()
         self._connections: dict[Connection, Dialect | None] = {}  # guarded by the room lock
+        # The door's tables (guarded by the room lock): connections per address, and the ones
+        # not seen registered yet, oldest first, in all and per address. A connection that
+        # registers stays in ``_waiting`` until the door next looks at it (it checks
+        # ``member.registered``), so the room needs no hook; the exact count of those waiting
+        # is ``len(_connections) - room.online - len(_evicted)``.
+        self._per_ip: dict[str, int] = {}
+        self._waiting: OrderedDict[Connection, str] = OrderedDict()
+        self._waiting_by_ip: dict[str, dict[Connection, None]] = {}
+        self._evicted: set[Connection] = set()  # closed by the door, not yet forgotten
+        self._table = (config.max_unregistered if config.max_unregistered is not None
+                       else unregistered_table(config.max_clients))
         self._threads: set[threading.Thread] = set()
         self._listener: socket.socket | None = None
         self._stop_r, self._stop_w = socket.socketpair()
         self._acceptor: threading.Thread | None = None
         self.address: tuple[str, int] = (config.host, config.port)
-        self._tls_context = tls_context(config.tls_cert, config.tls_key) if config.tls_cert else None
+        self._tls_context = (tls_context(config.tls_cert, config.tls_key) if config.tls_cert
+                             else None)
 
     def start(self) -> None:
         """Bind, listen and start serving in background threads."""
@@ -135,6 +184,8 @@ class ChatServer:
             except Exception:
                 listener.close()
                 raise
+        # Process-wide, and before the first thread: see THREAD_STACK.
+        threading.stack_size(THREAD_STACK)
         self.writer.thread.start()
         self._acceptor = threading.Thread(target=self._accept_loop, name="acceptor", daemon=True)
         self._acceptor.start()
@@ -142,6 +193,7 @@ class ChatServer:
         self.log(f"chat server listening on {self.address[0]}:{self.address[1]}{secure}")
 
     def _accept_loop(self) -> None:
+        """Accept until stopped. A failure costs at most one connection, never the acceptor."""
         assert self._listener is not None
         selector = selectors.DefaultSelector()
         selector.register(self._listener, selectors.EVENT_READ)
@@ -154,50 +206,107 @@ class ChatServer:
                     sock, peer = self._listener.accept()
                 except (BlockingIOError, InterruptedError):
                     break
+                except ConnectionAbortedError:
+                    continue  # the peer gave up before we took it: nothing to do
                 except OSError as error:
+                    # EMFILE, ENFILE, ENOBUFS, ENOMEM: the connection waits in the backlog
+                    # until something is freed. Pause instead of spinning on it.
                     self.log(f"accept failed: {error}")
+                    self.stopping.wait(ACCEPT_PAUSE)
                     break
-                self._open(sock, f"{peer[0]}:{peer[1]}")
+                try:
+                    self._open(sock, peer[0], f"{peer[0]}:{peer[1]}")
+                except Exception as error:  # the acceptor must outlive any one bug
+                    self.log(f"accepting {peer[0]}:{peer[1]} failed: {error!r}")
+                    self.stopping.wait(ACCEPT_PAUSE)
         selector.close()
 
-    def _open(self, sock: socket.socket, address: str) -> None:
+    def _door(self, ip: str) -> tuple[str | None, list[Connection]]:
+        """Make room for one more connection from ``ip``: why it is refused (None: it is not),
+        and the connections closed to make room.
+
+        Called with the room lock held, before anything is spent on the connection (SPEC 1.5).
+        When the table of unregistered connections is full, the oldest ones are closed.
+        """
+        config = self.config
+        if config.max_per_ip > 0 and self._per_ip.get(ip, 0) >= config.max_per_ip:
+            return f"more than {config.max_per_ip} connections from its address", []
+        waiting = self._waiting_by_ip.get(ip)
+        if waiting is not None and 0 < config.max_unregistered_per_ip <= len(waiting):
+            for conn in [c for c in waiting if c.member is not None and c.member.registered]:
+                self._unwait(conn)
+            if len(waiting) >= config.max_unregistered_per_ip:
+                return (f"more than {config.max_unregistered_per_ip} connections from its "
+                        "address waiting to register"), []
+        unregistered = len(self._connections) - self.room.online - len(self._evicted)
+        evicted: list[Connection] = []
+        while unregistered >= self._table and self._waiting:
+            oldest = next(iter(self._waiting))
+            self._unwait(oldest)
+            if oldest.member is not None and oldest.member.registered:
+                continue  # registered since the door last looked: it was never counted
+            # Its reader sees the end and forgets it; only the writer closes its socket.
+            self._evicted.add(oldest)
+            self.writer.abort(oldest)
+            evicted.append(oldest)
+            unregistered -= 1
+        return None, evicted
+
+    def _unwait(self, conn: Connection) -> None:
+        """Take ``conn`` out of the door's tables of unregistered connections (room lock held)."""
+        ip = self._waiting.pop(conn, None)
+        if ip is None:
+            return
+        waiting = self._waiting_by_ip[ip]
+        del waiting[conn]
+        if not waiting:
+            del self._waiting_by_ip[ip]
+
+    def _open(self, sock: socket.socket, ip: str, address: str) -> None:
+        with self.room.lock:
+            refusal, evicted = self._door(ip)
+        for oldest in evicted:  # logged outside the lock, like every log line
+            self.log(f"closed: {oldest.address} (the oldest of {self._table} connections "
+                     "waiting to register, to make room)")
+        if refusal is not None:
+            sock.close()  # no thread, no buffer: nothing else knows this socket
+            self.log(f"refused: {address} ({refusal})")
+            return
         sock.setblocking(False)
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
+        set_socket_options(sock)
         conn = Connection(sock, address, self.writer, self.config.output_limit)
         if self._tls_context is not None:
             conn.tls = TlsSession(self._tls_context, server_side=True)
-        ip = address.rsplit(":", 1)[0]
         with self.room.lock:
-            if self.config.max_per_ip > 0:
-                conn.refused = sum(
-                    1 for other in self._connections if other.address.rsplit(":", 1)[0] == ip
-                ) >= self.config.max_per_ip
-            # Connections not yet registered are bounded too, so a crowd of idle sockets cannot
-            # exhaust threads: registered ones are limited by --max-clients at registration.
-            if len(self._connections) >= 2 * self.config.max_clients + 16:
-                refused = True
-            else:
-                refused = False
-                self._connections[conn] = None
+            self._connections[conn] = None
+            self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
+            self._waiting[conn] = ip
+            self._waiting_by_ip.setdefault(ip, {})[conn] = None
             online = self.room.online
-        if refused:
-            sock.close()
-            self.log(f"refused: {address} (too many connections)")
-            return
         self.log(f"connected: {address} ({online} online)")
         thread = threading.Thread(target=self._serve, args=(conn,), name=f"conn-{conn.fd}",
                                   daemon=True)
-        self._threads.add(thread)
+        try:
+            self.start_thread(thread)
+        except (RuntimeError, MemoryError) as error:  # "can't start new thread"
+            # No thread ever saw this connection, and the writer holds nothing for it.
+            self.forget(conn)
+            sock.close()
+            self.log(f"closed: {address} (cannot start its thread: {error})")
+            self.stopping.wait(ACCEPT_PAUSE)
+
+    def start_thread(self, thread: threading.Thread) -> None:
+        """Start a connection's thread (a seam for tests that make it fail)."""
         thread.start()
 
     def _serve(self, conn: Connection) -> None:
+        # Added here, once running: stop() joins only threads that really started.
+        thread = threading.current_thread()
+        self._threads.add(thread)
         try:
             Handler(self, conn).run()
         finally:
-            self._threads.discard(threading.current_thread())
+            self._threads.discard(thread)
 
     def dialect_known(self, conn: Connection, dialect: Dialect) -> None:
         with self.room.lock:
@@ -218,7 +327,17 @@ class ChatServer:
 
     def forget(self, conn: Connection) -> None:
         with self.room.lock:
-            self._connections.pop(conn, None)
+            if conn not in self._connections:
+                return  # forgotten already
+            del self._connections[conn]
+            self._unwait(conn)
+            ip = conn.address.rsplit(":", 1)[0]  # the address is "ip:port" (see _accept_loop)
+            self._evicted.discard(conn)
+            count = self._per_ip.get(ip, 0) - 1
+            if count > 0:
+                self._per_ip[ip] = count
+            else:
+                self._per_ip.pop(ip, None)
 
     def log_messages(self, sender: str, to: str, texts: list[str]) -> None:
         """Log relayed messages (seed 001): a record handed to the log thread, which formats it."""
@@ -277,26 +396,32 @@ def parse_args(argv: Sequence[str] | None) -> ServerConfig:
     parser.add_argument("--output-limit", type=int, default=OUTPUT_LIMIT,
                         help="unsent bytes past which a slow client is dropped (default 8 MiB)")
     parser.add_argument("--heartbeat", type=float, default=30.0,
-                        help="seconds of silence before a ping; as long again to answer (default 30)")
+                        help="seconds of silence before a ping; as long again to answer "
+                             "(default 30)")
     parser.add_argument("--hello-timeout", type=float, default=60.0,
                         help="seconds a new connection has to register (default 60)")
     parser.add_argument("--max-clients", type=int, default=1024,
                         help="most registered clients (default 1024)")
     parser.add_argument("--rate", type=float, default=100.0,
-                        help="frames per second per client, burst twice that; 0 = off (default 100)")
+                        help="frames per second per client, burst twice that; 0 = off "
+                             "(default 100)")
     parser.add_argument("--quiet", action="store_true", help="do not log message texts")
     parser.add_argument("--max-per-ip", type=int, default=0,
                         help="most connections from one address; 0 = unlimited (default)")
+    parser.add_argument("--max-unregistered-per-ip", type=int, default=8, metavar="N",
+                        help="most connections from one address waiting to register; "
+                             "0 = unlimited (default 8)")
     parser.add_argument("--tls-cert", metavar="FILE", help="serve TLS with this certificate (PEM)")
     parser.add_argument("--tls-key", metavar="FILE", help="the certificate's private key (PEM)")
     parser.add_argument("--redis", metavar="URL",
                         help="join the cluster of servers sharing this Redis, e.g. "
                              "redis://127.0.0.1:6379/0 (needs the 'cluster' extra)")
     parser.add_argument("--cluster-ttl", type=float, default=3.0, metavar="S",
-                        help="with --redis: seconds before a silent node counts as dead (default 3)")
+                        help="with --redis: seconds before a silent node counts as dead "
+                             "(default 3)")
     parser.add_argument("--cluster-secret-file", metavar="FILE",
-                        help="with --redis: the nodes' shared secret (else $CHAT_CLUSTER_SECRET); "
-                             "required")
+                        help="with --redis: the nodes' shared secret (else "
+                             "$CHAT_CLUSTER_SECRET); required")
     parser.add_argument("--redis-insecure", action="store_true",
                         help="allow a Redis on another host without a password in the URL")
     args = parser.parse_args(argv)
@@ -306,14 +431,42 @@ def parse_args(argv: Sequence[str] | None) -> ServerConfig:
         host=args.host, port=args.port, max_frame=args.max_frame, pending_limit=args.pending_limit,
         output_limit=args.output_limit, heartbeat=args.heartbeat,
         hello_timeout=args.hello_timeout, max_clients=args.max_clients, rate=args.rate,
-        quiet=args.quiet, max_per_ip=args.max_per_ip, tls_cert=args.tls_cert,
+        quiet=args.quiet, max_per_ip=args.max_per_ip,
+        max_unregistered_per_ip=args.max_unregistered_per_ip, tls_cert=args.tls_cert,
         tls_key=args.tls_key, redis_url=args.redis, cluster_ttl=args.cluster_ttl,
         cluster_secret_file=args.cluster_secret_file, redis_insecure=args.redis_insecure,
     )
 
 
+def stop_signals() -> list[signal.Signals]:
+    """Ctrl-C, SIGTERM, and SIGHUP when the terminal closes (not on Windows)."""
+    signals = [signal.SIGINT, signal.SIGTERM]
+    if hasattr(signal, "SIGHUP"):
+        signals.append(signal.SIGHUP)
+    return signals
+
+
+@contextmanager
+def main_thread_only(signals: list[signal.Signals]) -> Iterator[None]:
+    """Block ``signals`` while the body starts the server's threads, which keep them blocked.
+
+    Python runs signal handlers in the main thread only, and a signal the system hands to
+    another thread does not wake the main thread's wait (seen: 3 SIGTERMs in 10 ignored right
+    after 2,100 connections closed). So only the main thread takes them; one that arrives
+    during the start is held until the end of the body, when the handlers are installed.
+    """
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: signals go to the main thread
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the server until Ctrl-C or SIGTERM; exit code 0 on a clean stop."""
+    """Run the server until Ctrl-C, SIGTERM or SIGHUP; exit code 0 on a clean stop."""
     config = parse_args(argv)
     cluster_errors: tuple[type[Exception], ...] = ()  # none without --redis
     cluster_options: tuple[type[Exception], ...] = ()
@@ -337,22 +490,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ssl.SSLError) as error:
         print(f"chat-server: cannot load the TLS certificate or key: {error}", file=sys.stderr)
         return 1
-    try:
-        server.start()
-    except cluster_errors as error:
-        print(f"chat-server: {error}", file=sys.stderr)
-        return 1
-    except OSError as error:
-        print(f"chat-server: cannot listen on {config.host}:{config.port}: {error.strerror}",
-              file=sys.stderr)
-        return 1
+    signals = stop_signals()
     stop = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:
         stop.set()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    with main_thread_only(signals):
+        try:
+            server.start()
+        except cluster_errors as error:
+            print(f"chat-server: {error}", file=sys.stderr)
+            return 1
+        except OSError as error:
+            print(f"chat-server: cannot listen on {config.host}:{config.port}: {error.strerror}",
+                  file=sys.stderr)
+            return 1
+        for signum in signals:
+            signal.signal(signum, on_signal)
     while not stop.wait(3600):
         pass
     server.stop()

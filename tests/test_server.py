@@ -1390,13 +1390,14 @@ def test_max_clients_server_full_then_close(start_server: StartServer, connect: 
 
 
 @pytest.mark.timeout(20)
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP],
+                         ids=["SIGTERM", "SIGINT", "SIGHUP"])
 def test_signal_sends_shutdown_and_exits_zero(
     server_process: Callable[..., ServerProcess], connect: Connect, signum: int
 ) -> None:
-    """SIGTERM or SIGINT: every native client, typing or viewing, gets notice shutdown, a plain
-    client its sentence, a line client just the close, and the process exits 0 within about a
-    second."""
+    """SIGTERM, SIGINT or SIGHUP: every native client, typing or viewing, gets notice shutdown, a
+    plain client its sentence, a line client just the close, and the process exits 0 within about
+    a second."""
     proc = server_process()
     typing = member(connect, proc, "typing")
     viewing = member(connect, proc, "viewing", view=True)

@@ -167,23 +167,20 @@ def test_tls_handshake_counts_against_hello_timeout(
     assert silent.recv(100) == b""
 
 
-def test_max_per_ip_refuses_native_and_line_clients(
-    start_server: Callable[..., ChatServer], connect
-) -> None:
-    """Past --max-per-ip, a native client gets server-full and a line client BUSY, then closed."""
-    server = start_server(rate=0, max_per_ip=2)
+def test_max_per_ip_refuses_at_accept(start_server: Callable[..., ChatServer], connect) -> None:
+    """Past --max-per-ip a connection is closed at once, before it sends anything, and logged."""
+    lines: list[str] = []
+    server = start_server(rate=0, max_per_ip=2, log=lines.append)
     first, second = connect(server), connect(server)
     first.register("first")
     second.register("second")
     third = connect(server)
-    third.send({"type": "hello", "name": "third"})
-    error = third.expect("error", code="server-full")
-    assert error["ref"] is None
-    assert third.closed()
+    assert third.read_until_closed() == b""  # closed without a word: nothing was spent on it
+    refused = f"refused: 127.0.0.1:{third.sock.getsockname()[1]} (more than 2 connections from "
+    wait_until(lambda: f"{refused}its address)" in lines, what="the refusal logged")
     line_client = socket.create_connection(server.address, timeout=5)
-    line_client.sendall(b"HELLO-FROM fourth\n")
-    assert read_line(line_client) == b"BUSY\n"
     assert line_client.recv(100) == b""
+    line_client.close()
     first.send({"type": "users"})
     assert [u["name"] for u in first.expect("users")["users"]] == ["first", "second"]
     # A place frees up when a connection from the address ends.
