@@ -479,24 +479,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         cluster_errors = (ClusterError,)
         cluster_options = (ClusterConfigError,)
-    try:
-        server = ChatServer(config)
-    except cluster_options as error:  # unsafe or missing cluster options: like any bad option
-        print(f"chat-server: {error}", file=sys.stderr)
-        return 2
-    except cluster_errors as error:
-        print(f"chat-server: {error}", file=sys.stderr)
-        return 1
-    except (OSError, ssl.SSLError) as error:
-        print(f"chat-server: cannot load the TLS certificate or key: {error}", file=sys.stderr)
-        return 1
     signals = stop_signals()
     stop = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:
         stop.set()
 
+    # Every thread the server makes (the log's included, started with the server object) is
+    # started inside: they all keep the stop signals blocked.
     with main_thread_only(signals):
+        try:
+            server = ChatServer(config)
+        except cluster_options as error:  # unsafe or missing cluster options: like any bad option
+            print(f"chat-server: {error}", file=sys.stderr)
+            return 2
+        except cluster_errors as error:
+            print(f"chat-server: {error}", file=sys.stderr)
+            return 1
+        except (OSError, ssl.SSLError) as error:
+            print(f"chat-server: cannot load the TLS certificate or key: {error}", file=sys.stderr)
+            return 1
         try:
             server.start()
         except cluster_errors as error:
