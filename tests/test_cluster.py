@@ -750,6 +750,8 @@ def test_forged_broadcasts_from_teacher_reach_nobody_and_are_logged(
     teacher.view()
     student = viewer(dial, two, "student")
     await_users(student, ["teacher", "student"])
+    # The student's joined notice crosses the backplane: wait for it, then nothing else waits.
+    teacher.wait_for("notice", event="joined")
     teacher.sync()
 
     client = redis.Redis.from_url(redis_server.url, decode_responses=True)
