@@ -54,6 +54,14 @@ class ErrorCode(str, Enum):
     SERVER_FULL = "server-full"
     NO_SUCH_USER = "no-such-user"
     UNAVAILABLE = "unavailable"
+    # Access (SPEC 7): password-required and bad-password carry "for"; too-many-attempts
+    # carries "retry_after".
+    PASSWORD_REQUIRED = "password-required"
+    BAD_PASSWORD = "bad-password"
+    TOO_MANY_ATTEMPTS = "too-many-attempts"
+    NOT_ALLOWED = "not-allowed"
+    MUTED = "muted"
+    BANNED = "banned"
 
 
 Ref = str | int | None
@@ -89,7 +97,17 @@ class ProtocolError(ChatError):
 
 
 class Refusal(ChatError):
-    """A well-formed request the room refuses (name-taken, no-such-user, server-full, ...)."""
+    """A well-formed request the room refuses (name-taken, no-such-user, server-full, ...).
+
+    ``for_`` ("server" or "account") goes with password-required and bad-password, and
+    ``retry_after`` (whole seconds) with too-many-attempts (SPEC 1.3).
+    """
+
+    def __init__(self, code: ErrorCode, message: str, ref: Ref = None, *,
+                 for_: str | None = None, retry_after: int | None = None) -> None:
+        super().__init__(code, message, ref)
+        self.for_ = for_
+        self.retry_after = retry_after
 
 
 # --------------------------------------------------------------------------------------------
@@ -196,15 +214,18 @@ _LIVE_TAIL = b'"queued":false}\0'
 _HELD_TAIL = b'"queued":true}\0'
 
 
-def message_frame(from_json: str, to_json: str, text: str, ts: str) -> bytes:
+def message_frame(from_json: str, to_json: str, text: str, ts: str,
+                  seq: int | None = None) -> bytes:
     """A ``message`` event frame (live), built from pre-encoded parts: the server's hot path.
 
-    ``from_json`` and ``to_json`` are compact JSON (see ``encode_json``); ``queued`` is last so
-    that ``held_variant`` can turn the frame into its held form without encoding it again.
+    ``from_json`` and ``to_json`` are compact JSON (see ``encode_json``); ``seq`` is the room's
+    sequence number (SPEC 6.1; None: not written); ``queued`` is last so that ``held_variant``
+    can turn the frame into its held form without encoding it again.
     """
+    numbered = "" if seq is None else f'"seq":{seq:d},'
     return (
         f'{{"type":"message","from":{from_json},"to":{to_json},'
-        f'"text":{json_string(text)},"ts":"{ts}",'
+        f'"text":{json_string(text)},"ts":"{ts}",{numbered}'
     ).encode() + _LIVE_TAIL
 
 
@@ -307,7 +328,12 @@ class _Wire:
         return obj
 
 
-_OMIT_NONE = frozenset({"ref", "status", "name", "title", "company", "user", "count"})
+_OMIT_NONE = frozenset({
+    "ref", "status", "name", "title", "company", "user", "count",
+    # The durable room (SPEC 6) and access (SPEC 7): written only when set.
+    "session", "last_seq", "server_password", "password", "before", "after", "seq",
+    "from_seq", "to_seq", "by", "reason", "minutes",
+})
 _WIRE_NAMES = {"sender": "from"}
 
 
@@ -321,9 +347,13 @@ class User:
     company: str | None = None
     status: str = AVAILABLE
     mode: int = 1
+    connected: bool = True  # False: within its resume window (SPEC 6.4), written only then
 
     def wire(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        obj = dict(self.__dict__)
+        if self.connected:
+            del obj["connected"]
+        return obj
 
     @classmethod
     def parse(cls, obj: Any) -> User:
@@ -332,7 +362,7 @@ class User:
             raise ValueError("not a user")
         return cls(_of(obj, "id", int), _of(obj, "name", str), _of(obj, "title", str, None),
                    _of(obj, "company", str, None), _of(obj, "status", str, AVAILABLE),
-                   _of(obj, "mode", int, 1))
+                   _of(obj, "mode", int, 1), _of(obj, "connected", bool, True))
 
 
 _MISSING: Any = object()
@@ -350,12 +380,20 @@ def _of(obj: dict[str, Any], key: str, kind: type, default: Any = _MISSING) -> A
 
 @dataclass(frozen=True)
 class Hello(_Wire):
-    """Register: optional name (None asks for an automatic one), title and company."""
+    """Register: optional name (None asks for an automatic one), title and company.
+
+    ``session`` and ``last_seq`` resume a session (SPEC 6.4); ``server_password`` is the room's
+    key (7.1) and ``password`` the account's (7.2): never shown by ``repr``.
+    """
     TYPE = "hello"
     name: str | None = None
     title: str | None = None
     company: str | None = None
     ref: Ref = None
+    session: str | None = field(default=None, repr=False)
+    last_seq: int | None = None
+    server_password: str | None = field(default=None, repr=False)
+    password: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -420,21 +458,94 @@ class Quit(_Wire):
     ref: Ref = None
 
 
-Request = Hello | SetMode | Say | Dm | ListUsers | SetStatus | Ping | Pong | Quit
+BACKLOG_LIMIT = 50  # SPEC 6.3: the default page, and at most BACKLOG_MAX
+BACKLOG_MAX = 500
+
+
+@dataclass(frozen=True)
+class BacklogRequest(_Wire):
+    """Logged events (SPEC 6.3): just before ``before``, just after ``after``, else the latest."""
+    TYPE = "backlog"
+    before: int | None = None
+    after: int | None = None
+    limit: int = BACKLOG_LIMIT
+    ref: Ref = None
+
+
+@dataclass(frozen=True)
+class Register(_Wire):
+    """Make the current name an account with this password (SPEC 7.2)."""
+    TYPE = "register"
+    password: str = field(repr=False)
+    ref: Ref = None
+
+
+@dataclass(frozen=True)
+class ChangePassword(_Wire):
+    """Change the account's password (SPEC 7.2)."""
+    TYPE = "password"
+    old: str = field(repr=False)
+    new: str = field(repr=False)
+    ref: Ref = None
+
+
+@dataclass(frozen=True)
+class Moderation(_Wire):
+    """An admin's action on a user (SPEC 7.3); one subclass per wire type."""
+    to: str | int
+    reason: str | None = None
+    minutes: int | None = None
+    ref: Ref = None
+
+
+@dataclass(frozen=True)
+class Kick(Moderation):
+    """Disconnect ``to`` (its session ends, not kept)."""
+    TYPE = "kick"
+
+
+@dataclass(frozen=True)
+class Mute(Moderation):
+    """Refuse ``to``'s say and dm for ``minutes`` (default 10)."""
+    TYPE = "mute"
+
+
+@dataclass(frozen=True)
+class Unmute(Moderation):
+    """Lift a mute."""
+    TYPE = "unmute"
+
+
+@dataclass(frozen=True)
+class Ban(Moderation):
+    """Keep ``to``'s account (or address) out for ``minutes`` (default: until the server stops)."""
+    TYPE = "ban"
+
+
+Request = (Hello | SetMode | Say | Dm | ListUsers | SetStatus | Ping | Pong | Quit
+           | BacklogRequest | Register | ChangePassword | Kick | Mute | Unmute | Ban)
 
 
 @dataclass(frozen=True)
 class Welcome(_Wire):
-    """Registered: who we are, how many are online, the server's frame limit."""
+    """Registered: who we are, how many are online, the server's frame limit, and (SPEC 6, 7)
+    the room's latest ``seq``, the resume token, whether this resumed a session, admin or not."""
     TYPE = "welcome"
     user: User
     online: int
     max_frame: int = MAX_FRAME
     ref: Ref = None
+    seq: int = 0
+    session: str | None = field(default=None, repr=False)
+    resumed: bool = False
+    admin: bool = False
 
     def wire(self) -> dict[str, Any]:
         obj = {"type": self.TYPE, **self.user.wire(), "online": self.online,
-               "max_frame": self.max_frame}
+               "max_frame": self.max_frame, "seq": self.seq, "resumed": self.resumed,
+               "admin": self.admin}
+        if self.session is not None:
+            obj["session"] = self.session
         if self.ref is not None:
             obj["ref"] = self.ref
         return obj
@@ -474,13 +585,22 @@ class Error(_Wire):
     code: str
     message: str
     ref: Ref = None
+    for_: str | None = None  # "server" or "account": password-required, bad-password
+    retry_after: int | None = None  # seconds: too-many-attempts
 
     def wire(self) -> dict[str, Any]:
-        return {"type": self.TYPE, "code": self.code, "message": self.message, "ref": self.ref}
+        obj = {"type": self.TYPE, "code": self.code, "message": self.message, "ref": self.ref}
+        if self.for_ is not None:
+            obj["for"] = self.for_
+        if self.retry_after is not None:
+            obj["retry_after"] = self.retry_after
+        return obj
 
     @classmethod
     def of(cls, error: ChatError) -> Error:
         """The reply to a ``ProtocolError`` or ``Refusal``: the one place either becomes data."""
+        if isinstance(error, Refusal):
+            return cls(error.code.value, error.message, error.ref, error.for_, error.retry_after)
         return cls(error.code.value, error.message, error.ref)
 
 
@@ -539,23 +659,51 @@ class Message(_Wire):
     text: str
     ts: str
     queued: bool = False
+    seq: int | None = None  # SPEC 6.1: written before ``queued``, which stays last
 
     def wire(self) -> dict[str, Any]:
         to = None if self.to is None else {"id": self.to.id, "name": self.to.name}
-        return {"type": self.TYPE, "from": self.sender.wire(), "to": to, "text": self.text,
-                "ts": self.ts, "queued": self.queued}
+        obj: dict[str, Any] = {"type": self.TYPE, "from": self.sender.wire(), "to": to,
+                               "text": self.text, "ts": self.ts}
+        if self.seq is not None:
+            obj["seq"] = self.seq
+        obj["queued"] = self.queued
+        return obj
 
 
 @dataclass(frozen=True)
 class Notice(_Wire):
-    """Something happened (joined, left, lost, dropped, shutdown...); ``queued`` written last."""
+    """Something happened (joined, left, lost, back, kicked, muted, unmuted, banned, dropped,
+    gap, shutdown); room events carry ``seq`` (SPEC 6.1), a ``gap`` its ``from_seq``/``to_seq``,
+    a moderation notice ``by`` (the admin) and ``reason``; ``queued`` is written last."""
     TYPE = "notice"
     event: str
     text: str
     ts: str
     user: User | None = None
     count: int | None = None
+    from_seq: int | None = None
+    to_seq: int | None = None
+    by: str | None = None
+    reason: str | None = None
+    seq: int | None = None
     queued: bool = False
+
+
+@dataclass(frozen=True)
+class Backlog(_Wire):
+    """The reply to ``backlog``: logged events, oldest first; ``more`` past ``limit``."""
+    TYPE = "backlog"
+    events: tuple[Message | Notice, ...]
+    more: bool
+    ref: Ref = None
+
+    def wire(self) -> dict[str, Any]:
+        obj = {"type": self.TYPE, "events": [event.wire() for event in self.events],
+               "more": self.more}
+        if self.ref is not None:
+            obj["ref"] = self.ref
+        return obj
 
 
 @dataclass(frozen=True)
@@ -572,7 +720,7 @@ class UnknownEvent:
 
 
 Event = (Welcome | Ok | Error | Users | ModeChanged | StatusChanged | Pong | Bye | Ping | Message
-         | Notice | Pending | UnknownEvent)
+         | Notice | Pending | Backlog | UnknownEvent)
 
 
 def encode_event(event: _Wire) -> bytes:
@@ -614,9 +762,51 @@ def _detail(obj: dict[str, Any], key: str, ref: Ref) -> str | None:
     return value
 
 
+def _count(obj: dict[str, Any], key: str, ref: Ref, low: int = 0,
+           high: int = 2**63 - 1) -> int | None:
+    """An optional whole number from ``low`` to ``high`` (not a bool, not a float)."""
+    value = obj.get(key)
+    if value is None:
+        return None
+    if type(value) is not int or not low <= value <= high:
+        raise ProtocolError(ErrorCode.BAD_REQUEST,
+                            f'"{key}" must be a whole number from {low} to {high}.', ref)
+    return value
+
+
+def _password(obj: dict[str, Any], key: str, ref: Ref, *, optional: bool = False) -> Any:
+    """A password field: a string (its rules, length included, are the room's: SPEC 7)."""
+    return _field(obj, key, ref, optional=optional)
+
+
 def _parse_hello(obj: dict[str, Any], ref: Ref) -> Request:
     return Hello(_field(obj, "name", ref, optional=True), _detail(obj, "title", ref),
-                 _detail(obj, "company", ref), ref)
+                 _detail(obj, "company", ref), ref,
+                 session=_field(obj, "session", ref, optional=True),
+                 last_seq=_count(obj, "last_seq", ref),
+                 server_password=_password(obj, "server_password", ref, optional=True),
+                 password=_password(obj, "password", ref, optional=True))
+
+
+def _parse_backlog(obj: dict[str, Any], ref: Ref) -> Request:
+    limit = _count(obj, "limit", ref, 1, BACKLOG_MAX)
+    return BacklogRequest(_count(obj, "before", ref), _count(obj, "after", ref),
+                          BACKLOG_LIMIT if limit is None else limit, ref)
+
+
+MODERATION_MINUTES_MAX = 366 * 24 * 60  # a year: past it, "minutes" is a mistake
+
+
+def _moderation(kind: type[Moderation]) -> Callable[[dict[str, Any], Ref], Request]:
+    def parse(obj: dict[str, Any], ref: Ref) -> Request:
+        to = obj.get("to")
+        if isinstance(to, bool) or not isinstance(to, (str, int)) or to == "":
+            raise ProtocolError(ErrorCode.BAD_REQUEST, '"to" must be a name or an id.', ref)
+        reason = _detail(obj, "reason", ref) if kind is not Unmute else None
+        minutes = (_count(obj, "minutes", ref, 1, MODERATION_MINUTES_MAX)
+                   if kind in (Mute, Ban) else None)
+        return kind(to, reason, minutes, ref)  # type: ignore[return-value]
+    return parse
 
 
 def _parse_mode(obj: dict[str, Any], ref: Ref) -> Request:
@@ -652,6 +842,14 @@ _REQUEST_PARSERS: dict[str, Callable[[dict[str, Any], Ref], Request]] = {
     "ping": lambda obj, ref: Ping(ref),
     "pong": lambda obj, ref: Pong(ref),
     "quit": lambda obj, ref: Quit(ref),
+    "backlog": _parse_backlog,
+    "register": lambda obj, ref: Register(_password(obj, "password", ref), ref),
+    "password": lambda obj, ref: ChangePassword(_password(obj, "old", ref),
+                                                _password(obj, "new", ref), ref),
+    "kick": _moderation(Kick),
+    "mute": _moderation(Mute),
+    "unmute": _moderation(Unmute),
+    "ban": _moderation(Ban),
 }
 
 REQUEST_TYPES = frozenset(_REQUEST_PARSERS)
@@ -681,10 +879,13 @@ def parse_request(frame: bytes) -> Request:
 
 
 _EVENT_PARSERS: dict[str, Callable[[dict[str, Any], Ref], Event]] = {
-    "welcome": lambda o, r: Welcome(User.parse(o), _of(o, "online", int, 0),
-                                    _of(o, "max_frame", int, MAX_FRAME), r),
+    "welcome": lambda o, r: Welcome(
+        User.parse(o), _of(o, "online", int, 0), _of(o, "max_frame", int, MAX_FRAME), r,
+        _of(o, "seq", int, 0), _of(o, "session", str, None), _of(o, "resumed", bool, False),
+        _of(o, "admin", bool, False)),
     "ok": lambda o, r: Ok(_of(o, "delivered", int, 0), _of(o, "queued", int, 0), r),
-    "error": lambda o, r: Error(_of(o, "code", str), _of(o, "message", str, ""), r),
+    "error": lambda o, r: Error(_of(o, "code", str), _of(o, "message", str, ""), r,
+                                _of(o, "for", str, None), _of(o, "retry_after", int, None)),
     "users": lambda o, r: Users(tuple(User.parse(u) for u in _of(o, "users", list)), r),
     "mode": lambda o, r: ModeChanged(_of(o, "mode", int), r),
     "status": lambda o, r: StatusChanged(_of(o, "status", str), r),
@@ -692,15 +893,36 @@ _EVENT_PARSERS: dict[str, Callable[[dict[str, Any], Ref], Event]] = {
     "bye": lambda o, r: Bye(r),
     "ping": lambda o, r: Ping(r),
     "pending": lambda o, r: Pending(_of(o, "count", int)),
-    "message": lambda o, r: Message(
+    "message": lambda o, r: _parse_message(o),
+    "notice": lambda o, r: _parse_notice(o),
+    "backlog": lambda o, r: Backlog(tuple(_parse_logged(e) for e in _of(o, "events", list)),
+                                    _of(o, "more", bool, False), r),
+}
+
+
+def _parse_message(o: dict[str, Any]) -> Message:
+    return Message(
         User.parse(o.get("from")), None if o.get("to") is None else Target(
             _of(o["to"], "id", int), _of(o["to"], "name", str)),
-        _of(o, "text", str), _of(o, "ts", str, ""), _of(o, "queued", bool, False)),
-    "notice": lambda o, r: Notice(
+        _of(o, "text", str), _of(o, "ts", str, ""), _of(o, "queued", bool, False),
+        _of(o, "seq", int, None))
+
+
+def _parse_notice(o: dict[str, Any]) -> Notice:
+    return Notice(
         _of(o, "event", str), _of(o, "text", str, ""), _of(o, "ts", str, ""),
         None if o.get("user") is None else User.parse(o["user"]), _of(o, "count", int, None),
-        _of(o, "queued", bool, False)),
-}
+        _of(o, "from_seq", int, None), _of(o, "to_seq", int, None), _of(o, "by", str, None),
+        _of(o, "reason", str, None), _of(o, "seq", int, None), _of(o, "queued", bool, False))
+
+
+def _parse_logged(o: Any) -> Message | Notice:
+    """One event of a ``backlog`` reply: a message or a notice (ValueError otherwise)."""
+    if isinstance(o, dict) and o.get("type") == "message":
+        return _parse_message(o)
+    if isinstance(o, dict) and o.get("type") == "notice":
+        return _parse_notice(o)
+    raise ValueError("not a logged event")
 
 
 def parse_event(frame: bytes) -> Event:

@@ -30,16 +30,22 @@ from chatsuite.dialects import (
 from protocol import (
     MAX_FRAME,
     UNSAFE_TEXT,
+    Backlog,
+    BacklogRequest,
+    Ban,
     Bye,
+    ChangePassword,
     Dialect,
     Dm,
     Error,
     ErrorCode,
     EventDecoder,
     Hello,
+    Kick,
     ListUsers,
     Message,
     ModeChanged,
+    Mute,
     Notice,
     Ok,
     Oversized,
@@ -50,6 +56,7 @@ from protocol import (
     Quit,
     Refusal,
     Refused,
+    Register,
     Request,
     RequestDecoder,
     Say,
@@ -60,6 +67,7 @@ from protocol import (
     StatusChanged,
     Target,
     UnknownEvent,
+    Unmute,
     User,
     Users,
     Welcome,
@@ -78,9 +86,10 @@ from protocol import (
     utc_timestamp,
 )
 
-REQUEST_CLASSES = (Hello, SetMode, Say, Dm, ListUsers, SetStatus, Ping, Pong, Quit)
+REQUEST_CLASSES = (Hello, SetMode, Say, Dm, ListUsers, SetStatus, Ping, Pong, Quit,
+                   BacklogRequest, Register, ChangePassword, Kick, Mute, Unmute, Ban)
 EVENT_CLASSES = (Welcome, Ok, Error, Users, ModeChanged, StatusChanged, Pong, Bye, Ping, Message,
-                 Notice, Pending, UnknownEvent)
+                 Notice, Pending, Backlog, UnknownEvent)
 
 BAD_LENGTH_OR_CHARS = "A name is 1 to 32 characters: ASCII letters, digits, '_', '-' and '.'."
 ALL_DIGITS = "A name cannot be all digits (those are ids)."
@@ -591,6 +600,90 @@ def test_encode_request_round_trips(request: Request) -> None:
     assert RequestDecoder().feed(encode_request(request)) == [request]
 
 
+DURABLE_AND_ACCESS_REQUESTS = [
+    Hello("alice", session="s" * 32, last_seq=17, ref=1),
+    Hello("alice", server_password="room key", password="secret pass"),
+    BacklogRequest(before=100, limit=20, ref="b"),
+    BacklogRequest(after=5),
+    BacklogRequest(),
+    Register("long enough", 3),
+    ChangePassword("old secret", "new secret"),
+    Kick("bob", "spam"),
+    Mute(6, None, 15),
+    Unmute("bob"),
+    Ban("bob", "again", 60, 9),
+]
+
+
+@pytest.mark.parametrize("request_value", DURABLE_AND_ACCESS_REQUESTS,
+                         ids=[type(r).__name__ for r in DURABLE_AND_ACCESS_REQUESTS])
+def test_durable_room_and_access_requests_round_trip(request_value: Request) -> None:
+    """Every request of SPEC 6 and 7 decodes back to an equal request, whole or byte by byte."""
+    data = encode_request(request_value)
+    assert decode_whole(data) == [request_value]
+    assert decode_bytewise(data) == [request_value]
+
+
+def test_durable_room_and_access_requests_on_the_wire() -> None:
+    """The new requests travel with SPEC 1.2's field names, optional fields left out."""
+    assert encode_request(BacklogRequest()) == b'{"type":"backlog","limit":50}\0'
+    assert encode_request(Hello(session="t", last_seq=3)) == (
+        b'{"type":"hello","session":"t","last_seq":3}\0')
+    assert encode_request(Mute("bob", minutes=5)) == b'{"type":"mute","to":"bob","minutes":5}\0'
+    assert encode_request(ChangePassword("a", "b")) == (
+        b'{"type":"password","old":"a","new":"b"}\0')
+
+
+def test_passwords_never_show_in_repr() -> None:
+    """A request's repr (logs, test failures) never holds a password or a session token."""
+    shown = repr([Hello("a", session="TOKEN", server_password="ROOMKEY", password="ACCOUNT"),
+                  Register("ACCOUNT"), ChangePassword("OLDPW", "NEWPW")])
+    for secret in ("TOKEN", "ROOMKEY", "ACCOUNT", "OLDPW", "NEWPW"):
+        assert secret not in shown
+
+
+@pytest.mark.parametrize(("obj", "message"), [
+    ({"type": "backlog", "limit": 0}, '"limit" must be a whole number from 1 to 500.'),
+    ({"type": "backlog", "limit": 501}, '"limit" must be a whole number from 1 to 500.'),
+    ({"type": "backlog", "before": -1}, '"before" must be a whole number from 0 to '
+     f"{2**63 - 1}."),
+    ({"type": "backlog", "after": 1.5}, '"after" must be a whole number from 0 to '
+     f"{2**63 - 1}."),
+    ({"type": "hello", "last_seq": True}, '"last_seq" must be a whole number from 0 to '
+     f"{2**63 - 1}."),
+    ({"type": "hello", "session": 5}, '"session" must be a string.'),
+    ({"type": "register"}, '"password" must be a string.'),
+    ({"type": "password", "old": "x"}, '"new" must be a string.'),
+    ({"type": "kick"}, '"to" must be a name or an id.'),
+    ({"type": "mute", "to": "bob", "minutes": 0},
+     '"minutes" must be a whole number from 1 to 527040.'),
+    ({"type": "ban", "to": "bob", "reason": "x" * 65},
+     '"reason" must be at most 64 characters, with no control characters.'),
+])
+def test_durable_room_and_access_requests_refuse_bad_fields(obj: Any, message: str) -> None:
+    """A malformed backlog, hello, register, password or moderation field is bad-request."""
+    (error,) = decode_whole(frame({**obj, "ref": 8}))
+    assert error == ProtocolError(ErrorCode.BAD_REQUEST, message, 8)
+
+
+def test_refusal_carries_for_and_retry_after_into_the_error_event() -> None:
+    """A Refusal's "for" and "retry_after" reach the error event, and only when set."""
+    refusal = Refusal(ErrorCode.BAD_PASSWORD, "Wrong.", 4, for_="account")
+    assert encode_event(Error.of(refusal)) == (
+        b'{"type":"error","code":"bad-password","message":"Wrong.","ref":4,"for":"account"}\0')
+    wait = Refusal(ErrorCode.TOO_MANY_ATTEMPTS, "Later.", None, retry_after=12)
+    assert Error.of(wait) == Error("too-many-attempts", "Later.", None, None, 12)
+
+
+def test_the_hot_path_writes_seq_like_the_typed_message() -> None:
+    """message_frame() with a seq writes the same bytes as encode_event(Message(seq=...)),
+    seq before queued, so held_variant still turns it into its held form."""
+    ts = "2026-11-22T06:00:00.123Z"
+    live = message_frame(encode_json(ALICE.wire()), "null", "hi", ts, 99)
+    assert live == encode_event(Message(ALICE, None, "hi", ts, seq=99))
+    assert held_variant(live) == encode_event(Message(ALICE, None, "hi", ts, True, 99))
+
+
 def test_encode_request_omits_empty_optionals() -> None:
     """A request without a ref or a toggle status leaves those fields out of the wire object."""
     assert encode_request(SetStatus()) == b'{"type":"status"}\0'
@@ -832,6 +925,20 @@ EVENTS = [
     Notice("joined", "alice joined the chat.", "2026-11-22T06:00:00.123Z", ALICE),
     Notice("dropped", "3 messages were dropped.", "2026-11-22T06:00:00.123Z", count=3,
            queued=True),
+    # The durable room (SPEC 6) and access (SPEC 7).
+    Welcome(replace(ALICE, mode=1), 2, MAX_FRAME, None, 41, "tok", True, True),
+    Users((replace(ALICE, connected=False),)),
+    Message(ALICE, None, "numbered", "2026-11-22T06:00:00.123Z", seq=42),
+    Notice("back", "alice is back.", "2026-11-22T06:00:00.123Z", ALICE, seq=43),
+    Notice("gap", "Messages 5 to 9 are no longer kept.", "2026-11-22T06:00:00.123Z",
+           from_seq=5, to_seq=9),
+    Notice("muted", "bob was muted by teacher.", "2026-11-22T06:00:00.123Z",
+           User(6, "bob"), by="teacher", reason="flood", seq=44, queued=True),
+    Backlog((Message(ALICE, None, "hi", "2026-11-22T06:00:00.123Z", seq=1),
+             Notice("left", "bob is quitting.", "2026-11-22T06:00:00.124Z", User(6, "bob"),
+                    seq=2)), True, "b"),
+    Error("password-required", "This room needs its password.", 1, "server"),
+    Error("too-many-attempts", "Too many attempts; try again later.", 2, retry_after=37),
 ]
 
 
@@ -848,10 +955,16 @@ def test_every_event_round_trips_whole_and_byte_by_byte(event: Any) -> None:
 
 
 def test_event_wire_shapes_are_the_specs() -> None:
-    """Events travel with SPEC 1.3's fields: welcome flat with max_frame, error always with ref."""
+    """Events travel with SPEC 1.3's fields: welcome flat with max_frame, seq, session, resumed
+    and admin; error always with ref."""
     assert json.loads(encode_event(Welcome(ALICE, 3, 1024))[:-1]) == {
         "type": "welcome", "id": 5, "name": "alice", "title": "CTO", "company": None,
-        "status": "available", "mode": 2, "online": 3, "max_frame": 1024}
+        "status": "available", "mode": 2, "online": 3, "max_frame": 1024, "seq": 0,
+        "resumed": False, "admin": False}
+    assert json.loads(encode_event(Welcome(ALICE, 3, 1024, 7, 41, "tok", True, True))[:-1]) == {
+        "type": "welcome", "id": 5, "name": "alice", "title": "CTO", "company": None,
+        "status": "available", "mode": 2, "online": 3, "max_frame": 1024, "seq": 41,
+        "resumed": True, "admin": True, "session": "tok", "ref": 7}
     assert encode_event(Error("bad-frame", "x")) == (
         b'{"type":"error","code":"bad-frame","message":"x","ref":null}\0')
     assert encode_event(Ok(1, 0)) == b'{"type":"ok","delivered":1,"queued":0}\0'
