@@ -540,6 +540,9 @@ def test_welcome_fields(server: ChatServer, connect: Connect) -> None:
         "mode": 1,
         "online": 1,
         "max_frame": MAX_FRAME,
+        "seq": 0,
+        "resumed": False,
+        "admin": False,
         "ref": 9,
     }
     second = connect(server).register("bob")
@@ -553,6 +556,9 @@ def test_welcome_fields(server: ChatServer, connect: Connect) -> None:
         "mode": 1,
         "online": 2,
         "max_frame": MAX_FRAME,
+        "seq": 0,
+        "resumed": False,
+        "admin": False,
     }
 
 

@@ -353,7 +353,12 @@ class Handler:
         """Carry out one request; a refusal is raised (``Refusal``) and answered by the caller."""
         if not self.member.registered and not isinstance(request, Hello):
             raise Refusal(ErrorCode.NOT_REGISTERED, 'Register first with "hello".', request.ref)
-        self._requests[type(request)](request)
+        carry_out = self._requests.get(type(request))
+        if carry_out is None:  # parsed by the protocol, not (yet) served by this server
+            raise ProtocolError(ErrorCode.UNKNOWN_TYPE,
+                                f'This server does not serve "{request.TYPE}" requests.',
+                                request.ref, request.TYPE)
+        carry_out(request)
 
     def hello(self, request: Request) -> None:
         assert isinstance(request, Hello)
