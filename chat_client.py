@@ -39,7 +39,14 @@ from chatsuite.client.display import Palette, use_colour
 from chatsuite.client.history import History
 from chatsuite.client.line import LineSession
 from chatsuite.client.native import NativeSession
-from chatsuite.client.session import LOST, Session
+from chatsuite.client.reconnect import (
+    BACKLOG_ON_START,
+    RECONNECT_FOR,
+    Comeback,
+    delay_scale,
+    reply_timeout,
+)
+from chatsuite.client.session import LOST, REPLY_TIMEOUT, Link, Session
 from chatsuite.client.terminal import Cancelled, Terminal
 from chatsuite.client.transport import (
     INSECURE_WARNING,
@@ -47,6 +54,7 @@ from chatsuite.client.transport import (
     client_context,
     open_transport,
 )
+from modes import BACKLOG_MAX
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 4040  # seed 004's prompt defaults and seed 001's port
@@ -82,6 +90,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"folder of the direct-message logs (default {DEFAULT_HISTORY_DIR})")
     parser.add_argument("--protocol", choices=("native", "line"), default="native",
                         help="native (default), or line: seed 002's protocol, for any such server")
+    parser.add_argument("--reconnect-for", type=_seconds_argument, default=RECONNECT_FOR,
+                        metavar="SECONDS",
+                        help="when the connection drops, try to come back for this long "
+                             f"(default {RECONNECT_FOR:g})")
+    parser.add_argument("--no-reconnect", action="store_true",
+                        help="when the connection drops, end (exit code 1): for scripts")
+    parser.add_argument("--backlog", type=_count_argument, default=BACKLOG_ON_START, metavar="N",
+                        help="earlier room messages shown after registering "
+                             f"(default {BACKLOG_ON_START}; 0: none)")
     parser.add_argument("--tls", action="store_true",
                         help="connect with TLS, checking the server's certificate and host "
                              "name")
@@ -96,6 +113,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--insecure and --cafile contradict each other: choose one")
     args.tls = args.tls or args.insecure or args.cafile is not None
     return args
+
+
+def _seconds_argument(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}")
+    return seconds
+
+
+def _count_argument(text: str) -> int:
+    if not (text.isascii() and text.isdigit()) or int(text) > BACKLOG_MAX:
+        raise argparse.ArgumentTypeError(f"not a number from 0 to {BACKLOG_MAX}: {text!r}")
+    return int(text)
 
 
 def _port_argument(text: str) -> int:
@@ -136,10 +169,10 @@ def _waker(terminal: Terminal, session_ref: list[Session]) -> Callable[[], None]
     """How the receiver wakes the main thread: SIGINT to it, and a watchdog if that fails."""
     main_ident = threading.get_ident()
 
-    def force_exit() -> None:
+    def force_exit(link: Link) -> None:
         session = session_ref[0]
-        if session.exiting:
-            return
+        if session.exiting or link.noticed:
+            return  # ending anyway, or the main thread deals with it (reconnecting)
         terminal.restore()
         terminal.show(session.failure or LOST)
         os._exit(1)
@@ -148,13 +181,14 @@ def _waker(terminal: Terminal, session_ref: list[Session]) -> Callable[[], None]
         session = session_ref[0] if session_ref else None
         if session is None or session.exiting:
             return
+        session.wakes.append(1)
         if hasattr(signal, "pthread_kill"):
             signal.pthread_kill(main_ident, signal.SIGINT)
         else:
             import _thread
 
             _thread.interrupt_main()
-        watchdog = threading.Timer(WATCHDOG_DELAY, force_exit)
+        watchdog = threading.Timer(WATCHDOG_DELAY, force_exit, (session.link,))
         watchdog.daemon = True
         watchdog.start()
 
@@ -183,16 +217,30 @@ def main(argv: list[str] | None = None) -> int:
         terminal.restore()  # the terminal's echo, turned off while editing, comes back
 
 
+def _sigint_handler(terminal: Terminal,
+                    session_ref: list[Session]) -> Callable[[int, Any], None]:
+    """What SIGINT does: a Ctrl-C, or the receiver's wake-up (see ``_waker``)."""
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        session = session_ref[0] if session_ref else None
+        if session is not None and session.exiting:
+            return  # already ending: a late wake-up must not interrupt the goodbye
+        if session is not None and session.wakes:
+            try:
+                session.wakes.pop()
+            except IndexError:
+                pass
+            if session.link.noticed:
+                return  # the receiver's wake-up, for a failure the main thread already has
+        terminal.interrupt()  # KeyboardInterrupt; what the line held decides: cancel or leave
+
+    return on_sigint
+
+
 def _run(args: argparse.Namespace, terminal: Terminal, colour: bool) -> int:
     palette = Palette(colour)
     session_ref: list[Session] = []
-
-    def on_sigint(signum: int, frame: Any) -> None:
-        if session_ref and session_ref[0].exiting:
-            return  # already ending: a late wake-up must not interrupt the goodbye
-        terminal.interrupt()  # KeyboardInterrupt; what the line held decides: cancel or leave
-
-    signal.signal(signal.SIGINT, on_sigint)
+    signal.signal(signal.SIGINT, _sigint_handler(terminal, session_ref))
     try:
         host, port = ask_address(args, terminal)
     except (EOFError, KeyboardInterrupt):
@@ -224,8 +272,12 @@ def _run(args: argparse.Namespace, terminal: Terminal, colour: bool) -> int:
         session = LineSession(transport, terminal, palette, history, args.name,
                               wake_main=wake, reconnect=connect)
     else:
+        comeback = Comeback(
+            reconnect_for=None if args.no_reconnect else args.reconnect_for,
+            backlog=args.backlog, delay_scale=delay_scale(os.environ),
+            reply_timeout=reply_timeout(os.environ, REPLY_TIMEOUT), connect=connect)
         session = NativeSession(transport, terminal, palette, history, args.name, args.title,
-                                args.company, wake_main=wake)
+                                args.company, wake_main=wake, comeback=comeback)
     session.bell = not args.no_bell
     session_ref.append(session)
     try:

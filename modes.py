@@ -135,6 +135,16 @@ class HistoryCommand:
 
 
 @dataclass(frozen=True)
+class BacklogCommand:
+    """``/backlog [N]``: show N earlier room messages from the server (None: the default)."""
+
+    count: int | None = None
+
+
+BACKLOG_MAX = 500  # the most one backlog request returns (SPEC 1.2)
+
+
+@dataclass(frozen=True)
 class Nothing:
     """An empty line: nothing to do."""
 
@@ -148,7 +158,7 @@ class Invalid:
 
 Command = (
     Broadcast | DirectMessage | SwitchMode | QuitCommand | HelpCommand | UsersCommand |
-    StatusCommand | AskSend | HistoryCommand | Nothing | Invalid
+    StatusCommand | AskSend | HistoryCommand | BacklogCommand | Nothing | Invalid
 )
 
 QUIT_WORDS = frozenset({"#quite", "#quit", "/quit", "!quit", "quit"})
@@ -164,6 +174,7 @@ Commands (type them at "type in your text:"):
   /status  or  chs       switch between available and unavailable
   history                show the direct messages with a user: asks for a name or id
   /history <user>        the same, with the user given (a name or an id)
+  /backlog [N]           show N earlier room messages from the server (default 20)
   #view                  switch to viewing mode (2): see messages; then e = type, q = quit
   /help                  this list
   #quite, #quit, /quit, !quit, quit
@@ -205,6 +216,16 @@ def _history_from_command(rest: str) -> Command:
     return HistoryCommand(words[0])
 
 
+def _backlog_from_command(rest: str) -> Command:
+    words = rest.split()
+    if not words:
+        return BacklogCommand()
+    if len(words) == 1 and words[0].isascii() and words[0].isdigit() and (
+            1 <= int(words[0]) <= BACKLOG_MAX):
+        return BacklogCommand(int(words[0]))
+    return Invalid(f"/backlog takes a number of messages from 1 to {BACKLOG_MAX}: /backlog [N]")
+
+
 # The commands that are a word alone; given anything after it, the word is refused with a
 # sentence (``/users extra``), not taken for an unknown command or sent as a message.
 _BARE_COMMANDS: dict[str, Command] = {
@@ -218,7 +239,7 @@ _BARE_HINTS = {
 }
 
 COMMAND_WORDS = (
-    "/help", "/users", "/dm", "/bc", "/status", "/history", "/quit",
+    "/help", "/users", "/dm", "/bc", "/status", "/history", "/backlog", "/quit",
     "#view", "#quite", "#quit", "!who", "!quit", "send", "history", "chs", "quit",
 )
 """Every command word, for Tab completion (``@<user>`` completes from user names)."""
@@ -233,6 +254,8 @@ def _slash_command(line: str, stripped: str, word: str, rest: str) -> Command:
         return _BARE_COMMANDS[lower]
     if lower == "/history":
         return _history_from_command(rest)
+    if lower == "/backlog":
+        return _backlog_from_command(rest)
     if lower == "/dm":
         return _dm_from_command(rest)
     if lower == "/bc":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import queue
+import time
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -25,6 +26,7 @@ from chatsuite.client.display import (
     sanitize,
 )
 from chatsuite.client.history import HistoryKey
+from chatsuite.client.reconnect import BACKLOG_ON_START, Backoff, Comeback, SeenSeqs, SessionFile
 from chatsuite.client.session import (
     BYE_TIMEOUT,
     LOST,
@@ -32,13 +34,20 @@ from chatsuite.client.session import (
     SHUT_DOWN,
     ConnectionLost,
     Link,
+    NoReply,
+    RequestFailed,
     Session,
+    TooLong,
     closed_early,
 )
 from chatsuite.client.terminal import Terminal
-from chatsuite.client.transport import Transport
+from chatsuite.client.transport import ConnectError, Transport
 from modes import Mode
 from protocol import (
+    BACKLOG_MAX,
+    MAX_FRAME,
+    Backlog,
+    BacklogRequest,
     Dm,
     Error,
     ErrorCode,
@@ -49,6 +58,7 @@ from protocol import (
     Message,
     Notice,
     Ok,
+    Pending,
     Ping,
     Pong,
     Quit,
@@ -66,16 +76,28 @@ from protocol import (
 )
 
 TLS_RECORD_STARTS = (0x15, 0x16)  # a TLS alert or handshake record: the server speaks TLS
+ABANDONED_MAX = 1024  # refs given up on that are remembered, to drop their late replies
+NO_REPLY = "the server did not answer in time"
+NO_WELCOME = "it did not register us"
+
+
+def too_long(size: int, limit: int) -> str:
+    """Why a line is not sent (SPEC 4.10), in one sentence."""
+    return (f"that line is too long to send: the server accepts at most {limit:,} bytes a "
+            f"request and this one is {size:,} bytes, so nothing was sent")
 
 
 class Connection(Link):
     """A native-protocol connection: typed requests with refs out, replies matched back by ref."""
 
     def __init__(self, transport: Transport, on_event: Callable[[Event], None],
-                 on_end: Callable[[], None]) -> None:
+                 on_end: Callable[[], None], reply_timeout: float = REPLY_TIMEOUT) -> None:
         super().__init__(transport, on_end)
         self._on_event = on_event  # message, notice and stray errors (receiver thread)
         self._waiting: dict[int, queue.Queue[Event | None]] = {}  # _state_lock
+        self._abandoned: set[int] = set()  # refs given up waiting for (_state_lock)
+        self.reply_timeout = reply_timeout
+        self.max_frame = MAX_FRAME  # the server's limit, from its welcome
         self._refs = itertools.count(1)
         self._decoder = EventDecoder()
         self._first = True
@@ -84,24 +106,35 @@ class Connection(Link):
         """Write one request; ``ConnectionLost`` when the socket is gone."""
         self.send_bytes(encode_event(request))
 
-    def request(self, request: Request, timeout: float = REPLY_TIMEOUT) -> Event:
-        """Send ``request`` with a fresh ref and return the server's reply to it."""
+    def request(self, request: Request, timeout: float | None = None) -> Event:
+        """Send ``request`` with a fresh ref and return the server's reply to it.
+
+        ``TooLong`` (nothing sent) when its frame is over the server's limit; ``NoReply`` when
+        no reply came within the bound (the connection goes on; a late reply is dropped);
+        ``ConnectionLost`` when the connection ended."""
         ref = next(self._refs)
+        frame = encode_event(dataclasses.replace(request, ref=ref))
+        if len(frame) - 1 > self.max_frame:  # the NUL is not counted (SPEC 1.1)
+            raise TooLong(too_long(len(frame) - 1, self.max_frame))
         replies: queue.Queue[Event | None] = queue.Queue()
         with self._state_lock:
             if self.ended:
+                self.noticed = True
                 raise ConnectionLost(self.failure or LOST)
             self._waiting[ref] = replies
         try:
-            self.send(dataclasses.replace(request, ref=ref))
-            reply = replies.get(timeout=timeout)
+            self.send_bytes(frame)
+            reply = replies.get(timeout=self.reply_timeout if timeout is None else timeout)
         except queue.Empty:
-            self.fail("the server did not answer; disconnected")
-            raise ConnectionLost(self.failure) from None
+            with self._state_lock:
+                if len(self._abandoned) < ABANDONED_MAX:
+                    self._abandoned.add(ref)
+            raise NoReply(NO_REPLY) from None
         finally:
             with self._state_lock:
                 self._waiting.pop(ref, None)
         if reply is None:
+            self.noticed = True
             raise ConnectionLost(self.failure or LOST)
         return reply
 
@@ -135,9 +168,12 @@ class Connection(Link):
             self.fail(f"the server refused the connection: {sanitize(event.message)}")
         with self._state_lock:
             replies = self._waiting.get(ref) if isinstance(ref, int) else None
+            late = replies is None and isinstance(ref, int) and ref in self._abandoned
+            if late:
+                self._abandoned.discard(ref)
         if replies is not None:
             replies.put(event)
-        else:
+        elif not late:  # a late reply to a request given up on is dropped
             self._on_event(event)
 
     def quit(self) -> None:
@@ -146,7 +182,7 @@ class Connection(Link):
             self.closing = True
         try:
             self.request(Quit(), timeout=BYE_TIMEOUT)
-        except ConnectionLost:
+        except (ConnectionLost, RequestFailed):
             pass
         self.close()
 
@@ -163,19 +199,40 @@ class NativeSession(Session):
     link: Connection
 
     def __init__(self, transport: Transport, terminal: Terminal, *args: Any,
-                 wake_main: Callable[[], None], **kwargs: Any) -> None:
+                 wake_main: Callable[[], None], comeback: Comeback | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(terminal, *args, **kwargs)
-        self.link = self.conn = Connection(transport, self.deliver, wake_main)
+        self.comeback = comeback or Comeback()
+        self._wake_main = wake_main
+        self.link = self.conn = Connection(transport, self.deliver, wake_main,
+                                           self.comeback.reply_timeout)
         self.own_id: int | None = None
         # The name last seen for each id (users list, message senders): a dm by id carries it,
         # so that a reused id never delivers to someone else (SPEC 1.2). Both threads write it.
         self.seen_names: dict[int, str] = {}
+        self.seen = SeenSeqs()  # receiver thread (the main thread reads it between links)
+        self.token: str | None = None  # the session to resume (SPEC 6.4)
+        self.sessions = SessionFile(self.history)
+        self._saved_at = 0.0  # when the session file was last written (monotonic)
+        self.mode_now: Mode | None = None  # the mode last asked of the server
+        self.waiting: int | None = None  # the last ``pending`` count said
+        self.replayed = 0  # messages that came first-time since the last hello (receiver)
+        self.oldest_shown: int | None = None  # the oldest seq of the earlier messages shown
+        self.left_while_away = False  # Ctrl-C while reconnecting: leave, exit 0
 
     # ---- the receiver thread's side
 
     def deliver(self, event: Event) -> None:
         """Called by the receiver thread for every event that is not a reply."""
-        if isinstance(event, Message):
+        if isinstance(event, (Message, Notice)) and event.seq is not None:
+            if not self.seen.first_time(event.seq):
+                return  # seen already: replayed after a resume (SPEC 6.5)
+            if isinstance(event, Message):
+                self.replayed += 1
+            self.keep_session(at_most_every=SESSION_SAVE_EVERY)
+        if isinstance(event, Pending):
+            self.pending(event.count)
+        elif isinstance(event, Message):
             self.seen_names[event.sender.id] = event.sender.name
             bell = self.heard(event.sender.name, event.text)
             self.viewer.post(format_message(event, self.palette) + bell)
@@ -184,7 +241,9 @@ class NativeSession(Session):
         elif isinstance(event, Notice):
             line = format_notice(event, self.palette)
             if event.event == "shutdown":
-                self.viewer.say(line)  # said at once, whatever the mode, then the session ends
+                if self.comeback.reconnect_for is None:
+                    self.viewer.say(line)  # said at once, whatever the mode; the session ends
+                # Reconnecting: the one line saying so is the reconnection's.
                 self.conn.fail(SHUT_DOWN)
             else:
                 self.viewer.post(line)
@@ -204,20 +263,23 @@ class NativeSession(Session):
 
     # ---- the main thread's side
 
-    def register(self) -> None:
-        name = self.name
+    def register(self, again: bool = False) -> None:
+        """Register (``again``: on a new connection, resuming the session when the server
+        still has it; else as a new registration under the same name)."""
+        name = self.history.own_name if again else self.name
         if name is None:
             name = self.ask("your name (Enter for an automatic one): ").strip()
             self.title = self.title or self.ask("your job title (Enter for none): ").strip()
             self.company = self.company or self.ask("your company (Enter for none): ").strip()
         while True:
-            reply = self.conn.request(Hello(name or None, self.title or None, self.company or None))
+            hello = self.hello(name)
+            try:
+                reply = self.conn.request(hello)
+            except NoReply:
+                self.conn.fail(f"the server did not answer in time: {NO_WELCOME}")
+                raise ConnectionLost(self.conn.failure) from None
             if isinstance(reply, Welcome):
-                self.own_id = reply.user.id
-                self.registered(reply.user.name)
-                self.show(self.palette.good(
-                    f"welcome {sanitize(reply.user.name)}, your id is {reply.user.id}"
-                    f" ({reply.online} online)"))
+                self.welcomed(reply, again, hello.session is not None)
                 return
             reason = sanitize(reply.message) if isinstance(reply, Error) else unexpected(reply)
             if not isinstance(reply, Error) or reply.code not in ("name-taken", "bad-name"):
@@ -227,7 +289,12 @@ class NativeSession(Session):
             name = self.ask("your name (Enter for an automatic one): ").strip()
 
     def enter_mode(self, mode: Mode) -> None:
-        self.conn.request(SetMode(int(mode)))
+        self.mode_now = mode
+        self.waiting = None  # a pending count is said again from the next one
+        try:
+            self.conn.request(SetMode(int(mode)))
+        except NoReply as problem:
+            self.show(self.palette.bad(str(problem)))
 
     def report(self, reply: Event) -> bool:
         """Say whether a send worked; True when it did."""
@@ -302,3 +369,220 @@ class NativeSession(Session):
 
     def leave(self) -> None:
         self.conn.quit()
+
+    # ---- sessions: resume, reconnect, backlog (SPEC 4.8, 6.4, 6.5)
+
+    def hello(self, name: str | None) -> Hello:
+        """Our ``hello``: with the session to resume, from memory or (a restarted client) from
+        the session file of that name."""
+        if self.token is None and name:
+            saved = self.sessions.load(name)
+            if saved is not None:
+                self.token = saved[0]
+                if saved[1] is not None:
+                    self.seen.start_at(saved[1])
+        last = self.seen.last if self.token is not None else None
+        self.replayed = 0
+        return Hello(name or None, self.title or None, self.company or None,
+                     session=self.token, last_seq=last)
+
+    def welcomed(self, reply: Welcome, again: bool, resuming: bool) -> None:
+        """Registered: remember who we are, the server's limit and the session to resume."""
+        self.own_id = reply.user.id
+        self.conn.max_frame = reply.max_frame
+        if not reply.resumed:
+            self.seen.start_at(reply.seq)  # what came before is not ours to be shown live
+        self.token = reply.session
+        self.registered(reply.user.name)
+        self.keep_session()
+        if again:
+            if not reply.resumed:
+                self.show(f"the server did not resume your session (it had ended): you are "
+                          f"registered again as {sanitize(reply.user.name)}, your id is "
+                          f"{reply.user.id}")
+            return
+        self.show(self.palette.good(
+            f"welcome {sanitize(reply.user.name)}, your id is {reply.user.id}"
+            f" ({reply.online} online)"))
+        if reply.resumed:
+            self.show("your earlier session was resumed: nothing sent to you since was lost")
+        elif self.comeback.backlog:
+            self.show_earlier(self.comeback.backlog, quiet=True)
+
+    def keep_session(self, at_most_every: float = 0.0) -> None:
+        """Write the session file (0600): the token and the last seq seen."""
+        own = self.history.own_name
+        now = time.monotonic()
+        if self.token is None or not own or now - self._saved_at < at_most_every:
+            return
+        self._saved_at = now
+        self.sessions.save(own, self.token, self.seen.last)
+
+    def pending(self, count: int) -> None:
+        """A ``pending`` event (mode 1): a line whenever the number changes (SPEC 4.12)."""
+        if count == self.waiting:
+            return
+        self.waiting = count
+        if count > 0 and self.mode_now is not Mode.VIEWING:
+            self.viewer.say(waiting_line(count))
+
+    def show_backlog(self, count: int | None) -> None:
+        """``/backlog [N]``: N more earlier messages, older than the oldest shown."""
+        self.show_earlier(count or self.comeback.backlog or BACKLOG_ON_START,
+                          before=self.oldest_shown)
+
+    def show_earlier(self, limit: int, before: int | None = None, quiet: bool = False) -> None:
+        """Ask the server for earlier room events and show them, marked as earlier. ``quiet``
+        (on start): a server that keeps none, or does not answer, is no news."""
+        try:
+            reply = self.conn.request(BacklogRequest(before=before, limit=min(limit, BACKLOG_MAX)))
+        except NoReply:
+            if quiet:
+                return
+            raise
+        if isinstance(reply, Error):
+            if not quiet:
+                self.show("this server keeps no earlier messages" if reply.code == "unknown-type"
+                          else self.palette.bad(f"no earlier messages: {sanitize(reply.message)}"))
+            return
+        if not isinstance(reply, Backlog):
+            return
+        if not reply.events:
+            if not quiet:
+                self.show("no earlier messages")
+            return
+        self.show(EARLIER)
+        for event in reply.events:
+            if event.seq is not None:
+                self.seen.first_time(event.seq)  # shown here: a held copy is not shown again
+                if self.oldest_shown is None or event.seq < self.oldest_shown:
+                    self.oldest_shown = event.seq
+            line = (format_message(event, self.palette) if isinstance(event, Message)
+                    else format_notice(event, self.palette))
+            self.show(self.palette.time(EARLIER_MARK) + line)
+        more = "; /backlog shows more" if reply.more else ""
+        self.show(f"{EARLIER_END}{more} ---")
+
+    def run(self) -> int:
+        """The whole session; a lost connection is reconnected (unless ``--no-reconnect``)."""
+        self.link.start()
+        try:
+            self.register()
+            mode: Mode | None = None  # None: at the menu
+            while True:
+                try:
+                    if mode is None:
+                        mode = self.choose_mode()
+                    mode = self.typing() if mode is Mode.TYPING else self.viewing()
+                    if mode is None:
+                        break
+                except (KeyboardInterrupt, ConnectionLost):
+                    if not self.may_reconnect():
+                        raise
+                    self.come_back()
+        except (KeyboardInterrupt, EOFError, ConnectionLost):
+            pass
+        return self.finish()
+
+    def may_reconnect(self) -> bool:
+        """The link failed under us (not a key, not a refusal) and reconnecting is on."""
+        failure = self.link.failure
+        return (self.comeback.reconnect_for is not None and self.comeback.connect is not None
+                and not self.ending and failure in (LOST, SHUT_DOWN))
+
+    def come_back(self) -> None:
+        """Say in one line that the connection is gone, and reconnect with backoff until the
+        budget is spent (``ConnectionLost``); Ctrl-C while waiting leaves (KeyboardInterrupt)."""
+        old = self.conn
+        old.noticed = True  # dealt with here: its wake-up and watchdog are not needed
+        old.close()
+        self.viewer.stop_viewing()  # what comes on the new link is kept until it is said
+        self.keep_session()
+        before = self.seen.last
+        why = "the server is shutting down" if old.failure == SHUT_DOWN else LOST
+        self.show(self.palette.bad(f"{why}: reconnecting (Ctrl-C to leave)"))
+        budget = self.comeback.reconnect_for or 0.0
+        backoff = Backoff(budget, scale=self.comeback.delay_scale)
+        try:
+            while backoff.wait():
+                if self.try_again(before):
+                    return
+        except KeyboardInterrupt:
+            self.left_while_away = self.link.failure is not None or self.link is old
+            raise
+        self.ending = f"could not reconnect to the server for {budget:g} seconds: giving up"
+        raise ConnectionLost(self.ending)
+
+    def try_again(self, before: int | None) -> bool:
+        """One attempt: connect, resume (or register anew), say so; False when it failed."""
+        assert self.comeback.connect is not None
+        try:
+            transport = self.comeback.connect()
+        except ConnectError:
+            return False
+        conn = Connection(transport, self.deliver, self._wake_main, self.comeback.reply_timeout)
+        conn.noticed = True  # its failures during the handshake are seen here, as exceptions
+        self.link = self.conn = conn
+        conn.start()
+        try:
+            self.register(again=True)
+            self.say_reconnected(before)
+        except (ConnectionLost, NoReply):
+            conn.close()
+            return False
+        conn.noticed = False
+        if conn.failure is not None:  # failed just now: its wake-up was spent while noticed
+            conn.close()
+            return False
+        return True
+
+    def say_reconnected(self, before: int | None) -> None:
+        """The one line after a reconnection, with how many messages were missed."""
+        mode = self.mode_now
+        if mode is not None:
+            # Also the fence: a resumed viewer's missed events come before this reply.
+            self.enter_mode(mode)
+        missed = self.replayed
+        counted = mode is Mode.VIEWING or missed > 0
+        if not counted and before is not None:
+            try:
+                reply = self.conn.request(BacklogRequest(after=before, limit=BACKLOG_MAX))
+            except NoReply:
+                reply = None
+            if isinstance(reply, Backlog):
+                missed = sum(isinstance(event, Message) and event.seq is not None
+                             and event.seq > before for event in reply.events)
+                counted = True
+        if not counted:
+            self.show(self.palette.good("reconnected"))
+            return
+        noun = "message" if missed == 1 else "messages"
+        held = " (#view to read them)" if missed and mode is not Mode.VIEWING else ""
+        self.show(self.palette.good(f"reconnected: {missed} {noun} missed while away{held}"))
+
+    def finish(self) -> int:
+        """End the session; the session file is kept for a resume unless we quit."""
+        if self.left_while_away:
+            self.exiting = True
+            self.link.close()
+            self.show("bye")
+            return 0
+        code = super().finish()
+        own = self.history.own_name
+        if code == 0 and own:
+            self.sessions.remove(own)  # we quit: the server ended the session
+        else:
+            self.keep_session()
+        return code
+
+
+EARLIER = "--- earlier messages ---"
+EARLIER_MARK = "| "  # the start of each earlier line: not live
+EARLIER_END = "--- end of earlier messages"
+SESSION_SAVE_EVERY = 1.0  # seconds: the last seq is written at most this often while chatting
+
+
+def waiting_line(count: int) -> str:
+    """SPEC 4.12: ``3 messages waiting: #view to read them``."""
+    noun = "message" if count == 1 else "messages"
+    return f"{count} {noun} waiting: #view to read them"

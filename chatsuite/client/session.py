@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -36,6 +37,7 @@ from chatsuite.client.transport import Transport
 from modes import (
     HELP_TEXT,
     AskSend,
+    BacklogCommand,
     Broadcast,
     Command,
     DirectMessage,
@@ -52,7 +54,7 @@ from modes import (
     read_view_key,
 )
 
-REPLY_TIMEOUT = 10.0  # the server answers at once (SPEC 1.2); longer means it is gone
+REPLY_TIMEOUT = 10.0  # the server answers at once (SPEC 1.2); past this, it did not answer
 BYE_TIMEOUT = 1.0  # how long a leaving client waits for ``bye`` before closing anyway
 
 LOST = "connection to the server was lost"
@@ -98,7 +100,19 @@ class Names:
 
 
 class ConnectionLost(Exception):
-    """The connection ended (or the server stopped answering); the text says why."""
+    """The connection ended; the text says why."""
+
+
+class RequestFailed(Exception):
+    """One request could not be done, but the connection goes on; the text says why, to people."""
+
+
+class NoReply(RequestFailed):
+    """The server did not answer a request in time (its late answer, if any, is dropped)."""
+
+
+class TooLong(RequestFailed):
+    """The request is over the server's frame limit: not sent (SPEC 4.10)."""
 
 
 class Link:
@@ -113,6 +127,10 @@ class Link:
         self.closing = False  # we chose to leave: the end of the stream is expected
         self.failure: str | None = None
         self.received_any = False  # receiver thread only
+        # The main thread knows this link failed and deals with it: its wake-up is not needed
+        # (a reconnecting client must not be ended by the watchdog, nor its SIGINT taken for
+        # a key).
+        self.noticed = False
         self._thread = threading.Thread(target=self._receive, name="receiver", daemon=True)
 
     def start(self) -> None:
@@ -124,6 +142,7 @@ class Link:
             self.transport.sendall(data)
         except OSError:
             self.fail(LOST)
+            self.noticed = True
             raise ConnectionLost(self.failure or LOST) from None
 
     def fail(self, reason: str) -> None:
@@ -189,6 +208,9 @@ class Session:
         self.bell = True  # ring when a message shown names us (--no-bell: never)
         self.known_names = Names()
         self._input_history: Path | None = None  # where the lines typed here are kept
+        # One entry per wake-up sent (receiver thread appends, the SIGINT handler pops): tells
+        # the receiver's SIGINT from a Ctrl-C typed.
+        self.wakes: deque[int] = deque()
 
     @property
     def failure(self) -> str | None:
@@ -252,6 +274,8 @@ class Session:
                 return None
             try:
                 self.carry_out(command)
+            except RequestFailed as problem:
+                self.show(self.palette.bad(str(problem)))
             except KeyboardInterrupt:
                 if self.failure:
                     raise
@@ -274,6 +298,8 @@ class Session:
             self.show_history(command.peer)
         elif isinstance(command, HelpCommand):
             self.show(self.help_text())
+        elif isinstance(command, BacklogCommand):
+            self.show_backlog(command.count)
         elif isinstance(command, Invalid):
             self.show(sanitize(command.reason))
         # Nothing (an empty line): prompt again.
@@ -340,7 +366,7 @@ class Session:
         if self.known_names.stale(time.monotonic()):
             try:
                 self.known_names.members = self.member_names()
-            except ConnectionLost:
+            except (ConnectionLost, RequestFailed):
                 pass
             self.known_names.asked = time.monotonic()
         return self.known_names.ordered()
@@ -395,6 +421,10 @@ class Session:
     def leave(self) -> None:
         """The chosen exit: tell the server if the protocol can, and close."""
         raise NotImplementedError
+
+    def show_backlog(self, count: int | None) -> None:
+        """``/backlog [N]``: earlier room messages from the server, where the protocol has them."""
+        self.show("this protocol has no earlier messages to show")
 
     def help_text(self) -> str:
         return HELP_TEXT
