@@ -8,10 +8,14 @@ test file keeps a thin ``spawn`` fixture that adds its own arguments (protocol, 
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
+import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pexpect
 from conftest import ROOT
@@ -86,3 +90,114 @@ def command(child: pexpect.spawn, line: str) -> str:
     child.sendline(line)
     child.expect_exact(PROMPT)
     return EDITOR_CODES.sub("", child.before).replace("\r\n", "\n").removeprefix(line + "\n")
+
+
+class ScriptedServer:
+    """A native server (SPEC 1, 6) on 127.0.0.1 that a test drives step by step: it accepts,
+    reads requests and answers them only when told to, drops or refuses connections, and
+    replays events (duplicates included) as a resuming server would."""
+
+    def __init__(self) -> None:
+        self.listener: socket.socket | None = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(TIMEOUT)
+        self.port: int = self.listener.getsockname()[1]
+        self.conn: socket.socket | None = None
+        self.buffer = b""
+
+    def args(self) -> list[str]:
+        """The client's options to reach this server."""
+        return ["--host", "127.0.0.1", "--port", str(self.port)]
+
+    def accept(self) -> None:
+        """Take the next connection (the earlier one, if any, is forgotten)."""
+        assert self.listener is not None
+        self.conn, _ = self.listener.accept()
+        self.conn.settimeout(TIMEOUT)
+        self.buffer = b""
+
+    def read(self) -> dict[str, Any]:
+        """The next request the client sent."""
+        assert self.conn is not None
+        while b"\0" not in self.buffer:
+            data = self.conn.recv(65536)
+            assert data, "client closed"
+            self.buffer += data
+        frame, _, self.buffer = self.buffer.partition(b"\0")
+        request: dict[str, Any] = json.loads(frame)
+        return request
+
+    def expect(self, kind: str) -> dict[str, Any]:
+        """The next request, which must be of type ``kind``."""
+        request = self.read()
+        assert request["type"] == kind, request
+        return request
+
+    def send(self, **fields: Any) -> None:
+        assert self.conn is not None
+        self.conn.sendall(json.dumps(fields).encode() + b"\0")
+
+    def reply(self, request: dict[str, Any], **fields: Any) -> None:
+        self.send(**fields, ref=request["ref"])
+
+    def welcome(self, hello: dict[str, Any], *, session: str = "tok-1", seq: int = 0,
+                resumed: bool = False, user_id: int = 5, max_frame: int = 65536) -> None:
+        """Answer ``hello`` with a welcome for the name it asked."""
+        self.reply(hello, type="welcome", id=user_id, name=hello.get("name") or "user1",
+                   title=None, company=None, status="available", mode=1, online=2, seq=seq,
+                   session=session, resumed=resumed, admin=False, max_frame=max_frame)
+
+    def no_backlog(self) -> None:
+        """Answer the client's ``backlog`` request as a server without one does."""
+        self.reply(self.expect("backlog"), type="error", code="unknown-type",
+                   message='The request type "backlog" is not known.')
+
+    def answer_mode(self) -> int:
+        """Answer the client's ``mode`` request; the mode it asked."""
+        request = self.expect("mode")
+        self.reply(request, type="mode", mode=request["mode"])
+        mode: int = request["mode"]
+        return mode
+
+    def register(self, spawn: Callable[..., pexpect.spawn], *args: str, seq: int = 0,
+                 env: dict[str, str] | None = None) -> pexpect.spawn:
+        """Start a client named alice, welcome it (no backlog), and wait at the menu."""
+        child = spawn("alice", *self.args(), "--no-color", *args, env=env)
+        self.accept()
+        hello = self.expect("hello")
+        self.welcome(hello, seq=seq)
+        self.no_backlog()
+        child.expect(CHOICE)
+        return child
+
+    def drop(self, reset: bool = False) -> None:
+        """Cut the connection (``reset``: with an RST rather than a FIN)."""
+        assert self.conn is not None
+        if reset:  # linger 0: close sends RST instead of FIN
+            self.conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+        self.conn.close()
+        self.conn = None
+
+    def refuse(self) -> None:
+        """Stop listening: connections are refused until ``listen``."""
+        assert self.listener is not None
+        self.listener.close()
+        self.listener = None
+
+    def listen(self) -> None:
+        """Listen again on the same port."""
+        self.listener = socket.create_server(("127.0.0.1", self.port))
+        self.listener.settimeout(TIMEOUT)
+
+    def close(self) -> None:
+        for sock in (self.conn, self.listener):
+            if sock is not None:
+                sock.close()
+
+
+def message(seq: int, text: str, sender: str = "bob", sender_id: int = 7,
+            queued: bool = False) -> dict[str, Any]:
+    """A broadcast ``message`` event with ``seq``, as SPEC 1.3 writes it."""
+    return {"type": "message", "from": {"id": sender_id, "name": sender, "title": None,
+                                        "company": None, "status": "available", "mode": 2},
+            "to": None, "text": text, "ts": "2026-11-30T05:00:00.000Z", "seq": seq,
+            "queued": queued}

@@ -219,6 +219,7 @@ class NativeSession(Session):
         self.replayed = 0  # messages that came first-time since the last hello (receiver)
         self.oldest_shown: int | None = None  # the oldest seq of the earlier messages shown
         self.left_while_away = False  # Ctrl-C while reconnecting: leave, exit 0
+        self.resumed = False  # the last welcome resumed our session
 
     # ---- the receiver thread's side
 
@@ -279,7 +280,7 @@ class NativeSession(Session):
                 self.conn.fail(f"the server did not answer in time: {NO_WELCOME}")
                 raise ConnectionLost(self.conn.failure) from None
             if isinstance(reply, Welcome):
-                self.welcomed(reply, again, hello.session is not None)
+                self.welcomed(reply, again)
                 return
             reason = sanitize(reply.message) if isinstance(reply, Error) else unexpected(reply)
             if not isinstance(reply, Error) or reply.code not in ("name-taken", "bad-name"):
@@ -386,13 +387,14 @@ class NativeSession(Session):
         return Hello(name or None, self.title or None, self.company or None,
                      session=self.token, last_seq=last)
 
-    def welcomed(self, reply: Welcome, again: bool, resuming: bool) -> None:
+    def welcomed(self, reply: Welcome, again: bool) -> None:
         """Registered: remember who we are, the server's limit and the session to resume."""
         self.own_id = reply.user.id
         self.conn.max_frame = reply.max_frame
         if not reply.resumed:
             self.seen.start_at(reply.seq)  # what came before is not ours to be shown live
         self.token = reply.session
+        self.resumed = reply.resumed
         self.registered(reply.user.name)
         self.keep_session()
         if again:
@@ -542,6 +544,8 @@ class NativeSession(Session):
         if mode is not None:
             # Also the fence: a resumed viewer's missed events come before this reply.
             self.enter_mode(mode)
+        if not self.resumed:
+            return  # registered anew: said by ``welcomed``; what was missed is not ours
         missed = self.replayed
         counted = mode is Mode.VIEWING or missed > 0
         if not counted and before is not None:
