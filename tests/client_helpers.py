@@ -139,9 +139,10 @@ class ScriptedServer:
     def reply(self, request: dict[str, Any], **fields: Any) -> None:
         self.send(**fields, ref=request["ref"])
 
-    def welcome(self, hello: dict[str, Any], *, session: str = "tok-1", seq: int = 0,
+    def welcome(self, hello: dict[str, Any], *, session: str | None = "tok-1", seq: int = 0,
                 resumed: bool = False, user_id: int = 5, max_frame: int = 65536) -> None:
-        """Answer ``hello`` with a welcome for the name it asked."""
+        """Answer ``hello`` with a welcome for the name it asked (``session`` None: a server
+        of before SPEC 6, which gives none)."""
         self.reply(hello, type="welcome", id=user_id, name=hello.get("name") or "user1",
                    title=None, company=None, status="available", mode=1, online=2, seq=seq,
                    session=session, resumed=resumed, admin=False, max_frame=max_frame)

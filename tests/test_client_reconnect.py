@@ -459,3 +459,26 @@ def test_a_line_over_the_frame_limit_is_refused_and_the_client_stays(
     assert answer.endswith("message sent (delivered to 1, held for 0)\n"), repr(answer[-300:])
     assert bob.wait_for("message")["text"] == "hello"
     assert "lost" not in output(child)
+
+
+def test_a_server_without_sessions_gets_a_plain_new_registration_said_so(
+        spawn: Callable[..., pexpect.spawn], scripted: ScriptedServer,
+        programs: ClientPrograms) -> None:
+    """No session in the welcome: no session file, a reconnect is a plain hello, said so."""
+    child = spawn("alice", *scripted.args(), "--no-color", "--backlog", "0", env=FAST)
+    scripted.accept()
+    scripted.welcome(scripted.expect("hello"), session=None)
+    child.expect(CHOICE)
+    viewing(scripted, child)
+    assert not session_file(programs, scripted).exists()
+    scripted.drop()
+    child.expect_exact(LOST_LINE)
+    scripted.accept()
+    hello = scripted.expect("hello")
+    assert "session" not in hello and "last_seq" not in hello
+    scripted.welcome(hello, session=None, user_id=6)
+    child.expect_exact("reconnected to a server that keeps no sessions: you are registered "
+                       "again as alice, your id is 6\r\n")
+    assert scripted.answer_mode() == 2
+    assert scripted.answer_mode() == 2
+    child.expect_exact("viewing messages: press e to type, q to quit")

@@ -280,7 +280,7 @@ class NativeSession(Session):
                 self.conn.fail(f"the server did not answer in time: {NO_WELCOME}")
                 raise ConnectionLost(self.conn.failure) from None
             if isinstance(reply, Welcome):
-                self.welcomed(reply, again)
+                self.welcomed(reply, again, hello.session is not None)
                 return
             reason = sanitize(reply.message) if isinstance(reply, Error) else unexpected(reply)
             if not isinstance(reply, Error) or reply.code not in ("name-taken", "bad-name"):
@@ -387,7 +387,7 @@ class NativeSession(Session):
         return Hello(name or None, self.title or None, self.company or None,
                      session=self.token, last_seq=last)
 
-    def welcomed(self, reply: Welcome, again: bool) -> None:
+    def welcomed(self, reply: Welcome, again: bool, had_session: bool = True) -> None:
         """Registered: remember who we are, the server's limit and the session to resume."""
         self.own_id = reply.user.id
         self.conn.max_frame = reply.max_frame
@@ -399,9 +399,10 @@ class NativeSession(Session):
         self.keep_session()
         if again:
             if not reply.resumed:
-                self.show(f"the server did not resume your session (it had ended): you are "
-                          f"registered again as {sanitize(reply.user.name)}, your id is "
-                          f"{reply.user.id}")
+                why = ("the server did not resume your session (it had ended)" if had_session
+                       else "reconnected to a server that keeps no sessions")
+                self.show(f"{why}: you are registered again as {sanitize(reply.user.name)}, "
+                          f"your id is {reply.user.id}")
             return
         self.show(self.palette.good(
             f"welcome {sanitize(reply.user.name)}, your id is {reply.user.id}"
