@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -92,6 +93,7 @@ class SeenSeqs:
     """The sequence numbers of the events already shown or held (the most recent ``keep``)."""
 
     def __init__(self, keep: int = 4096) -> None:
+        self._lock = threading.Lock()  # the receiver (live events), the main thread (backlog)
         self.keep = keep
         self.last: int | None = None  # the highest seen: where a resume starts from
         self._seen: set[int] = set()
@@ -100,11 +102,16 @@ class SeenSeqs:
 
     def start_at(self, seq: int) -> None:
         """Registered anew at the room's ``seq``: nothing at or before it will be shown live."""
-        if self.last is None or seq > self.last:
-            self.last = seq
+        with self._lock:
+            if self.last is None or seq > self.last:
+                self.last = seq
 
     def first_time(self, seq: int) -> bool:
         """True, and remembered, the first time ``seq`` comes; False when it came already."""
+        with self._lock:
+            return self._first_time(seq)
+
+    def _first_time(self, seq: int) -> bool:
         if seq in self._seen or (self._floor is not None and seq <= self._floor):
             return False
         self._seen.add(seq)
@@ -126,6 +133,7 @@ class SessionFile:
 
     def __init__(self, history: History) -> None:
         self.history = history
+        self._lock = threading.Lock()  # both threads save: one temporary file at a time
 
     def folder(self, name: str) -> Path:
         """``<history-dir>/<host>_<port>/<name>``: the folder of that name's logs."""
@@ -144,6 +152,10 @@ class SessionFile:
 
     def save(self, name: str, session: str, last_seq: int | None) -> bool:
         """Replace ``name``'s file whole, 0600 (folders 0700); False when it could not be."""
+        with self._lock:
+            return self._save(name, session, last_seq)
+
+    def _save(self, name: str, session: str, last_seq: int | None) -> bool:
         folder = self.folder(name)
         temporary = folder / f".{SESSION_FILE}.{os.getpid()}"
         try:
