@@ -262,6 +262,7 @@ def test_shutdown_is_one_line_and_ctrl_c_while_waiting_leaves(
     typing(scripted, child)
     scripted.send(type="notice", event="shutdown", text="The server is shutting down.",
                   ts="2026-11-30T05:00:00.000Z")
+    scripted.refuse()  # however long the Ctrl-C takes to come, no attempt gets in
     scripted.drop()
     child.expect_exact("the server is shutting down: reconnecting (Ctrl-C to leave)\r\n")
     child.sendintr()
@@ -317,9 +318,12 @@ def test_a_restarted_client_resumes_from_its_session_file(
     viewing(scripted, first)
     scripted.send(**message(4, "four"))
     first.expect_exact("bob: four")
+    scripted.refuse()  # so no attempt of the first client's is taken for the second's
     scripted.drop()
     first.expect_exact(LOST_LINE)
     first.kill(signal.SIGKILL)
+    first.expect(pexpect.EOF)  # gone before anyone listens again
+    scripted.listen()
     second = spawn("alice", *scripted.args(), "--no-color")
     scripted.accept()
     hello = scripted.expect("hello")
