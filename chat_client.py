@@ -17,9 +17,11 @@ Theory of operation. One connection, two threads:
 
 When the connection ends under us, or the server announces ``shutdown``, the receiver records
 why and wakes the main thread with SIGINT, which interrupts whatever it is blocked in (a prompt,
-a key read, a wait for a reply); the main thread then sees the recorded failure, prints it and
-exits 1. A watchdog ends the process if the main thread cannot be woken (Windows console input),
-so the client never hangs.
+a key read, a wait for a reply); the main thread then sees the recorded failure and reconnects
+(``NativeSession.come_back``), or, with ``--no-reconnect``, prints it and exits 1. A wake-up for a
+failure the main thread has already noticed (``Link.noticed``) is swallowed, so it is never taken
+for a Ctrl-C. A watchdog ends the process if the main thread cannot be woken (Windows console
+input), so the client never hangs.
 """
 
 from __future__ import annotations

@@ -3,8 +3,14 @@
 The receiver thread decodes events: a reply (an event carrying the ``ref`` of one of our
 requests) goes to the request waiting for it; a ``message`` or ``notice`` goes to the
 ``Viewer``, which prints it while viewing and keeps it while typing; a ``ping`` is answered with
-``pong`` (the only write from that thread). Invariant: each request gets exactly its own reply,
-or ``ConnectionLost``.
+``pong`` (the only write from that thread). Events carrying a ``seq`` already seen are dropped
+(a replay after a resume).
+
+The main thread registers (resuming a saved session when it can), shows earlier messages, and
+runs the modes; when the connection drops it reconnects with backoff (``come_back``) and stays
+in its mode. Invariant: each request gets exactly its own reply, or ``TooLong`` (not sent),
+``NoReply`` (not answered in time: the connection goes on, a late reply is dropped), or
+``ConnectionLost``.
 """
 
 from __future__ import annotations
