@@ -352,6 +352,27 @@ def test_bad_frame_echoes_ref_when_it_can(server: ChatServer, connect: Connect) 
     assert peer.sync() == []
 
 
+def test_deep_nesting_with_an_escape_is_answered_and_the_connection_stays(
+    server: ChatServer, connect: Connect
+) -> None:
+    """Frames nested 900 to 990 deep holding a \\u escaped lone surrogate each get bad-request
+    (bad-frame once too deep for the JSON decoder itself), never an internal error that ends the
+    connection, and the connection still works."""
+    peer = member(connect, server, "nester")
+    codes = []
+    for depth in range(900, 991, 10):
+        nested = b"[" * depth + b'"\\ud800"' + b"]" * depth
+        peer.send_raw(b'{"type":"say","ref":%d,"text":%s}\0' % (depth, nested))
+        event = peer.next_event()
+        expected_ref = depth if event.get("code") == "bad-request" else None
+        check_error(event, event.get("code", ""), expected_ref)
+        codes.append(event["code"])
+    assert codes[0] == "bad-request", codes
+    assert set(codes) <= {"bad-request", "bad-frame"}, codes
+    peer.send({"type": "ping", "ref": "alive"})
+    assert peer.expect("pong", ref="alive") == {"type": "pong", "ref": "alive"}
+
+
 def test_lone_surrogate_is_bad_request(server: ChatServer, connect: Connect) -> None:
     """Text with a lone surrogate gets bad-request with the ref, nothing is delivered, and the
     connection still works."""
