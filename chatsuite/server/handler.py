@@ -266,8 +266,6 @@ class Handler:
             if first is not None:
                 dialect, data = first
                 self.server.dialect_known(self.conn, dialect)
-                if self.conn.refused:
-                    self.refuse(dialect)
                 {Dialect.NATIVE: self.run_native, Dialect.LINE: self.run_line,
                  Dialect.PLAIN: self.run_plain}[dialect](data)
         except Disconnect as end:
@@ -286,15 +284,6 @@ class Handler:
             self.server.log(
                 f"disconnected: {self.conn.address} ({reason}; {self.room.online} online)"
             )
-
-    def refuse(self, dialect: Dialect) -> None:
-        """Answer "server full" in the connection's own dialect and end it."""
-        if dialect is Dialect.NATIVE:
-            self.error(Refusal(ErrorCode.SERVER_FULL,
-                               "Too many connections from your address; try again later."))
-        elif dialect is Dialect.LINE:
-            self.send_line(LineReply.BUSY.value)
-        raise Disconnect(reason="too many connections from its address")
 
     def detect(self) -> tuple[Dialect, bytes] | None:
         """Read until ``protocol.sniff`` knows the dialect; the bytes from where it begins."""

@@ -31,7 +31,7 @@ class Connection:
 
     __slots__ = (
         "address", "blocked", "closing", "fd", "limit", "member", "out", "out_bytes",
-        "overflowed", "pushed", "queued", "refused", "rest", "sent", "sock", "tls", "writer",
+        "overflowed", "pushed", "queued", "rest", "sent", "sock", "tls", "writer",
     )
 
     def __init__(self, sock: socket.socket, address: str, writer: Writer, limit: int) -> None:
@@ -53,7 +53,6 @@ class Connection:
         self.rest: memoryview | None = None  # the part of a send the kernel refused
         self.member: Member | None = None
         self.tls: TlsSession | None = None
-        self.refused = False  # over --max-per-ip: told "server full" once its dialect is known
 
     def push(self, data: bytes) -> None:
         """Queue bytes for the writer; called with the room lock held."""
