@@ -1197,6 +1197,46 @@ def test_slow_reader_does_not_slow_others_and_is_dropped(
         slow.close()
 
 
+@pytest.mark.timeout(40)
+def test_client_cut_off_at_the_output_limit_leaves_at_once(
+    start_server: StartServer, connect: Connect
+) -> None:
+    """A client cut off at its output limit while its reader still holds 2,000 unprocessed says
+    leaves at once: lost to the others, no longer listed, its name free, and none of those says
+    delivered after the lost notice."""
+    # At 50 requests a second its reader would need 40 s for the says: a lingering member shows.
+    server = start_server(rate=50, output_limit=64 * 1024)
+    watcher = member(connect, server, "watcher", view=True)
+    flooder = member(connect, server, "flooder")
+    slow = raw_connect(server.address, rcvbuf=4096)
+    try:
+        slow.sendall(
+            encode({"type": "hello", "name": "slow"}) + encode({"type": "mode", "mode": 2})
+        )
+        watcher.wait_for("notice", event="joined")
+        slow.sendall(b"".join(encode({"type": "say", "text": f"burst {i}"}) for i in range(2000)))
+        watcher.wait_for("message", text="burst 0")
+        # Direct messages reach the slow client alone; it reads nothing, so it is cut off.
+        big = "d" * 60_000
+        flooder.send_raw(b"".join(encode({"type": "dm", "to": "slow", "text": big})
+                                  for _ in range(100)))
+        started = time.monotonic()
+        lost = watcher.wait_for("notice", event="lost")
+        assert time.monotonic() - started < 10
+        assert (lost["user"]["name"], lost["text"]) == ("slow", "slow has lost its connection.")
+        seen = len(watcher.events)
+        assert user_names(watcher) == ["watcher", "flooder"]
+        assert user_object(member(connect, server, "slow"))["name"] == "slow"
+        flooder.send({"type": "say", "text": "marker"})
+        watcher.wait_for("message", text="marker")
+        after = [(e["type"], e.get("event"), e.get("text")) for e in watcher.events[seen:]]
+        assert after == [("users", None, None),
+                         ("notice", "joined", "slow joined the chat."),
+                         ("message", None, "marker")]
+    finally:
+        slow.close()
+
+
 @pytest.mark.timeout(30)
 def test_rate_limit_delays_flooder_only_and_loses_nothing(
     start_server: StartServer, connect: Connect

@@ -210,6 +210,7 @@ class Handler:
 
     def receive(self) -> bytes:
         """The next bytes from the peer, serving deadlines while waiting; b"" at the end."""
+        self.check_cut()
         self.server.writer.wait_for_room()  # a saturated writer slows the senders down
         while True:
             try:
@@ -248,6 +249,7 @@ class Handler:
         """
         start = 0
         while start < len(items):
+            self.check_cut()
             count, wait = self.bucket.take(len(items) - start)
             if count == 0:
                 if self.server.stopping.wait(wait):
@@ -255,6 +257,12 @@ class Handler:
                 continue
             yield items[start : start + count]
             start += count
+
+    def check_cut(self) -> None:
+        """End now if the server cut this connection off (output limit, door, cluster): nothing
+        more it sent is acted on (SPEC 1.5). Checked before every request."""
+        if self.conn.cut:
+            raise Disconnect(reason="cut off by the server")
 
     # -- the connection's life ----------------------------------------------------------------
 
@@ -278,7 +286,10 @@ class Handler:
             stopping = self.server.stopping.is_set()
             if stopping:
                 reason = "server stopped"
-            self.room.leave(self.member, quitting, notify=not stopping)
+            if quitting:
+                self.room.leave(self.member, quitting, notify=not stopping)
+            else:
+                self.room.cut_off(self.member, notify=not stopping)
             self.server.forget(self.conn)
             self.server.writer.close(self.conn)
             self.server.log(
@@ -321,6 +332,7 @@ class Handler:
     def handle_batch(self, items: list[Request | ProtocolError]) -> None:
         index = 0
         while index < len(items):
+            self.check_cut()
             item = items[index]
             if isinstance(item, Say) and self.member.registered:
                 # A run of broadcasts is delivered as one: one put per recipient.
@@ -414,6 +426,7 @@ class Handler:
         while data:
             for batch in self.admitted(splitter.feed(data)):
                 for raw in batch:
+                    self.check_cut()
                     if isinstance(raw, Oversized):
                         self.send_line(LineReply.BAD_BODY.value)
                     else:
@@ -462,6 +475,7 @@ class Handler:
             for batch in self.admitted(splitter.feed(data)):
                 texts: list[str] = []
                 for raw in batch:
+                    self.check_cut()
                     if isinstance(raw, Oversized):
                         continue
                     text = plain_text(raw)

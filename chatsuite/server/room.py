@@ -325,6 +325,12 @@ class Room:
         verb = "quit" if quitting else "lost its connection"
         self.log(f"{member.name} (id {member.id}) {verb} ({online} online)")
 
+    def cut_off(self, member: Member, notify: bool = True) -> None:
+        """``member``'s connection ended without ``quit`` (lost, heartbeat, output limit, error):
+        it leaves now, ``lost`` to the others and its name free (SPEC 1.5). The one place a
+        resume window (SPEC 6.4) would keep it reserved instead."""
+        self.leave(member, quitting=False, notify=notify)
+
     # -- messages -----------------------------------------------------------------------------
 
     def broadcast(self, sender: Member, texts: list[str]) -> Delivery:

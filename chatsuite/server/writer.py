@@ -5,7 +5,9 @@ when the outbox was empty, hands the connection to the ``Writer``, waking it at 
 however many frames arrive. The writer takes whole outboxes and writes each with one
 non-blocking ``send``, so many frames leave in one system call. A socket whose kernel buffer is
 full waits in the writer's selector while everyone else is served; past its output limit the
-connection is shut down, and its reader reports it lost.
+connection is cut off (``Connection.cut``) and shut down. Leaving the room is not done there,
+under the lock in the middle of someone else's delivery: the cut connection's own reader sees
+the mark before its next request, acts on nothing more, and leaves (``Room.cut_off``).
 
 Invariant: only the writer thread sends on or closes a socket, so bytes leave in the order they
 were pushed, and a file descriptor (a member's id) is never reused while anything may still
@@ -30,7 +32,7 @@ class Connection:
     """One accepted socket: its outbox (filled under the room lock) and the writer's state."""
 
     __slots__ = (
-        "address", "blocked", "closing", "fd", "limit", "member", "out", "out_bytes",
+        "address", "blocked", "closing", "cut", "fd", "limit", "member", "out", "out_bytes",
         "overflowed", "pushed", "queued", "rest", "sent", "sock", "tls", "writer",
     )
 
@@ -48,6 +50,9 @@ class Connection:
         self.blocked = False  # the kernel refused part of a send: waiting for the peer to read
         self.overflowed = False
         self.closing = False
+        # Set under the lock when the server ends the connection (``Writer.abort``): from then
+        # on its reader acts on nothing more it read (a bool, so it reads it without the lock).
+        self.cut = False
         # Writer thread only:
         self.sent = 0  # bytes written in all
         self.rest: memoryview | None = None  # the part of a send the kernel refused
@@ -159,7 +164,9 @@ class Writer:
         return count
 
     def abort(self, conn: Connection) -> None:
-        """Disconnect a connection now (its reader sees the end and reports it lost)."""
+        """Disconnect a connection now: marked cut, so its reader acts on nothing more it read
+        and leaves the room at its next step (SPEC 1.5); the writer shuts the socket down."""
+        conn.cut = True
         self._aborted.append(conn)
         self._wake()
 
