@@ -6,11 +6,7 @@ What it owns:
 
 * the node's number ``k`` (``INCR chat:node-seq``); member ids are ``k * 1_000_000 + fd``, so
   they stay integers and unique across the cluster;
-* the cluster registry in Redis: ``chat:names`` (hash: casefolded name -> id, claimed with
-  HSETNX, so exactly one node wins a name), ``chat:users`` (hash: id -> the member's record,
-  JSON: its ``user`` object, node, dialect and registration time), ``chat:nodes`` (set of node
-  numbers), ``chat:node:<k>`` (this node is alive: a key with a TTL of ``ttl`` seconds),
-  ``chat:reap:<k>`` (who cleans up after a dead node), ``chat:auto`` (automatic names);
+* the cluster registry in Redis (its keys: cluster_wire.py), this node's part of it;
 * three threads:
   - the publisher (``cluster_wire.Publisher``) takes what the room hands it (``joined``,
     ``left``, ``updated``, ``said``, ``sent``) from one FIFO queue and writes each round as one
@@ -25,7 +21,6 @@ What it owns:
 Trust: Redis is not trusted. Everything a node publishes and every member record it stores
 is sealed with an HMAC-SHA256 of the cluster's shared secret (seal.py); a message or record
 that is unsigned, forged, replayed, or filed under another id or name is ignored and logged.
-The key names, scripts and encodings, and the publisher, are in cluster_wire.py.
 
 Names after an outage: a name given on two nodes while Redis was away goes to the earlier
 registration, ranked by ``(joined_at, id)``, whichever node rejoins first; the other member
@@ -51,22 +46,18 @@ from redis.retry import Retry
 from chatsuite.server.cluster_wire import (
     AUTO_SEQ,
     CHANNEL,
-    CLAIM_LUA,
     ID_STRIDE,
-    LOOKUP_NAME_LUA,
     NAMES,
     NODE_SEQ,
     NODES,
-    RAISE_LUA,
     REAP_CLAIM_MS,
-    RELEASE_LUA,
-    TAKE_LUA,
     USERS,
     Command,
     Op,
     Publisher,
     PubSub,
     Record,
+    Scripts,
     Seals,
     contest,
     node_key,
@@ -119,11 +110,7 @@ class Backplane:
             )
         except ValueError as error:
             raise ClusterError(f"bad Redis URL {url!r}: {error}") from None
-        self._claim = self._redis.register_script(CLAIM_LUA)
-        self._release = self._redis.register_script(RELEASE_LUA)
-        self._lookup_name = self._redis.register_script(LOOKUP_NAME_LUA)
-        self._raise = self._redis.register_script(RAISE_LUA)
-        self._take = self._redis.register_script(TAKE_LUA)
+        self._lua = Scripts(self._redis)
         self._pubsub: Callable[[], PubSub] = self._redis.pubsub  # typed: redis's is not
         self._state = threading.Lock()  # guards the four fields below
         self._up = False
@@ -182,7 +169,7 @@ class Backplane:
         self._threads[0].join(0.5)  # the publisher sends what was queued before
         if self._up:
             try:
-                reap_node(self._redis, self._seals, self._release, self.node, self.token)
+                reap_node(self._redis, self._seals, self._lua.release, self.node, self.token)
                 self._redis.delete(node_key(self.node))
                 self._redis.srem(NODES, self.node)
             except RedisError:
@@ -235,7 +222,7 @@ class Backplane:
             return None
         try:
             sealed = self._seals.seal_record(record)
-            return bool(self._claim(keys=[NAMES, USERS],
+            return bool(self._lua.claim(keys=[NAMES, USERS],
                                     args=[name.casefold(), record["id"], sealed]))
         except RedisError as error:
             self._down(error)
@@ -247,7 +234,7 @@ class Backplane:
             return
         try:
             pipe = self._redis.pipeline(transaction=False)
-            self._release(keys=[NAMES], args=[name.casefold(), member_id], client=pipe)
+            self._lua.release(keys=[NAMES], args=[name.casefold(), member_id], client=pipe)
             pipe.hdel(USERS, member_id)
             pipe.execute()
         except RedisError as error:
@@ -272,7 +259,7 @@ class Backplane:
             if isinstance(key, int):
                 raw = self._redis.hget(USERS, str(key))
             else:
-                raw = self._lookup_name(keys=[NAMES, USERS], args=[key.casefold()])
+                raw = self._lua.lookup_name(keys=[NAMES, USERS], args=[key.casefold()])
         except RedisError as error:
             self._down(error)
             return None
@@ -302,7 +289,7 @@ class Backplane:
         member_id, name = record["id"], record["name"].casefold()
         done = threading.Event()
         self._publisher.enqueue(Op(
-            [lambda pipe: self._release(keys=[NAMES], args=[name, member_id], client=pipe),
+            [lambda pipe: self._lua.release(keys=[NAMES], args=[name, member_id], client=pipe),
              lambda pipe: pipe.hdel(USERS, member_id)],
             [{"k": "leave", "u": record, "e": kind, "ts": utc_timestamp()}], done,
         ))
@@ -415,7 +402,7 @@ class Backplane:
         """Redis answers again: register the node, claim its members' names, resubscribe."""
         self._redis.connection_pool.disconnect()  # connections to the old Redis are dead
         self._redis.ping()
-        self._raise(keys=[NODE_SEQ], args=[self.node])
+        self._lua.raise_(keys=[NODE_SEQ], args=[self.node])
         self._redis.set(node_key(self.node), self.token, px=self._ttl_ms)
         self._redis.sadd(NODES, self.node)
         reaped = bool(self._redis.delete(reap_key(self.node)))
@@ -434,7 +421,7 @@ class Backplane:
             if record["node"] != self.node:
                 continue
             if current.get(record["id"], {}).get("name") != record["name"]:
-                self._release(keys=[NAMES], args=[record["name"].casefold(), record["id"]],
+                self._lua.release(keys=[NAMES], args=[record["name"].casefold(), record["id"]],
                               client=pipe)
             if record["id"] not in current:
                 pipe.hdel(USERS, record["id"])
@@ -454,7 +441,8 @@ class Backplane:
         won = []
         evicts: list[Record] = []
         for record in todo:
-            outcome, displaced = contest(self._redis, self._seals, self._take, record, self.node)
+            outcome, displaced = contest(self._redis, self._seals, self._lua.take, record,
+                                         self.node)
             if outcome == "lost":
                 self._give_up(record["id"], record["name"])
             if outcome != "won":
@@ -468,7 +456,7 @@ class Backplane:
         still_here = {r["id"] for r in self.room.cluster_records()}
         for record in won:
             if record["id"] not in still_here:  # it left while we claimed: give the name back
-                self._release(keys=[NAMES], args=[record["name"].casefold(), record["id"]])
+                self._lua.release(keys=[NAMES], args=[record["name"].casefold(), record["id"]])
         joined = {r["id"] for r in won} if announce else set()
         self._publisher.enqueue(Op(lazy=lambda: self._sync(joined, evicts)))
 
@@ -532,6 +520,6 @@ class Backplane:
             if alive or not self._redis.set(reap_key(node), self.node, nx=True,
                                             px=REAP_CLAIM_MS):
                 continue
-            count = reap_node(self._redis, self._seals, self._release, node, self.token)
+            count = reap_node(self._redis, self._seals, self._lua.release, node, self.token)
             self._redis.srem(NODES, node)
             self.log(f"cluster: node {node} stopped answering; its {count} users are lost")

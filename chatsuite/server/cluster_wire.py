@@ -1,6 +1,11 @@
 """The cluster's wire (cluster.py): Redis key names and scripts, and what travels through them.
 
-What it owns: the names of the registry's keys and its Lua scripts; the encoding of member
+What it owns: the registry's keys and its Lua scripts: ``chat:names`` (hash: casefolded name
+-> id, claimed with HSETNX, so exactly one node wins a name), ``chat:users`` (hash: id -> the
+member's record, JSON: its ``user`` object, node, dialect and registration time),
+``chat:nodes`` (set of node numbers), ``chat:node:<k>`` (node ``k`` is alive: a key with a
+TTL), ``chat:reap:<k>`` (who cleans up after a dead node), ``chat:auto`` (automatic names),
+``chat:node-seq`` (node numbers); the encoding of member
 records (stored in ``chat:users``) and of messages (published on ``chat:room``: the events of a
 round, with their origin node and what makes a replay detectable), sealed and opened by
 ``Seals``; and the ``Publisher``, which takes what the room hands the backplane from one FIFO
@@ -206,6 +211,17 @@ class Seals:
             self.complaints(f"a malformed member record in {USERS} ({error!r})")
             return None
         return record
+
+
+class Scripts:
+    """The registry's Lua scripts, registered on one client (each call may raise RedisError)."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.claim = client.register_script(CLAIM_LUA)
+        self.release = client.register_script(RELEASE_LUA)
+        self.lookup_name = client.register_script(LOOKUP_NAME_LUA)
+        self.raise_ = client.register_script(RAISE_LUA)
+        self.take = client.register_script(TAKE_LUA)
 
 
 class Publisher:
