@@ -153,7 +153,7 @@ class ChatServer:
                          self.backplane, config.max_frame)
         self.writer = Writer(self.room.lock, self.log)
         self.room.fan_out = self.writer.push_all  # the inlined broadcast loop
-        self.pending = PendingTicker(self.room.lock, config.pending_interval)
+        self.pending = PendingTicker(self.room.lock, config.pending_interval, log=self.log)
         self.room.pending = self.pending
         self.stopping = threading.Event()
         self._connections: dict[Connection, Dialect | None] = {}  # guarded by the room lock

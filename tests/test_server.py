@@ -1198,6 +1198,29 @@ def test_slow_reader_does_not_slow_others_and_is_dropped(
 
 
 @pytest.mark.timeout(40)
+def test_client_whose_socket_fails_leaves_at_once_whatever_it_sent(
+    start_server: StartServer, connect: Connect
+) -> None:
+    """A client that vanishes with a reset while 2,000 of its says wait to be carried out leaves
+    as soon as a send to it fails: lost to the others within seconds, not after its backlog."""
+    server = start_server(rate=50)  # its reader would need 40 s for the says
+    watcher = member(connect, server, "watcher", view=True)
+    gone = raw_connect(server.address)
+    gone.sendall(encode({"type": "hello", "name": "gone"}))
+    watcher.wait_for("notice", event="joined")
+    gone.sendall(b"".join(encode({"type": "say", "text": f"burst {i}"}) for i in range(2000)))
+    watcher.wait_for("message", text="burst 0")
+    abort(gone)
+    started = time.monotonic()
+    lost = watcher.wait_for("notice", event="lost")
+    assert time.monotonic() - started < 10
+    assert lost["user"]["name"] == "gone"
+    seen = len(watcher.events)
+    assert user_names(watcher) == ["watcher"]
+    assert [e for e in watcher.events[seen:] if e["type"] == "message"] == []
+
+
+@pytest.mark.timeout(40)
 def test_client_cut_off_at_the_output_limit_leaves_at_once(
     start_server: StartServer, connect: Connect
 ) -> None:

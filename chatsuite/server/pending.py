@@ -57,9 +57,11 @@ class PendingTicker:
     """
 
     def __init__(self, lock: threading.Lock, interval: float = INTERVAL,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 log: Callable[[str], None] = lambda line: None) -> None:
         self.interval = interval
         self.clock = clock
+        self.log = log  # the server's log: never waits (log.py)
         self._wake = threading.Condition(lock)  # the room lock: noted and sent under it
         self._noted: dict[Member, None] = {}  # members whose count may have changed, in order
         # What each member was last told, and when; weak so a member that left is forgotten.
@@ -119,7 +121,8 @@ class PendingTicker:
             while self._running:
                 try:
                     wait = self.tick()
-                except Exception:  # broad on purpose: the ticker must outlive any one bug
+                except Exception as error:  # broad on purpose: the ticker must outlive any bug
                     self._noted.clear()
                     wait = None
+                    self.log(f"pending: unexpected error, carrying on: {error!r}")
                 self._wake.wait(wait)

@@ -319,6 +319,7 @@ class Writer:
         return False
 
     def _shutdown(self, conn: Connection) -> None:
+        conn.cut = True  # a send that failed ends it too: its reader acts on nothing more
         try:
             conn.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
