@@ -50,7 +50,6 @@ from chatsuite.server.cluster_wire import (
     NAMES,
     NODE_SEQ,
     NODES,
-    REAP_CLAIM_MS,
     USERS,
     Command,
     Op,
@@ -60,9 +59,12 @@ from chatsuite.server.cluster_wire import (
     Scripts,
     Seals,
     contest,
+    new_node,
     node_key,
+    reap,
     reap_key,
     reap_node,
+    release_stale,
     stored,
 )
 from chatsuite.server.room import Room
@@ -141,12 +143,7 @@ class Backplane:
         self.room = room
         try:
             self._redis.ping()
-            while True:
-                node = int(self._redis.incr(NODE_SEQ))
-                # After Redis lost its data a running node may hold this number: skip it.
-                if self._redis.set(node_key(node), self.token, nx=True, px=self._ttl_ms):
-                    break
-            self._redis.sadd(NODES, node)
+            node = new_node(self._redis, self.token, self._ttl_ms)
         except RedisError as error:
             raise ClusterError(f"cannot reach Redis at {safe_url(self.url)}: {error}") from None
         self.node = node
@@ -416,16 +413,7 @@ class Backplane:
         held = stored(self._redis, self._seals)
         # Read after the registry: a member in ``stored`` registered before this snapshot.
         current = {r["id"]: r for r in self.room.cluster_records()}
-        pipe = self._redis.pipeline(transaction=False)
-        for record in held:
-            if record["node"] != self.node:
-                continue
-            if current.get(record["id"], {}).get("name") != record["name"]:
-                self._lua.release(keys=[NAMES], args=[record["name"].casefold(), record["id"]],
-                              client=pipe)
-            if record["id"] not in current:
-                pipe.hdel(USERS, record["id"])
-        pipe.execute()
+        release_stale(self._redis, self._lua.release, self.node, held, current)
         with self._state:
             self._claimed.clear()
         self._claim_unclaimed(announce)
@@ -510,16 +498,7 @@ class Backplane:
 
     def _reap(self) -> None:
         """Clean up after nodes whose key expired (one node does it for each)."""
-        nodes = [int(n) for n in self._redis.smembers(NODES) if int(n) != self.node]
-        if not nodes:
-            return
-        pipe = self._redis.pipeline(transaction=False)
-        for node in nodes:
-            pipe.exists(node_key(node))
-        for node, alive in zip(nodes, pipe.execute(), strict=True):
-            if alive or not self._redis.set(reap_key(node), self.node, nx=True,
-                                            px=REAP_CLAIM_MS):
-                continue
-            count = reap_node(self._redis, self._seals, self._lua.release, node, self.token)
-            self._redis.srem(NODES, node)
+        def reaped(node: int, count: int) -> None:
             self.log(f"cluster: node {node} stopped answering; its {count} users are lost")
+
+        reap(self._redis, self._seals, self._lua.release, self.node, self.token, reaped)

@@ -353,3 +353,46 @@ def reap_node(client: redis.Redis, seals: Seals, release: Script, node: int, tok
     pipe.publish(CHANNEL, seals.seal_message(node, events, stream))
     pipe.execute()
     return len(theirs)
+
+
+def new_node(client: redis.Redis, token: str, ttl_ms: int) -> int:
+    """A new node number, marked alive (``chat:node:<k>``, ``token``) and listed."""
+    while True:
+        node = int(client.incr(NODE_SEQ))
+        # After Redis lost its data a running node may hold this number: skip it.
+        if client.set(node_key(node), token, nx=True, px=ttl_ms):
+            client.sadd(NODES, node)
+            return node
+
+
+def release_stale(client: redis.Redis, release: Script, node: int, held: list[Record],
+                  current: dict[int, Record]) -> None:
+    """Of the records ``held`` in Redis, free what ``node`` no longer has (``current``: its
+    members now): the names it no longer gives, the records of members that left."""
+    pipe = client.pipeline(transaction=False)
+    for record in held:
+        if record["node"] != node:
+            continue
+        if current.get(record["id"], {}).get("name") != record["name"]:
+            release(keys=[NAMES], args=[record["name"].casefold(), record["id"]], client=pipe)
+        if record["id"] not in current:
+            pipe.hdel(USERS, record["id"])
+    pipe.execute()
+
+
+def reap(client: redis.Redis, seals: Seals, release: Script, node: int, token: str,
+         reaped: Callable[[int, int], None]) -> None:
+    """Clean up after the nodes whose key expired, one node (SET NX ``chat:reap:<k>``) for each;
+    ``reaped(dead node, its users announced lost)`` for each that ``node`` reaped."""
+    nodes = [int(n) for n in client.smembers(NODES) if int(n) != node]
+    if not nodes:
+        return
+    pipe = client.pipeline(transaction=False)
+    for other in nodes:
+        pipe.exists(node_key(other))
+    for other, alive in zip(nodes, pipe.execute(), strict=True):
+        if alive or not client.set(reap_key(other), node, nx=True, px=REAP_CLAIM_MS):
+            continue
+        count = reap_node(client, seals, release, other, token)
+        client.srem(NODES, other)
+        reaped(other, count)
