@@ -1,22 +1,27 @@
 """The cluster's wire (cluster.py): Redis key names and scripts, and what travels through them.
 
-What it owns: the registry's keys and its Lua scripts: ``chat:names`` (hash: casefolded name
--> id, claimed with HSETNX, so exactly one node wins a name), ``chat:users`` (hash: id -> the
-member's record, JSON: its ``user`` object, node, dialect and registration time),
-``chat:nodes`` (set of node numbers), ``chat:node:<k>`` (node ``k`` is alive: a key with a
-TTL), ``chat:reap:<k>`` (who cleans up after a dead node), ``chat:auto`` (automatic names),
-``chat:node-seq`` (node numbers); the encoding of member
-records (stored in ``chat:users``) and of messages (published on ``chat:room``: the events of a
-round, with their origin node and what makes a replay detectable), sealed and opened by
-``Seals``; and the ``Publisher``, which takes what the room hands the backplane from one FIFO
-queue and writes each round as one pipeline: registry changes, then the events of the round as
-few PUBLISHes as their order allows. One queue, filled by each sender's own thread, so the
-events of one sender reach every node in the order it sent them.
+What it owns:
+
+* the registry's keys and its Lua scripts: ``chat:names`` (hash: casefolded name -> id,
+  claimed with HSETNX, so exactly one node wins a name), ``chat:users`` (hash: id -> the
+  member's record, JSON: its ``user`` object, node, dialect and registration time),
+  ``chat:nodes`` (set of node numbers), ``chat:node:<k>`` (node ``k`` is alive: a key with a
+  TTL), ``chat:reap:<k>`` (who cleans up after a dead node), ``chat:auto`` (automatic names),
+  ``chat:node-seq`` (node numbers);
+* the encoding of member records (stored in ``chat:users``) and of messages (published on
+  ``chat:room``: the events of a round, with their origin node and what makes a replay
+  detectable), sealed and opened by ``Seals``;
+* the ``Publisher``, which takes what the room hands the backplane from one FIFO queue and
+  writes each round as one pipeline: registry changes, then the events of the round as few
+  PUBLISHes as their order allows. One queue, filled by each sender's own thread, so the events
+  of one sender reach every node in the order it sent them;
+* the registry operations that keep no state of the node (``stored``, ``contest``,
+  ``new_node``, ``release_stale``, ``reap``): the backplane calls them, and handles their
+  ``RedisError``.
 
 Invariant: nothing read from Redis is used unless its seal is valid and it is filed under its
 own id or name; what is not is ignored and counted in ``Complaints`` (seal.py).
 """
-
 from __future__ import annotations
 
 import json
