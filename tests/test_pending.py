@@ -152,9 +152,11 @@ def test_server_sends_pending_counts_at_most_once_an_interval(start_server: Any)
             counts.append(typist.wait_for("pending")["count"])
             times.append(time.monotonic())
         assert counts == sorted(set(counts)), counts
+        # Never two within the interval (0.5 s); the slack is for a busy machine, where a count
+        # may reach the test late and the next one on time.
         gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
-        assert min(gaps) > 0.4, gaps  # never two within the interval (0.5 s)
-        assert len(counts) <= 3, counts  # the talker and its says took well under a second
+        assert min(gaps) > 0.3, gaps
+        assert len(counts) <= (times[-1] - times[0] + 0.2) / 0.5, (counts, gaps)
         assert [e for e in typist.sync() if e["type"] == "pending"] == []
         typist.send({"type": "mode", "mode": 2, "ref": "v"})
         flushed = []
