@@ -259,8 +259,8 @@ class Handler:
             start += count
 
     def check_cut(self) -> None:
-        """End now if the server cut this connection off (output limit, door, cluster): nothing
-        more it sent is acted on (SPEC 1.5). Checked before every request."""
+        """End now if the server cut this connection off (output limit, failed send, door,
+        cluster): nothing more it sent is acted on (SPEC 1.5). Checked before every request."""
         if self.conn.cut:
             raise Disconnect(reason="cut off by the server")
 
