@@ -46,6 +46,8 @@ from typing import TYPE_CHECKING
 from chatsuite.server.handler import Handler
 from chatsuite.server.log import Log
 from chatsuite.server.members import Dialect
+from chatsuite.server.pending import INTERVAL as PENDING_INTERVAL
+from chatsuite.server.pending import PendingTicker
 from chatsuite.server.room import Room
 from chatsuite.server.writer import Connection, Writer
 from chatsuite.tls import TlsSession
@@ -85,6 +87,7 @@ class ServerConfig:
     pending_limit: int = PENDING_LIMIT
     pending_bytes: int = PENDING_BYTES
     output_limit: int = OUTPUT_LIMIT
+    pending_interval: float = PENDING_INTERVAL  # at most one ``pending`` per client this often
     heartbeat: float = 30.0
     hello_timeout: float = 60.0
     max_clients: int = 1024
@@ -150,6 +153,8 @@ class ChatServer:
                          self.backplane, config.max_frame)
         self.writer = Writer(self.room.lock, self.log)
         self.room.fan_out = self.writer.push_all  # the inlined broadcast loop
+        self.pending = PendingTicker(self.room.lock, config.pending_interval, log=self.log)
+        self.room.pending = self.pending
         self.stopping = threading.Event()
         self._connections: dict[Connection, Dialect | None] = {}  # guarded by the room lock
         # The door's tables (guarded by the room lock): connections per address, and the ones
@@ -187,6 +192,7 @@ class ChatServer:
         # Process-wide, and before the first thread: see THREAD_STACK.
         threading.stack_size(THREAD_STACK)
         self.writer.thread.start()
+        self.pending.start()
         self._acceptor = threading.Thread(target=self._accept_loop, name="acceptor", daemon=True)
         self._acceptor.start()
         secure = " (TLS)" if self._tls_context is not None else ""
@@ -369,6 +375,7 @@ class ChatServer:
         )
         if self.backplane is not None and self.backplane.node:
             self.backplane.stop()  # the other nodes hear that this node's users are lost
+        self.pending.stop()
         self.writer.close_all([conn for conn, _ in connections])
         self.writer.stop()
         self.writer.thread.join(max(0.0, deadline - time.monotonic()))

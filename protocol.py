@@ -268,13 +268,22 @@ def _has_surrogate(text: str) -> bool:
 
 
 def _any_surrogate(value: Any) -> bool:
-    """True when any string inside a decoded JSON value holds a lone surrogate."""
-    if isinstance(value, str):
-        return _has_surrogate(value)
-    if isinstance(value, dict):
-        return any(_any_surrogate(k) or _any_surrogate(v) for k, v in value.items())
-    if isinstance(value, list):
-        return any(_any_surrogate(v) for v in value)
+    """True when any string inside a decoded JSON value holds a lone surrogate.
+
+    A walk with its own stack, not recursion: the JSON decoder accepts nesting almost as deep as
+    Python's recursion limit, and a recursive walk on top of it would overflow that limit.
+    """
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if _has_surrogate(item):
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
     return False
 
 

@@ -27,14 +27,13 @@ import redis
 from conftest import ROOT, Peer, ServerProcess, free_port, wait_until
 
 from chat_server import ChatServer, ServerConfig
-from chatsuite.server.cluster import (
-    CHANNEL,
+from chatsuite.server.cluster_wire import CHANNEL, PubSub
+from chatsuite.server.seal import (
     ROOM_SEAL,
     USER_SEAL,
     ClusterConfigError,
     Complaints,
     Forged,
-    PubSub,
     Sealer,
     Unsigned,
     check_url,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import threading
 import tracemalloc
 from dataclasses import replace
 from typing import Any
@@ -413,6 +414,38 @@ def test_lone_surrogate_is_bad_request(obj: dict[str, Any]) -> None:
     assert decode_one(frame(obj)) == error(
         ErrorCode.BAD_REQUEST, "The text holds a lone surrogate.", obj.get("ref")
     )
+
+
+def _parse_in_fresh_thread(frames: list[bytes]) -> list[object]:
+    """``parse_object`` of each frame in a new thread (a server reader's shallow stack)."""
+    results: list[object] = []
+
+    def run() -> None:
+        for data in frames:
+            try:
+                results.append(parse_object(data))
+            except (ProtocolError, RecursionError) as problem:
+                results.append(problem)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(30)
+    return results
+
+
+def test_deep_nesting_with_an_escape_is_answered_not_a_recursion_error() -> None:
+    """JSON nested 900 to 990 deep (which the decoder accepts) holding a \\u escape is walked for
+    surrogates without a RecursionError: a lone surrogate is bad-request, an escaped letter
+    parses."""
+    depths = range(900, 991, 10)
+
+    def nested(depth: int, text: str) -> bytes:
+        return b'{"type":"ping","extra":' + b"[" * depth + text.encode() + b"]" * depth + b"}"
+
+    surrogates = _parse_in_fresh_thread([nested(d, '"\\ud800"') for d in depths])
+    assert surrogates == [error(ErrorCode.BAD_REQUEST, "The text holds a lone surrogate.")] * 10
+    letters = _parse_in_fresh_thread([nested(d, '"\\u00e9"') for d in depths])
+    assert [type(result) for result in letters] == [dict] * 10
 
 
 TEXT_MESSAGE = '"text" must be a non-empty string.'

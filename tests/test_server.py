@@ -352,6 +352,27 @@ def test_bad_frame_echoes_ref_when_it_can(server: ChatServer, connect: Connect) 
     assert peer.sync() == []
 
 
+def test_deep_nesting_with_an_escape_is_answered_and_the_connection_stays(
+    server: ChatServer, connect: Connect
+) -> None:
+    """Frames nested 900 to 990 deep holding a \\u escaped lone surrogate each get bad-request
+    (bad-frame once too deep for the JSON decoder itself), never an internal error that ends the
+    connection, and the connection still works."""
+    peer = member(connect, server, "nester")
+    codes = []
+    for depth in range(900, 991, 10):
+        nested = b"[" * depth + b'"\\ud800"' + b"]" * depth
+        peer.send_raw(b'{"type":"say","ref":%d,"text":%s}\0' % (depth, nested))
+        event = peer.next_event()
+        expected_ref = depth if event.get("code") == "bad-request" else None
+        check_error(event, event.get("code", ""), expected_ref)
+        codes.append(event["code"])
+    assert codes[0] == "bad-request", codes
+    assert set(codes) <= {"bad-request", "bad-frame"}, codes
+    peer.send({"type": "ping", "ref": "alive"})
+    assert peer.expect("pong", ref="alive") == {"type": "pong", "ref": "alive"}
+
+
 def test_lone_surrogate_is_bad_request(server: ChatServer, connect: Connect) -> None:
     """Text with a lone surrogate gets bad-request with the ref, nothing is delivered, and the
     connection still works."""
@@ -1172,6 +1193,69 @@ def test_slow_reader_does_not_slow_others_and_is_dropped(
             ("joined", "slow"),
             ("lost", "slow"),
         ]
+    finally:
+        slow.close()
+
+
+@pytest.mark.timeout(40)
+def test_client_whose_socket_fails_leaves_at_once_whatever_it_sent(
+    start_server: StartServer, connect: Connect
+) -> None:
+    """A client that vanishes with a reset while 2,000 of its says wait to be carried out leaves
+    as soon as a send to it fails: lost to the others within seconds, not after its backlog."""
+    server = start_server(rate=50)  # its reader would need 40 s for the says
+    watcher = member(connect, server, "watcher", view=True)
+    gone = raw_connect(server.address)
+    gone.sendall(encode({"type": "hello", "name": "gone"}))
+    watcher.wait_for("notice", event="joined")
+    gone.sendall(b"".join(encode({"type": "say", "text": f"burst {i}"}) for i in range(2000)))
+    watcher.wait_for("message", text="burst 0")
+    abort(gone)
+    started = time.monotonic()
+    lost = watcher.wait_for("notice", event="lost")
+    assert time.monotonic() - started < 10
+    assert lost["user"]["name"] == "gone"
+    seen = len(watcher.events)
+    assert user_names(watcher) == ["watcher"]
+    assert [e for e in watcher.events[seen:] if e["type"] == "message"] == []
+
+
+@pytest.mark.timeout(40)
+def test_client_cut_off_at_the_output_limit_leaves_at_once(
+    start_server: StartServer, connect: Connect
+) -> None:
+    """A client cut off at its output limit while its reader still holds 2,000 unprocessed says
+    leaves at once: lost to the others, no longer listed, its name free, and none of those says
+    delivered after the lost notice."""
+    # At 50 requests a second its reader would need 40 s for the says: a lingering member shows.
+    server = start_server(rate=50, output_limit=64 * 1024)
+    watcher = member(connect, server, "watcher", view=True)
+    flooder = member(connect, server, "flooder")
+    slow = raw_connect(server.address, rcvbuf=4096)
+    try:
+        slow.sendall(
+            encode({"type": "hello", "name": "slow"}) + encode({"type": "mode", "mode": 2})
+        )
+        watcher.wait_for("notice", event="joined")
+        slow.sendall(b"".join(encode({"type": "say", "text": f"burst {i}"}) for i in range(2000)))
+        watcher.wait_for("message", text="burst 0")
+        # Direct messages reach the slow client alone; it reads nothing, so it is cut off.
+        big = "d" * 60_000
+        flooder.send_raw(b"".join(encode({"type": "dm", "to": "slow", "text": big})
+                                  for _ in range(100)))
+        started = time.monotonic()
+        lost = watcher.wait_for("notice", event="lost")
+        assert time.monotonic() - started < 10
+        assert (lost["user"]["name"], lost["text"]) == ("slow", "slow has lost its connection.")
+        seen = len(watcher.events)
+        assert user_names(watcher) == ["watcher", "flooder"]
+        assert user_object(member(connect, server, "slow"))["name"] == "slow"
+        flooder.send({"type": "say", "text": "marker"})
+        watcher.wait_for("message", text="marker")
+        after = [(e["type"], e.get("event"), e.get("text")) for e in watcher.events[seen:]]
+        assert after == [("users", None, None),
+                         ("notice", "joined", "slow joined the chat."),
+                         ("message", None, "marker")]
     finally:
         slow.close()
 

@@ -210,6 +210,7 @@ class Handler:
 
     def receive(self) -> bytes:
         """The next bytes from the peer, serving deadlines while waiting; b"" at the end."""
+        self.check_cut()
         self.server.writer.wait_for_room()  # a saturated writer slows the senders down
         while True:
             try:
@@ -248,6 +249,7 @@ class Handler:
         """
         start = 0
         while start < len(items):
+            self.check_cut()
             count, wait = self.bucket.take(len(items) - start)
             if count == 0:
                 if self.server.stopping.wait(wait):
@@ -255,6 +257,12 @@ class Handler:
                 continue
             yield items[start : start + count]
             start += count
+
+    def check_cut(self) -> None:
+        """End now if the server cut this connection off (output limit, failed send, door,
+        cluster): nothing more it sent is acted on (SPEC 1.5). Checked before every request."""
+        if self.conn.cut:
+            raise Disconnect(reason="cut off by the server")
 
     # -- the connection's life ----------------------------------------------------------------
 
@@ -266,8 +274,6 @@ class Handler:
             if first is not None:
                 dialect, data = first
                 self.server.dialect_known(self.conn, dialect)
-                if self.conn.refused:
-                    self.refuse(dialect)
                 {Dialect.NATIVE: self.run_native, Dialect.LINE: self.run_line,
                  Dialect.PLAIN: self.run_plain}[dialect](data)
         except Disconnect as end:
@@ -280,21 +286,15 @@ class Handler:
             stopping = self.server.stopping.is_set()
             if stopping:
                 reason = "server stopped"
-            self.room.leave(self.member, quitting, notify=not stopping)
+            if quitting:
+                self.room.leave(self.member, quitting, notify=not stopping)
+            else:
+                self.room.cut_off(self.member, notify=not stopping)
             self.server.forget(self.conn)
             self.server.writer.close(self.conn)
             self.server.log(
                 f"disconnected: {self.conn.address} ({reason}; {self.room.online} online)"
             )
-
-    def refuse(self, dialect: Dialect) -> None:
-        """Answer "server full" in the connection's own dialect and end it."""
-        if dialect is Dialect.NATIVE:
-            self.error(Refusal(ErrorCode.SERVER_FULL,
-                               "Too many connections from your address; try again later."))
-        elif dialect is Dialect.LINE:
-            self.send_line(LineReply.BUSY.value)
-        raise Disconnect(reason="too many connections from its address")
 
     def detect(self) -> tuple[Dialect, bytes] | None:
         """Read until ``protocol.sniff`` knows the dialect; the bytes from where it begins."""
@@ -332,6 +332,7 @@ class Handler:
     def handle_batch(self, items: list[Request | ProtocolError]) -> None:
         index = 0
         while index < len(items):
+            self.check_cut()
             item = items[index]
             if isinstance(item, Say) and self.member.registered:
                 # A run of broadcasts is delivered as one: one put per recipient.
@@ -425,6 +426,7 @@ class Handler:
         while data:
             for batch in self.admitted(splitter.feed(data)):
                 for raw in batch:
+                    self.check_cut()
                     if isinstance(raw, Oversized):
                         self.send_line(LineReply.BAD_BODY.value)
                     else:
@@ -473,6 +475,7 @@ class Handler:
             for batch in self.admitted(splitter.feed(data)):
                 texts: list[str] = []
                 for raw in batch:
+                    self.check_cut()
                     if isinstance(raw, Oversized):
                         continue
                     text = plain_text(raw)

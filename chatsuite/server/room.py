@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 from chatsuite.dialects import line_delivery, line_hello, plain_frame
 from chatsuite.server.members import Delivery, Dialect, Event, Member, Outbox, push_each
+from chatsuite.server.pending import NO_NOTES, PendingNotes
 from modes import PENDING_BYTES, PENDING_LIMIT, HoldQueue, Mode, dropped_text
 from protocol import (
     AVAILABLE,
@@ -100,6 +101,8 @@ class Room:
         self._individual: dict[int, Member] = {}
         # (Any: the server passes the outboxes it knows, its own Connection objects.)
         self.fan_out: Callable[[Iterable[Any], bytes, object], int] = push_each
+        # Told of every hold queue that changes (the server's ``PendingTicker``, pending.py).
+        self.pending: PendingNotes = NO_NOTES
         # Members of the other nodes (cluster only), by id and by casefolded name.
         self._remote: dict[int, Member] = {}
         self._remote_names: dict[str, Member] = {}
@@ -144,6 +147,7 @@ class Room:
             if member.dialect is Dialect.NATIVE and member.mode is not Mode.VIEWING:
                 for event in events:
                     member.hold.hold(event, len(event.live))
+                self.pending.changed(member)
                 queued += 1
                 continue
             data = render(member.dialect)
@@ -325,6 +329,12 @@ class Room:
         verb = "quit" if quitting else "lost its connection"
         self.log(f"{member.name} (id {member.id}) {verb} ({online} online)")
 
+    def cut_off(self, member: Member, notify: bool = True) -> None:
+        """``member``'s connection ended without ``quit`` (lost, heartbeat, output limit, error):
+        it leaves now, ``lost`` to the others and its name free (SPEC 1.5). The one place a
+        resume window (SPEC 6.4) would keep it reserved instead."""
+        self.leave(member, quitting=False, notify=notify)
+
     # -- messages -----------------------------------------------------------------------------
 
     def broadcast(self, sender: Member, texts: list[str]) -> Delivery:
@@ -419,6 +429,7 @@ class Room:
             member.outbox.push(reply)
             if mode is Mode.VIEWING:
                 dropped, held = member.hold.flush()
+                self.pending.flushed(member)
                 if dropped:
                     notice = Notice("dropped", dropped_text(dropped), self._timestamp(),
                                     count=dropped, queued=True)

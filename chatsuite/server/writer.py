@@ -5,7 +5,9 @@ when the outbox was empty, hands the connection to the ``Writer``, waking it at 
 however many frames arrive. The writer takes whole outboxes and writes each with one
 non-blocking ``send``, so many frames leave in one system call. A socket whose kernel buffer is
 full waits in the writer's selector while everyone else is served; past its output limit the
-connection is shut down, and its reader reports it lost.
+connection is cut off (``Connection.cut``) and shut down. Leaving the room is not done there,
+under the lock in the middle of someone else's delivery: the cut connection's own reader sees
+the mark before its next request, acts on nothing more, and leaves (``Room.cut_off``).
 
 Invariant: only the writer thread sends on or closes a socket, so bytes leave in the order they
 were pushed, and a file descriptor (a member's id) is never reused while anything may still
@@ -30,8 +32,8 @@ class Connection:
     """One accepted socket: its outbox (filled under the room lock) and the writer's state."""
 
     __slots__ = (
-        "address", "blocked", "closing", "fd", "limit", "member", "out", "out_bytes",
-        "overflowed", "pushed", "queued", "refused", "rest", "sent", "sock", "tls", "writer",
+        "address", "blocked", "closing", "cut", "fd", "limit", "member", "out", "out_bytes",
+        "overflowed", "pushed", "queued", "rest", "sent", "sock", "tls", "writer",
     )
 
     def __init__(self, sock: socket.socket, address: str, writer: Writer, limit: int) -> None:
@@ -48,12 +50,14 @@ class Connection:
         self.blocked = False  # the kernel refused part of a send: waiting for the peer to read
         self.overflowed = False
         self.closing = False
+        # Set under the lock when the server ends the connection (``Writer.abort``): from then
+        # on its reader acts on nothing more it read (a bool, so it reads it without the lock).
+        self.cut = False
         # Writer thread only:
         self.sent = 0  # bytes written in all
         self.rest: memoryview | None = None  # the part of a send the kernel refused
         self.member: Member | None = None
         self.tls: TlsSession | None = None
-        self.refused = False  # over --max-per-ip: told "server full" once its dialect is known
 
     def push(self, data: bytes) -> None:
         """Queue bytes for the writer; called with the room lock held."""
@@ -160,7 +164,9 @@ class Writer:
         return count
 
     def abort(self, conn: Connection) -> None:
-        """Disconnect a connection now (its reader sees the end and reports it lost)."""
+        """Disconnect a connection now: marked cut, so its reader acts on nothing more it read
+        and leaves the room at its next step (SPEC 1.5); the writer shuts the socket down."""
+        conn.cut = True
         self._aborted.append(conn)
         self._wake()
 
@@ -313,6 +319,7 @@ class Writer:
         return False
 
     def _shutdown(self, conn: Connection) -> None:
+        conn.cut = True  # a send that failed ends it too: its reader acts on nothing more
         try:
             conn.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
