@@ -28,24 +28,32 @@ from chatsuite.dialects import (
     line,
     line_list,
     parse_line_command,
+    plain_frame,
     plain_text,
 )
+from chatsuite.server.gate import Entry, Gate, host_of
 from chatsuite.server.members import Member
+from chatsuite.server.moderation import Action
 from chatsuite.server.room import Room
 from chatsuite.server.writer import RECV_SIZE, Connection
 from modes import Mode
 from protocol import (
     LF,
     NUL,
+    Ban,
     Bye,
+    ChangePassword,
     ChatError,
     Dialect,
     Dm,
     Error,
     ErrorCode,
     Hello,
+    Kick,
     ListUsers,
     ModeChanged,
+    Moderation,
+    Mute,
     Ok,
     Oversized,
     Ping,
@@ -54,6 +62,7 @@ from protocol import (
     Quit,
     Refusal,
     Refused,
+    Register,
     Request,
     RequestDecoder,
     Say,
@@ -61,8 +70,10 @@ from protocol import (
     SetStatus,
     Splitter,
     StatusChanged,
+    Unmute,
     Users,
     encode_event,
+    no_such_user_message,
     ok_frames,
     sniff,
 )
@@ -70,7 +81,15 @@ from protocol import (
 T = TypeVar("T")
 
 PING_FRAME = encode_event(Ping())
+NOTICE_OF = {Action.KICK: "kicked", Action.MUTE: "muted", Action.UNMUTE: "unmuted",
+             Action.BAN: "banned"}
+"""The notice each moderation request sends the room (SPEC 7.3)."""
 EPSILON = 1e-9
+
+
+def _because(reason: str | None) -> str:
+    """The end of a moderation notice's sentence: the reason, if the admin gave one."""
+    return "." if not reason else f": {reason}"
 
 
 class TokenBucket:
@@ -136,10 +155,13 @@ class Host(Protocol):
     def stopping(self) -> threading.Event: ...
     @property
     def id_base(self) -> int: ...
+    @property
+    def gate(self) -> Gate: ...
     def log(self, text: str) -> None: ...
     def log_messages(self, sender: str, to: str, texts: list[str]) -> None: ...
     def dialect_known(self, conn: Connection, dialect: Dialect) -> None: ...
     def forget(self, conn: Connection) -> None: ...
+    def disconnect(self, member: Member) -> None: ...
 
 
 class Disconnect(Exception):
@@ -159,7 +181,9 @@ class Handler:
         self.server = server
         self.config = server.config
         self.room = server.room
+        self.gate = server.gate
         self.conn = conn
+        self.host = host_of(conn.address)  # the peer's address, for the throttle and bans
         self.sock = conn.sock
         self.clock = clock
         self.member = Member(server.id_base + conn.fd, conn, Dialect.NATIVE, conn.address)
@@ -176,7 +200,8 @@ class Handler:
             Hello: self.hello, Say: self.say_one, Dm: self.dm, SetMode: self.set_mode,
             ListUsers: self.users, SetStatus: self.set_status, Ping: self.ping,
             Pong: lambda r: None,  # it already counted as a sign of life when it arrived
-            Quit: self.quit,
+            Quit: self.quit, Register: self.register, ChangePassword: self.change_password,
+            Kick: self.moderate, Mute: self.moderate, Unmute: self.moderate, Ban: self.moderate,
         }
 
     # -- reading ------------------------------------------------------------------------------
@@ -268,6 +293,8 @@ class Handler:
                 self.server.dialect_known(self.conn, dialect)
                 if self.conn.refused:
                     self.refuse(dialect)
+                if not self.gate.admits(dialect):
+                    self.refuse_dialect(dialect)
                 {Dialect.NATIVE: self.run_native, Dialect.LINE: self.run_line,
                  Dialect.PLAIN: self.run_plain}[dialect](data)
         except Disconnect as end:
@@ -295,6 +322,13 @@ class Handler:
         elif dialect is Dialect.LINE:
             self.send_line(LineReply.BUSY.value)
         raise Disconnect(reason="too many connections from its address")
+
+    def refuse_dialect(self, dialect: Dialect) -> None:
+        """A line or plain client cannot give the server password (SPEC 7.1): line gets
+        ``BUSY``, plain is just closed."""
+        if dialect is Dialect.LINE:
+            self.send_line(LineReply.BUSY.value)
+        raise Disconnect(reason="the server has a password and this dialect cannot give one")
 
     def detect(self) -> tuple[Dialect, bytes] | None:
         """Read until ``protocol.sniff`` knows the dialect; the bytes from where it begins."""
@@ -338,8 +372,15 @@ class Handler:
                 end = index + 1
                 while end < len(items) and isinstance(items[end], Say):
                     end += 1
-                self.say([s for s in items[index:end] if isinstance(s, Say)])
+                run = [s for s in items[index:end] if isinstance(s, Say)]
                 index = end
+                try:
+                    self.gate.check_may_speak(self.member.name)
+                except Refusal as refusal:
+                    for request in run:  # each say gets its own reply
+                        self.error(Refusal(refusal.code, refusal.message, request.ref))
+                    continue
+                self.say(run)
                 continue
             index += 1
             try:
@@ -358,13 +399,25 @@ class Handler:
             raise ProtocolError(ErrorCode.UNKNOWN_TYPE,
                                 f'This server does not serve "{request.TYPE}" requests.',
                                 request.ref, request.TYPE)
-        carry_out(request)
+        try:
+            carry_out(request)
+        except Refusal as refusal:
+            if refusal.ref is None:  # raised by a rule that does not know the request
+                refusal.ref = request.ref
+            raise
+
+    @property
+    def tls(self) -> bool:
+        return self.conn.tls is not None
 
     def hello(self, request: Request) -> None:
         assert isinstance(request, Hello)
         if self.member.registered:
             raise Refusal(ErrorCode.ALREADY_REGISTERED, "You are already registered.",
                           request.ref)
+        # A hello that resumes a session (SPEC 6.4) will skip this: its token stands for both
+        # passwords, and resuming never runs scrypt.
+        self.enter(request)
         try:
             self.room.register(self.member, request.name, request.title, request.company,
                                request.ref)
@@ -373,6 +426,80 @@ class Handler:
                 self.error(error)
                 raise Disconnect(reason="server full") from None
             raise
+
+    def enter(self, request: Hello) -> None:
+        """The password checks of a new session (SPEC 7.1, 7.2): ban, server password, account.
+
+        On the connection's own thread, no lock held: an account's scrypt runs on the hash
+        workers while this thread waits, and nobody else waits for it.
+        """
+        entry = Entry(request.name, request.server_password, request.password)
+        account = self.gate.check_entry(entry, host=self.host, tls=self.tls)
+        self.member.account = account
+        self.member.admin = account is not None and self.gate.admins.may_moderate(
+            request.name or "", account)
+
+    def register(self, request: Request) -> None:
+        """``register``: the current name becomes an account with this password."""
+        assert isinstance(request, Register)
+        member = self.member
+        account = self.gate.register(member.name, request.password, host=self.host, tls=self.tls)
+        with self.room.lock:
+            member.account = account
+            member.admin = self.gate.admins.may_moderate(member.name, account)
+            member.changed()
+        self.room.push(member, ok_frames(Ok(0, 0), [request.ref]))
+
+    def change_password(self, request: Request) -> None:
+        """``password``: change this account's password (the old one first)."""
+        assert isinstance(request, ChangePassword)
+        self.gate.change_password(self.member.account, request.old, request.new,
+                                  host=self.host, tls=self.tls)
+        self.room.push(self.member, ok_frames(Ok(0, 0), [request.ref]))
+
+    def moderate(self, request: Request) -> None:
+        """``kick``, ``mute``, ``unmute``, ``ban`` (SPEC 7.3): an admin's action, told to all."""
+        assert isinstance(request, Moderation)
+        action = Action(request.TYPE)
+        admin = self.member
+        target_name = str(request.to)
+        target = self.room.member_named(request.to)
+        if target is not None:
+            target_name = target.name
+        self.gate.admins.authorize(admin.name, admin.account, action, target_name)
+        if target is not None and target is admin:
+            raise Refusal(ErrorCode.NOT_ALLOWED, f"An admin cannot {action.value} itself.")
+        gate, by, reason = self.gate, admin.name, request.reason
+        remove = action in (Action.KICK, Action.BAN)
+        if action is Action.UNMUTE:
+            lifted = gate.sanctions.unmute(target_name)
+            if lifted is None:
+                raise Refusal(ErrorCode.NO_SUCH_USER, f"{target_name} is not muted.")
+            text = f"{target_name} was unmuted by {by}."
+        elif target is None and not (action is Action.BAN and gate.is_account(target_name)):
+            raise Refusal(ErrorCode.NO_SUCH_USER, no_such_user_message(request.to))
+        elif action is Action.MUTE:
+            mute = gate.sanctions.mute(target_name, gate.wall_clock(), request.minutes, by=by,
+                                       reason=reason)
+            minutes = round((mute.until - gate.wall_clock()) / 60)
+            text = f"{target_name} was muted by {by} for {minutes} minute" + (
+                "" if minutes == 1 else "s") + _because(reason)
+        elif action is Action.BAN:
+            key = (gate.ban_key_for(target.name, target.address) if target is not None
+                   else gate.ban_key_for(target_name, ""))
+            ban = gate.ban(key, request.minutes, by=by, reason=reason)
+            how_long = ("until the server stops" if ban.until is None else
+                        f"for {round((ban.until - gate.wall_clock()) / 60)} minutes")
+            text = f"{target_name} was banned by {by} {how_long}" + _because(reason)
+        else:
+            text = f"{target_name} was kicked by {by}" + _because(reason)
+        if not self.room.moderated(NOTICE_OF[action], target, text, by=by, reason=reason,
+                                   remove=remove and target is not None):
+            raise Refusal(ErrorCode.NO_SUCH_USER, no_such_user_message(request.to))
+        if remove and target is not None:
+            self.server.disconnect(target)
+        self.server.log(f"{by} {action.value}: {text}")
+        self.room.push(admin, ok_frames(Ok(0, 0), [request.ref]))
 
     def say_one(self, request: Request) -> None:
         assert isinstance(request, Say)
@@ -387,6 +514,7 @@ class Handler:
 
     def dm(self, request: Request) -> None:
         assert isinstance(request, Dm)
+        self.gate.check_may_speak(self.member.name)
         recipient, delivery = self.room.direct(self.member, request.to, request.text,
                                                request.ref, request.name)
         self.room.push(self.member, ok_frames(Ok(delivery.delivered, delivery.queued),
@@ -441,12 +569,14 @@ class Handler:
                 self.send_line(LineReply.BAD_HEADER.value)
                 return
             try:
+                self.gate.check_line_entry(command.name, self.host)
                 self.room.register(member, command.name)
             except Refusal as error:
-                if error.code is ErrorCode.SERVER_FULL:
+                if error.code in (ErrorCode.SERVER_FULL, ErrorCode.BANNED):
                     self.send_line(LineReply.BUSY.value)
-                    raise Disconnect(reason="server full") from None
-                taken = error.code is ErrorCode.NAME_TAKEN
+                    raise Disconnect(reason=error.code.value) from None
+                # An account's name: a line client cannot give its password (SPEC 7.2).
+                taken = error.code in (ErrorCode.NAME_TAKEN, ErrorCode.PASSWORD_REQUIRED)
                 self.send_line((LineReply.IN_USE if taken else LineReply.BAD_BODY).value)
         elif not member.registered:
             self.send_line(LineReply.BAD_HEADER.value)
@@ -454,6 +584,13 @@ class Handler:
             self.used_who = self.used_who or command.who
             self.room.push(member, line_list(self.room.names(), command.who))
         elif isinstance(command, LineSend):
+            try:
+                self.gate.check_may_speak(member.name)
+            except Refusal:
+                # Muted: the line protocol has no word for it; BAD-RQST-BODY says "refused"
+                # without claiming the recipient is gone (docs/dialects.md).
+                self.send_line(LineReply.BAD_BODY.value)
+                return
             try:
                 recipient, _ = self.room.direct(member, command.user, command.text)
             except Refusal:
@@ -483,14 +620,20 @@ class Handler:
                         continue
                     if not self.member.registered:
                         try:
+                            self.gate.check_line_entry(None, self.host)
                             self.room.register(self.member, None)
-                        except Refusal:
-                            raise Disconnect(reason="server full") from None
+                        except Refusal as error:
+                            raise Disconnect(reason=error.code.value) from None
                     texts.append(text)
                 self.flush_plain(texts)
             data = self.receive()
 
     def flush_plain(self, texts: list[str]) -> None:
         if texts:
+            try:
+                self.gate.check_may_speak(self.member.name)
+            except Refusal as refusal:  # muted: told in the dialect's own way, nothing sent
+                self.room.push(self.member, plain_frame(refusal.message))
+                return
             self.room.broadcast(self.member, texts)
             self.server.log_messages(self.member.name, "all", texts)
