@@ -3,17 +3,22 @@ the plaintext rule, the store and admins' moderation, in every dialect."""
 
 from __future__ import annotations
 
+import os
 import socket
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Peer, RawConnection, wait_until
+from conftest import ROOT, Peer, RawConnection, wait_until
 
 from chat_server import ChatServer
-from chatsuite.server.access import Throttle
+from chatsuite.server.access import Code, Throttle
+from chatsuite.server.access import Refusal as AccessRefusal
+from protocol import ErrorCode, Refusal, User
 
 Start = Callable[..., ChatServer]
 STUDENT_HOST = "127.0.0.2"  # still loopback; lets a ban by address spare the teacher's 127.0.0.1
@@ -491,3 +496,58 @@ def test_ban_of_an_account_with_minutes_is_kept_in_the_store(
         "code"] == "banned"
     [ban] = server.store.load_bans()
     assert ban.key == "account:sam" and ban.until is not None
+
+
+# -- the wire values and the program's options -------------------------------------------------
+
+
+def test_user_account_and_admin_flags_are_written_only_when_true() -> None:
+    """A user's ``account`` and ``admin`` travel only when true, and parse back."""
+    plain = User(3, "sam")
+    marked = User(4, "teacher", account=True, admin=True)
+    assert "account" not in plain.wire() and "admin" not in plain.wire()
+    assert (marked.wire()["account"], marked.wire()["admin"]) == (True, True)
+    assert User.parse(marked.wire()) == marked and User.parse(plain.wire()) == plain
+
+
+def test_an_access_refusal_is_the_protocols_refusal_with_for_and_retry_after() -> None:
+    """access raises protocol's Refusal; its fields and its equality include for/retry_after."""
+    assert AccessRefusal is Refusal and Code is ErrorCode
+    wait = Refusal(ErrorCode.TOO_MANY_ATTEMPTS, "Later.", retry_after=9)
+    assert wait.fields() == {"code": "too-many-attempts", "message": "Later.", "retry_after": 9}
+    assert wait != Refusal(ErrorCode.TOO_MANY_ATTEMPTS, "Later.", retry_after=8)
+    assert Refusal(ErrorCode.BAD_PASSWORD, "No.", for_="server") != Refusal(
+        ErrorCode.BAD_PASSWORD, "No.", for_="account")
+
+
+def test_the_program_reads_the_server_password_from_a_file_or_the_environment(
+        server_process: Callable[..., Any], tmp_path: Path) -> None:
+    """``--password-file`` (its first line) and ``CHAT_PASSWORD`` both set the server password."""
+    secret = tmp_path / "room-key"
+    secret.write_text("from the file\nignored\n")
+    proc = server_process("--password-file", str(secret))
+    peer = Peer(proc.address)
+    try:
+        assert error_of(peer, {"type": "hello"}) == {"code": "password-required",
+                                                      "for": "server"}
+        assert peer.register("ann", server_password="from the file")["name"] == "ann"
+    finally:
+        peer.close()
+    env = dict(os.environ, CHAT_PASSWORD="from the env")
+    out = subprocess.run(
+        [sys.executable, "-c", "import chat_server; "
+         "print(chat_server.parse_args([]).server_password)"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=10, check=True)
+    assert out.stdout == "from the env\n"
+
+
+def test_an_empty_password_file_refuses_to_start(tmp_path: Path) -> None:
+    """A password file whose first line is empty is an error at start (exit 2), no traceback."""
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "chat_server.py"), "--port", "0", "--store", "none",
+         "--password-file", str(empty)], check=False, capture_output=True, text=True,
+        timeout=10)
+    assert out.returncode == 2
+    assert "--password-file" in out.stderr and "Traceback" not in out.stderr

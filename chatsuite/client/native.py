@@ -37,27 +37,33 @@ from chatsuite.client.session import (
 )
 from chatsuite.client.terminal import Terminal
 from chatsuite.client.transport import Transport
-from modes import Mode
+from modes import Mode, ModerateCommand
 from protocol import (
+    Ban,
+    ChangePassword,
     Dm,
     Error,
     ErrorCode,
     Event,
     EventDecoder,
     Hello,
+    Kick,
     ListUsers,
     Message,
+    Mute,
     Notice,
     Ok,
     Ping,
     Pong,
     Quit,
+    Register,
     Request,
     Say,
     SetMode,
     SetStatus,
     StatusChanged,
     UnknownEvent,
+    Unmute,
     User,
     Users,
     Welcome,
@@ -66,6 +72,13 @@ from protocol import (
 )
 
 TLS_RECORD_STARTS = (0x15, 0x16)  # a TLS alert or handshake record: the server speaks TLS
+PASSWORD_CODES = (ErrorCode.PASSWORD_REQUIRED.value, ErrorCode.BAD_PASSWORD.value)
+MODERATION: dict[str, type[Kick | Mute | Unmute | Ban]] = {
+    "kick": Kick, "mute": Mute, "unmute": Unmute, "ban": Ban}
+
+
+class NameGivenUp(Exception):
+    """Enter alone at an account's password prompt: choose another name."""
 
 
 class Connection(Link):
@@ -170,6 +183,8 @@ class NativeSession(Session):
         # The name last seen for each id (users list, message senders): a dm by id carries it,
         # so that a reused id never delivers to someone else (SPEC 1.2). Both threads write it.
         self.seen_names: dict[int, str] = {}
+        self.server_password: str | None = None  # asked once when the server wants it (7.1)
+        self.admin = False  # the welcome said we may moderate (SPEC 7.3)
 
     # ---- the receiver thread's side
 
@@ -210,9 +225,20 @@ class NativeSession(Session):
             name = self.ask("your name (Enter for an automatic one): ").strip()
             self.title = self.title or self.ask("your job title (Enter for none): ").strip()
             self.company = self.company or self.ask("your company (Enter for none): ").strip()
+        password: str | None = None  # the account's, asked when the server says so
         while True:
-            reply = self.conn.request(Hello(name or None, self.title or None, self.company or None))
+            reply = self.conn.request(Hello(name or None, self.title or None, self.company or None,
+                                            server_password=self.server_password,
+                                            password=password))
+            if isinstance(reply, Error) and reply.code in PASSWORD_CODES:
+                try:
+                    password = self.ask_password(reply, name or "", password)
+                except NameGivenUp:
+                    name = self.ask("your name (Enter for an automatic one): ").strip()
+                    password = None
+                continue
             if isinstance(reply, Welcome):
+                self.admin = reply.admin
                 self.own_id = reply.user.id
                 self.registered(reply.user.name)
                 self.show(self.palette.good(
@@ -225,6 +251,71 @@ class NativeSession(Session):
                 raise ConnectionLost(self.conn.failure)
             self.show(self.palette.bad(f"that name cannot be used: {reason}"))
             name = self.ask("your name (Enter for an automatic one): ").strip()
+            password = None
+
+    def ask_password(self, reply: Error, name: str, given: str | None) -> str | None:
+        """The server wants a password (SPEC 7.1, 7.2): ask for the one it names, without echo.
+
+        Returns the account password to send next (the server password is kept in
+        ``server_password``); Enter alone at an account's prompt gives the name up."""
+        wrong = reply.code == ErrorCode.BAD_PASSWORD.value
+        if reply.for_ == "server":
+            if wrong:
+                self.show(self.palette.bad("wrong server password"))
+            secret = self.terminal.ask_secret("server password: ")
+            self.server_password = secret
+            return given
+        if wrong:
+            self.show(self.palette.bad(f"wrong password for {sanitize(name)}"))
+        else:
+            self.show(f"{sanitize(name)} is an account (Enter alone to give the name up)")
+        secret = self.terminal.ask_secret(f"password for {sanitize(name)}: ")
+        if secret:
+            return secret
+        raise NameGivenUp
+
+    def register_account(self) -> None:
+        """``/register``: the password asked twice, without echo; our name becomes an account."""
+        password = self.terminal.ask_secret("new account password: ")
+        if password != self.terminal.ask_secret("the same password again: "):
+            self.show(self.palette.bad("the two passwords differ; nothing changed"))
+            return
+        reply = self.conn.request(Register(password))
+        if isinstance(reply, Ok):
+            self.show(self.palette.good(
+                f"{sanitize(self.history.own_name)} is now an account: "
+                "nobody can use the name without its password"))
+        else:
+            self.show_refusal(reply)
+
+    def change_password(self) -> None:
+        """``/password``: the old password, then the new one twice, all without echo."""
+        old = self.terminal.ask_secret("current password: ")
+        new = self.terminal.ask_secret("new password: ")
+        if new != self.terminal.ask_secret("the new password again: "):
+            self.show(self.palette.bad("the two new passwords differ; nothing changed"))
+            return
+        reply = self.conn.request(ChangePassword(old, new))
+        if isinstance(reply, Ok):
+            self.show(self.palette.good("password changed"))
+        else:
+            self.show_refusal(reply)
+
+    def moderate(self, command: ModerateCommand) -> None:
+        """``/kick``, ``/mute``, ``/unmute``, ``/ban``: ask the server; the room's notice says
+        what happened."""
+        kind = MODERATION[command.action]
+        reply = self.conn.request(kind(parse_target(command.user), command.reason,
+                                       command.minutes))
+        if isinstance(reply, Ok):
+            self.show(self.palette.good(f"{command.action}: done"))
+        else:
+            self.show_refusal(reply)
+
+    def show_refusal(self, reply: Event) -> None:
+        """Say why the server refused a request (its own sentence)."""
+        reason = sanitize(reply.message) if isinstance(reply, Error) else unexpected(reply)
+        self.show(self.palette.bad(f"refused: {reason}"))
 
     def enter_mode(self, mode: Mode) -> None:
         self.conn.request(SetMode(int(mode)))

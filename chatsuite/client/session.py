@@ -43,7 +43,10 @@ from modes import (
     HistoryCommand,
     Invalid,
     Mode,
+    ModerateCommand,
+    PasswordCommand,
     QuitCommand,
+    RegisterCommand,
     StatusCommand,
     SwitchMode,
     UsersCommand,
@@ -61,6 +64,7 @@ MENU = "1- type in your own message, 2- View other user messages"
 PROMPT = "type in your text: "  # seed 000
 VIEW_HINT = "viewing messages: press e to type, q to quit"
 PASTE_HINT = "a paste is not read while viewing: press e to type, then paste"
+NO_ACCOUNTS = "accounts and moderation need the native protocol (this is the line protocol)"
 
 
 def closed_early(tls: bool) -> str:
@@ -274,6 +278,12 @@ class Session:
             self.show_history(command.peer)
         elif isinstance(command, HelpCommand):
             self.show(self.help_text())
+        elif isinstance(command, RegisterCommand):
+            self.register_account()
+        elif isinstance(command, PasswordCommand):
+            self.change_password()
+        elif isinstance(command, ModerateCommand):
+            self.moderate(command)
         elif isinstance(command, Invalid):
             self.show(sanitize(command.reason))
         # Nothing (an empty line): prompt again.
@@ -395,6 +405,18 @@ class Session:
     def leave(self) -> None:
         """The chosen exit: tell the server if the protocol can, and close."""
         raise NotImplementedError
+
+    def register_account(self) -> None:
+        """``/register`` (SPEC 7.2); only the native protocol has accounts."""
+        self.show(NO_ACCOUNTS)
+
+    def change_password(self) -> None:
+        """``/password`` (SPEC 7.2); only the native protocol has accounts."""
+        self.show(NO_ACCOUNTS)
+
+    def moderate(self, command: ModerateCommand) -> None:
+        """``/kick``, ``/mute``, ``/unmute``, ``/ban`` (SPEC 7.3); native protocol only."""
+        self.show(NO_ACCOUNTS)
 
     def help_text(self) -> str:
         return HELP_TEXT
