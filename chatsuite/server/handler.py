@@ -497,6 +497,8 @@ class Handler:
                                    remove=remove and target is not None):
             raise Refusal(ErrorCode.NO_SUCH_USER, no_such_user_message(request.to))
         if remove and target is not None:
+            # Its session ends here and is not kept for resuming (SPEC 7.3): the resume
+            # work deletes the session of a member removed this way.
             self.server.disconnect(target)
         self.server.log(f"{by} {action.value}: {text}")
         self.room.push(admin, ok_frames(Ok(0, 0), [request.ref]))
