@@ -137,7 +137,7 @@ def test_server_password_failures_count_towards_the_throttle(
     retry_after, even for the right one; a minute later it is let in."""
     server = start_server(rate=0, server_password="class key")
     clock = FakeClock()
-    server.gate.throttle = Throttle(clock=clock)
+    server.gate.use_clock(clock)
     peer = peers(server)
     for _ in range(5):
         assert error_of(peer, {"type": "hello", "server_password": "guess"})["code"] == (
@@ -264,7 +264,7 @@ def test_the_throttle_stops_guessing_one_name_from_any_address(
     """Five wrong passwords for a name within a minute, then too-many-attempts with retry_after,
     from another address too; once the minute has passed the right password works."""
     clock = FakeClock()
-    server.gate.throttle = Throttle(clock=clock)
+    server.gate.use_clock(clock)
     account(server, peers, "gina").close()
     wait_until(lambda: server.room.online == 0, what="the owner to leave")
     guesser = peers(server)
@@ -551,3 +551,36 @@ def test_an_empty_password_file_refuses_to_start(tmp_path: Path) -> None:
         timeout=10)
     assert out.returncode == 2
     assert "--password-file" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_settled_address_counts_only_reported_failures() -> None:
+    """With settle_addresses, 30 attempts in flight from one address (a class behind one NAT
+    address) all go ahead; 5 reported failures then refuse the address; names count up front."""
+    throttle = Throttle(clock=FakeClock(), settle_addresses=True)
+    attempts = [throttle.begin(f"student{i}", "203.0.113.9") for i in range(30)]
+    for attempt in attempts[:5]:
+        throttle.fail(attempt)
+    for attempt in attempts[5:]:
+        throttle.succeed(attempt)
+    with pytest.raises(Refusal) as refused:
+        throttle.begin("student99", "203.0.113.9")
+    assert refused.value.retry_after == 60
+    for _ in range(5):
+        throttle.begin("teacher", f"198.51.100.{_}")
+    with pytest.raises(Refusal):
+        throttle.begin("teacher", "198.51.100.77")
+
+
+def test_a_class_logs_in_at_once_from_one_address(
+        start_server: Start, peers: Callable[..., Any]) -> None:
+    """30 accounts logging in with the right password at the same moment from one address are
+    all welcomed (the throttle counts failures, not logins in flight)."""
+    server = start_server(rate=0, max_unregistered_per_ip=0)
+    names = [f"student{i}" for i in range(30)]
+    for name in names:
+        account(server, peers, name).close()
+    wait_until(lambda: server.room.online == 0, what="the registrations to end")
+    students = [peers(server) for _ in names]
+    for student, name in zip(students, names, strict=True):
+        student.send({"type": "hello", "name": name, "password": GOOD})
+    assert [student.next_event()["type"] for student in students] == ["welcome"] * 30

@@ -136,7 +136,12 @@ class Throttle:
     """
 
     def __init__(self, *, limit: int = ATTEMPT_LIMIT, window: float = ATTEMPT_WINDOW,
-                 max_tracked: int = MAX_TRACKED, clock: Clock = time.monotonic) -> None:
+                 max_tracked: int = MAX_TRACKED, clock: Clock = time.monotonic,
+                 settle_addresses: bool = False) -> None:
+        # settle_addresses: the address counts a failure when ``fail`` reports it, not up
+        # front, so a class behind one NAT address logging in at once (30 right passwords in
+        # flight) is not refused; the name is still counted up front. The server uses it.
+        self.settle_addresses = settle_addresses
         self.limit = limit
         self.window = window
         self.max_tracked = max_tracked
@@ -163,22 +168,32 @@ class Throttle:
                 raise Refusal(Code.TOO_MANY_ATTEMPTS,
                               f"Too many failed attempts; try again in {seconds} s.",
                               retry_after=seconds)
-            self._add(self._addresses, address, now)
+            if not self.settle_addresses:
+                self._add(self._addresses, address, now)
             if key is not None:
                 self._add(self._names, key, now)
         return Attempt(key, address, now)
 
+    def fail(self, attempt: Attempt) -> None:
+        """The password was wrong. Needed only with ``settle_addresses`` (the address counts
+        the failure now); otherwise the failure was counted by ``begin`` already."""
+        if self.settle_addresses:
+            with self._lock:
+                self._add(self._addresses, attempt.address, self.clock())
+
     def succeed(self, attempt: Attempt) -> None:
         """The password was right: forget the name's failures and take this attempt back."""
         with self._lock:
-            self._take_back(self._addresses, attempt.address, attempt.at)
+            if not self.settle_addresses:
+                self._take_back(self._addresses, attempt.address, attempt.at)
             if attempt.name is not None:
                 self._names.pop(attempt.name, None)
 
     def cancel(self, attempt: Attempt) -> None:
         """The attempt never reached a password check: take it back from both counts."""
         with self._lock:
-            self._take_back(self._addresses, attempt.address, attempt.at)
+            if not self.settle_addresses:
+                self._take_back(self._addresses, attempt.address, attempt.at)
             if attempt.name is not None:
                 self._take_back(self._names, attempt.name, attempt.at)
 

@@ -75,13 +75,17 @@ class Gate:
         self.open_dialects = open_dialects
         self.allow_plaintext = allow_plaintext
         self.is_local = is_local  # the plaintext rule's "loopback?" (tests inject a remote host)
-        self.throttle = Throttle()  # tests replace it with one on an injected clock
+        self.throttle = Throttle(settle_addresses=True)  # see use_clock
         self.wall_clock: Callable[[], float] = time.time  # mutes and bans (they outlive a run)
         self.log = log
         self._lock = threading.Lock()  # guards _accounts; a leaf: dict work only
         self._accounts: dict[str, AccountRecord] = {r.key: r for r in store.load_accounts()}
         bans = [ban_from_store(record) for record in store.load_bans()]
         self.sanctions = Sanctions(ban for ban in bans if ban is not None)
+
+    def use_clock(self, clock: Callable[[], float]) -> None:
+        """Run the throttle on ``clock`` (tests); it forgets what it counted."""
+        self.throttle = Throttle(clock=clock, settle_addresses=True)
 
     # -- dialects ---------------------------------------------------------------------------
 
@@ -149,7 +153,11 @@ class Gate:
             server.check(None)  # password-required: nothing was guessed, nothing counted
         # Counted against the address only: a wrong room key says nothing about the name.
         attempt = self.throttle.begin(None, host)
-        server.check(given)
+        try:
+            server.check(given)
+        except Refusal:
+            self.throttle.fail(attempt)
+            raise
         self.throttle.succeed(attempt)
 
     def _account(self, name: str) -> AccountRecord | None:
@@ -164,7 +172,11 @@ class Gate:
         except MalformedHash as error:
             self.log(f"account {record.name}: unreadable password hash ({error})")
             right = False
+        except BaseException:
+            self.throttle.cancel(attempt)  # never checked (the process is ending)
+            raise
         if not right:
+            self.throttle.fail(attempt)
             raise Refusal(ErrorCode.BAD_PASSWORD, f'Wrong password for "{record.name}".',
                           for_=For.ACCOUNT.value)
         self.throttle.succeed(attempt)
