@@ -584,3 +584,31 @@ def test_a_class_logs_in_at_once_from_one_address(
     for student, name in zip(students, names, strict=True):
         student.send({"type": "hello", "name": name, "password": GOOD})
     assert [student.next_event()["type"] for student in students] == ["welcome"] * 30
+
+
+def test_a_muted_plain_client_is_told_and_its_text_goes_nowhere(
+        classroom: Callable[[], Any], peers: Callable[..., Any]) -> None:
+    """A muted plain client's text is not delivered; it gets the refusal's sentence instead."""
+    server, teacher = classroom()
+    plain = peers(server, "plain")
+    plain.send_text("first")
+    name = teacher.wait_for("notice", event="joined")["user"]["name"]
+    assert teacher.wait_for("message")["text"] == "first"
+    ok(teacher, {"type": "mute", "to": name, "minutes": 1})
+    assert plain.read() == f"{name} was muted by teacher for 1 minute."
+    plain.send_text("second")
+    assert plain.read() == "You are muted by teacher for 1 more minute."
+    assert [e for e in teacher.sync() if e["type"] == "message"] == []
+
+
+def test_moderation_minutes_out_of_range_are_a_bad_request(
+        classroom: Callable[[], Any], peers: Callable[..., Any]) -> None:
+    """mute or ban with minutes 0, a string or over a year is bad-request, and nothing happens."""
+    server, teacher = classroom()
+    peers(server).register("sam")
+    for kind in ("mute", "ban"):
+        for minutes in (0, "5", 527_041):
+            assert error_of(teacher, {"type": kind, "to": "sam", "minutes": minutes}) == {
+                "code": "bad-request"}
+    assert "sam" in users(teacher)
+    assert server.gate.sanctions.is_muted("sam", server.gate.wall_clock()) is None

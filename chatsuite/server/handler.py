@@ -33,7 +33,7 @@ from chatsuite.dialects import (
 )
 from chatsuite.server.gate import Entry, Gate, host_of
 from chatsuite.server.members import Member
-from chatsuite.server.moderation import Action
+from chatsuite.server.moderation import MUTE_MINUTES, Action
 from chatsuite.server.room import Room
 from chatsuite.server.writer import RECV_SIZE, Connection
 from modes import Mode
@@ -87,9 +87,16 @@ NOTICE_OF = {Action.KICK: "kicked", Action.MUTE: "muted", Action.UNMUTE: "unmute
 EPSILON = 1e-9
 
 
-def _because(reason: str | None) -> str:
-    """The end of a moderation notice's sentence: the reason, if the admin gave one."""
-    return "." if not reason else f": {reason}"
+def moderation_text(action: Action, name: str, by: str, minutes: int | None,
+                    reason: str | None) -> str:
+    """The sentence of a moderation notice: ``sam was muted by teacher for 10 minutes.``"""
+    if action in (Action.MUTE, Action.BAN) and (minutes or action is Action.MUTE):
+        count = minutes or MUTE_MINUTES
+        how_long = f" for {count} minute{'' if count == 1 else 's'}"
+    else:
+        how_long = " until the server stops" if action is Action.BAN else ""
+    end = "." if not reason else f": {reason}"
+    return f"{name} was {NOTICE_OF[action]} by {by}{how_long}{end}"
 
 
 class TokenBucket:
@@ -460,47 +467,32 @@ class Handler:
     def moderate(self, request: Request) -> None:
         """``kick``, ``mute``, ``unmute``, ``ban`` (SPEC 7.3): an admin's action, told to all."""
         assert isinstance(request, Moderation)
-        action = Action(request.TYPE)
-        admin = self.member
-        target_name = str(request.to)
+        action, admin, gate = Action(request.TYPE), self.member, self.gate
         target = self.room.member_named(request.to)
-        if target is not None:
-            target_name = target.name
-        self.gate.admins.authorize(admin.name, admin.account, action, target_name)
-        if target is not None and target is admin:
-            raise Refusal(ErrorCode.NOT_ALLOWED, f"An admin cannot {action.value} itself.")
-        gate, by, reason = self.gate, admin.name, request.reason
-        remove = action in (Action.KICK, Action.BAN)
+        name = target.name if target is not None else str(request.to)
+        gate.admins.authorize(admin.name, admin.account, action, name)  # not-allowed
         if action is Action.UNMUTE:
-            lifted = gate.sanctions.unmute(target_name)
-            if lifted is None:
-                raise Refusal(ErrorCode.NO_SUCH_USER, f"{target_name} is not muted.")
-            text = f"{target_name} was unmuted by {by}."
-        elif target is None and not (action is Action.BAN and gate.is_account(target_name)):
+            if gate.sanctions.unmute(name) is None:
+                raise Refusal(ErrorCode.NO_SUCH_USER, f"{name} is not muted.")
+        elif target is None and not (action is Action.BAN and gate.is_account(name)):
             raise Refusal(ErrorCode.NO_SUCH_USER, no_such_user_message(request.to))
         elif action is Action.MUTE:
-            mute = gate.sanctions.mute(target_name, gate.wall_clock(), request.minutes, by=by,
-                                       reason=reason)
-            minutes = round((mute.until - gate.wall_clock()) / 60)
-            text = f"{target_name} was muted by {by} for {minutes} minute" + (
-                "" if minutes == 1 else "s") + _because(reason)
+            gate.sanctions.mute(name, gate.wall_clock(), request.minutes, by=admin.name,
+                                reason=request.reason)
         elif action is Action.BAN:
-            key = (gate.ban_key_for(target.name, target.address) if target is not None
-                   else gate.ban_key_for(target_name, ""))
-            ban = gate.ban(key, request.minutes, by=by, reason=reason)
-            how_long = ("until the server stops" if ban.until is None else
-                        f"for {round((ban.until - gate.wall_clock()) / 60)} minutes")
-            text = f"{target_name} was banned by {by} {how_long}" + _because(reason)
-        else:
-            text = f"{target_name} was kicked by {by}" + _because(reason)
-        if not self.room.moderated(NOTICE_OF[action], target, text, by=by, reason=reason,
-                                   remove=remove and target is not None):
+            # Online: its account, else its address; offline: only an account can be banned.
+            key = gate.ban_key_for(name, target.address if target is not None else "")
+            gate.ban(key, request.minutes, by=admin.name, reason=request.reason)
+        remove = action in (Action.KICK, Action.BAN) and target is not None
+        text = moderation_text(action, name, admin.name, request.minutes, request.reason)
+        if not self.room.moderated(NOTICE_OF[action], target, text, by=admin.name,
+                                   reason=request.reason, remove=remove):
             raise Refusal(ErrorCode.NO_SUCH_USER, no_such_user_message(request.to))
         if remove and target is not None:
             # Its session ends here and is not kept for resuming (SPEC 7.3): the resume
             # work deletes the session of a member removed this way.
             self.server.disconnect(target)
-        self.server.log(f"{by} {action.value}: {text}")
+        self.server.log(f"moderation: {text}")
         self.room.push(admin, ok_frames(Ok(0, 0), [request.ref]))
 
     def say_one(self, request: Request) -> None:
