@@ -612,3 +612,24 @@ def test_moderation_minutes_out_of_range_are_a_bad_request(
                 "code": "bad-request"}
     assert "sam" in users(teacher)
     assert server.gate.sanctions.is_muted("sam", server.gate.wall_clock()) is None
+
+
+def test_a_timed_ban_outlives_a_restart_and_one_without_minutes_does_not(
+        start_server: Start, peers: Callable[..., Any], tmp_path: Path) -> None:
+    """A ban with minutes is read back from the store at start; a ban until the server stops is
+    gone after a restart."""
+    path = str(tmp_path / "class.db")
+    server = start_server(rate=0, store=path, admins=("teacher",))
+    teacher = account(server, peers, "teacher")
+    for name in ("sam", "kim"):
+        student = peers(server)
+        student.register(name)
+        ok(student, {"type": "register", "password": GOOD})
+    ok(teacher, {"type": "ban", "to": "sam", "minutes": 60})
+    ok(teacher, {"type": "ban", "to": "kim"})
+    assert server.store.flush()
+    server.stop()
+    again = start_server(rate=0, store=path)
+    assert error_of(peers(again), {"type": "hello", "name": "sam", "password": GOOD}) == {
+        "code": "banned"}
+    assert peers(again).register("kim", password=GOOD)["account"] is True
