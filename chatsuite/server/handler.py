@@ -424,7 +424,7 @@ class Handler:
                           request.ref)
         # A hello that resumes a session (SPEC 6.4) will skip this: its token stands for both
         # passwords, and resuming never runs scrypt.
-        self.enter(request)
+        self.check_entry(request)
         try:
             self.room.register(self.member, request.name, request.title, request.company,
                                request.ref)
@@ -434,7 +434,7 @@ class Handler:
                 raise Disconnect(reason="server full") from None
             raise
 
-    def enter(self, request: Hello) -> None:
+    def check_entry(self, request: Hello) -> None:
         """The password checks of a new session (SPEC 7.1, 7.2): ban, server password, account.
 
         On the connection's own thread, no lock held: an account's scrypt runs on the hash
