@@ -43,12 +43,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from chatsuite.server.access import is_loopback
+from chatsuite.server.gate import Gate
 from chatsuite.server.handler import Handler
 from chatsuite.server.log import Log
-from chatsuite.server.members import Dialect
+from chatsuite.server.members import Dialect, Member
+from chatsuite.server.passwords import load_server_password
 from chatsuite.server.pending import INTERVAL as PENDING_INTERVAL
 from chatsuite.server.pending import PendingTicker
 from chatsuite.server.room import Room
+from chatsuite.server.store import StoreError, open_store
 from chatsuite.server.writer import Connection, Writer
 from chatsuite.tls import TlsSession
 from modes import PENDING_BYTES, PENDING_LIMIT
@@ -104,6 +108,16 @@ class ServerConfig:
     cluster_secret: str | None = None  # the nodes' shared secret (else the file, else the env)
     cluster_secret_file: str | None = None  # a file holding it (--cluster-secret-file)
     redis_insecure: bool = False  # allow a Redis on another host with no password in the URL
+    # The store (SPEC 6.2; the durable room adds history options beside it): a file, or "none".
+    store: str = "chat-suite.db"
+    # Who may enter (SPEC 7): the server password (read by main from --password-file or
+    # CHAT_PASSWORD), line and plain clients despite it, account passwords over plain TCP from
+    # afar, the admins; ``is_local`` decides "loopback" for the plaintext rule (tests inject).
+    server_password: str | None = field(default=None, repr=False)
+    open_dialects: bool = False
+    allow_plaintext_passwords: bool = False
+    admins: tuple[str, ...] = ()
+    is_local: Callable[[str], bool] = field(default=is_loopback, repr=False)
     log: Callable[[str], None] | None = field(default=None, repr=False)
 
 
@@ -151,6 +165,14 @@ class ChatServer:
                                        insecure=config.redis_insecure)
         self.room = Room(config.max_clients, config.pending_limit, config.pending_bytes, self.log,
                          self.backplane, config.max_frame)
+        # The store (StoreError at start: main says it and exits 1). The durable room's branch
+        # adds the same attribute with its history options; the lead reconciles the two.
+        self.store = open_store(config.store, log=self.log)
+        self.gate = Gate(self.store, server_password=config.server_password,
+                         admins=config.admins, open_dialects=config.open_dialects,
+                         allow_plaintext=config.allow_plaintext_passwords,
+                         is_local=config.is_local, log=self.log)
+        self.room.guard = self.gate
         self.writer = Writer(self.room.lock, self.log)
         self.room.fan_out = self.writer.push_all  # the inlined broadcast loop
         self.pending = PendingTicker(self.room.lock, config.pending_interval, log=self.log)
@@ -324,6 +346,13 @@ class ChatServer:
         """Added to a socket's file descriptor to make a member id (a cluster node's offset)."""
         return self.backplane.id_base if self.backplane is not None else 0
 
+    def disconnect(self, member: Member) -> None:
+        """End ``member``'s connection (kick, ban): what was pushed to it goes out first."""
+        with self.room.lock:
+            for conn in self._connections:
+                if conn.member is member:
+                    self.writer.abort(conn)
+
     def _drop_member(self, member_id: int) -> None:
         """Disconnect a member (the cluster found its name taken elsewhere after an outage)."""
         with self.room.lock:
@@ -383,6 +412,7 @@ class ChatServer:
             thread.join(max(0.0, deadline - time.monotonic()))
         self._stop_r.close()
         self._stop_w.close()
+        self.store.close(timeout=max(0.1, deadline - time.monotonic()))
         self.log("chat server stopped")
         # A stalled output gets what is left of the second, at least a tenth; then the log
         # thread is left to the process's end (it holds no lock the exit needs).
@@ -431,9 +461,26 @@ def parse_args(argv: Sequence[str] | None) -> ServerConfig:
                              "$CHAT_CLUSTER_SECRET); required")
     parser.add_argument("--redis-insecure", action="store_true",
                         help="allow a Redis on another host without a password in the URL")
+    parser.add_argument("--store", default="chat-suite.db", metavar="PATH",
+                        help="the store file (accounts, bans, history); 'none' keeps them in "
+                             "memory until the server stops (default chat-suite.db)")
+    parser.add_argument("--password-file", metavar="FILE",
+                        help="the server password is this file's first line (else "
+                             "$CHAT_PASSWORD); every client must give it")
+    parser.add_argument("--open-dialects", action="store_true",
+                        help="with a server password: let line and plain clients in anyway "
+                             "(they cannot give it)")
+    parser.add_argument("--allow-plaintext-passwords", action="store_true",
+                        help="accept account passwords over plain TCP from other hosts")
+    parser.add_argument("--admin", action="append", default=[], metavar="NAME",
+                        help="this account may moderate once logged in (repeatable)")
     args = parser.parse_args(argv)
     if args.tls_key and not args.tls_cert:
         parser.error("--tls-key needs --tls-cert")
+    try:
+        server_password = load_server_password(args.password_file)
+    except (OSError, ValueError) as error:
+        parser.error(f"--password-file: {error}")
     return ServerConfig(
         host=args.host, port=args.port, max_frame=args.max_frame, pending_limit=args.pending_limit,
         output_limit=args.output_limit, heartbeat=args.heartbeat,
@@ -442,6 +489,8 @@ def parse_args(argv: Sequence[str] | None) -> ServerConfig:
         max_unregistered_per_ip=args.max_unregistered_per_ip, tls_cert=args.tls_cert,
         tls_key=args.tls_key, redis_url=args.redis, cluster_ttl=args.cluster_ttl,
         cluster_secret_file=args.cluster_secret_file, redis_insecure=args.redis_insecure,
+        store=args.store, server_password=server_password, open_dialects=args.open_dialects,
+        allow_plaintext_passwords=args.allow_plaintext_passwords, admins=tuple(args.admin),
     )
 
 
@@ -501,6 +550,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"chat-server: {error}", file=sys.stderr)
             return 2
         except cluster_errors as error:
+            print(f"chat-server: {error}", file=sys.stderr)
+            return 1
+        except StoreError as error:
             print(f"chat-server: {error}", file=sys.stderr)
             return 1
         except (OSError, ssl.SSLError) as error:

@@ -145,6 +145,26 @@ BACKLOG_MAX = 500  # the most one backlog request returns (SPEC 1.2)
 
 
 @dataclass(frozen=True)
+class RegisterCommand:
+    """``/register``: make our name an account (the password is asked without echo)."""
+
+
+@dataclass(frozen=True)
+class PasswordCommand:
+    """``/password``: change our account's password (asked without echo)."""
+
+
+@dataclass(frozen=True)
+class ModerateCommand:
+    """``/kick``, ``/mute``, ``/unmute``, ``/ban`` (SPEC 7.3): ``action`` is the request type."""
+
+    action: str
+    user: str
+    reason: str | None = None
+    minutes: int | None = None
+
+
+@dataclass(frozen=True)
 class Nothing:
     """An empty line: nothing to do."""
 
@@ -158,7 +178,8 @@ class Invalid:
 
 Command = (
     Broadcast | DirectMessage | SwitchMode | QuitCommand | HelpCommand | UsersCommand |
-    StatusCommand | AskSend | HistoryCommand | BacklogCommand | Nothing | Invalid
+    StatusCommand | AskSend | HistoryCommand | BacklogCommand | RegisterCommand |
+    PasswordCommand | ModerateCommand | Nothing | Invalid
 )
 
 QUIT_WORDS = frozenset({"#quite", "#quit", "/quit", "!quit", "quit"})
@@ -176,6 +197,12 @@ Commands (type them at "type in your text:"):
   /history <user>        the same, with the user given (a name or an id)
   /backlog [N]           show N earlier room messages from the server (default 20)
   #view                  switch to viewing mode (2): see messages; then e = type, q = quit
+  /register              make your name an account: asks for a password (not shown)
+  /password              change your account's password: asks for the old and the new one
+  /kick <user> [reason]  admins: disconnect a user, with an optional reason
+  /mute <user> [minutes] admins: the user may not send messages (default 10 minutes)
+  /unmute <user>         admins: lift a mute
+  /ban <user> [minutes]  admins: disconnect and keep out (default: until the server stops)
   /help                  this list
   #quite, #quit, /quit, !quit, quit
                          leave the chat
@@ -207,6 +234,26 @@ def _dm_from_command(rest: str) -> Command:
     return DirectMessage(target, text)
 
 
+def _moderation_from_command(action: str, rest: str) -> Command:
+    """``/kick user [reason]``, ``/mute user [minutes]``, ``/unmute user``, ``/ban user [min]``."""
+    usage = {"kick": "/kick <user> [reason]", "mute": "/mute <user> [minutes]",
+             "unmute": "/unmute <user>", "ban": "/ban <user> [minutes]"}[action]
+    user, _, extra = rest.strip().partition(" ")
+    extra = extra.strip()
+    if not user:
+        return Invalid(f"/{action} needs a user: {usage}")
+    if action == "kick":
+        return ModerateCommand(action, user, reason=extra or None)
+    if action == "unmute":
+        return ModerateCommand(action, user) if not extra else Invalid(
+            f"/unmute takes one user: {usage}")
+    if not extra:
+        return ModerateCommand(action, user)
+    if not (extra.isascii() and extra.isdigit()) or not 1 <= int(extra) <= 527_040:
+        return Invalid(f"/{action}: minutes is a whole number from 1 to 527040: {usage}")
+    return ModerateCommand(action, user, minutes=int(extra))
+
+
 def _history_from_command(rest: str) -> Command:
     words = rest.split()
     if not words:
@@ -231,15 +278,19 @@ def _backlog_from_command(rest: str) -> Command:
 _BARE_COMMANDS: dict[str, Command] = {
     "/users": UsersCommand(), "!who": UsersCommand(), "/status": StatusCommand(),
     "/help": HelpCommand(), "/quit": QuitCommand(), "!quit": QuitCommand(),
+    "/register": RegisterCommand(), "/password": PasswordCommand(),
 }
 _BARE_HINTS = {
     "/status": " (it switches between available and unavailable)",
     "/quit": " (it leaves the chat)",
     "!quit": " (it leaves the chat)",
+    "/register": " (it asks for the password, which is not shown)",
+    "/password": " (it asks for the passwords, which are not shown)",
 }
 
 COMMAND_WORDS = (
-    "/help", "/users", "/dm", "/bc", "/status", "/history", "/backlog", "/quit",
+    "/help", "/users", "/dm", "/bc", "/status", "/history", "/backlog", "/quit", "/register",
+    "/password", "/kick", "/mute", "/unmute", "/ban",
     "#view", "#quite", "#quit", "!who", "!quit", "send", "history", "chs", "quit",
 )
 """Every command word, for Tab completion (``@<user>`` completes from user names)."""
@@ -258,6 +309,8 @@ def _slash_command(line: str, stripped: str, word: str, rest: str) -> Command:
         return _backlog_from_command(rest)
     if lower == "/dm":
         return _dm_from_command(rest)
+    if lower in ("/kick", "/mute", "/unmute", "/ban"):
+        return _moderation_from_command(lower[1:], rest)
     if lower == "/bc":
         text = _unquote(rest)
         return Broadcast(text) if text else Invalid('/bc needs a text: /bc "text"')

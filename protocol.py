@@ -109,6 +109,26 @@ class Refusal(ChatError):
         self.for_ = for_
         self.retry_after = retry_after
 
+    def fields(self) -> dict[str, str | int]:
+        """The ``error`` frame's fields but ``type`` and ``ref``: ``for``/``retry_after`` if set."""
+        out: dict[str, str | int] = {"code": self.code.value, "message": self.message}
+        if self.for_ is not None:
+            out["for"] = str(self.for_)
+        if self.retry_after is not None:
+            out["retry_after"] = self.retry_after
+        return out
+
+    def __eq__(self, other: object) -> bool:
+        return super().__eq__(other) and isinstance(other, Refusal) and (
+            (self.for_, self.retry_after) == (other.for_, other.retry_after))
+
+    def __hash__(self) -> int:
+        return hash((self.code, self.message, self.ref, self.for_, self.retry_after))
+
+    def __repr__(self) -> str:
+        return (f"Refusal({self.code.value!r}, {self.message!r}, ref={self.ref!r}, "
+                f"for_={self.for_!r}, retry_after={self.retry_after!r})")
+
 
 # --------------------------------------------------------------------------------------------
 # Framing: a delimiter-separated byte stream with a size limit (shared by all three dialects).
@@ -357,11 +377,17 @@ class User:
     status: str = AVAILABLE
     mode: int = 1
     connected: bool = True  # False: within its resume window (SPEC 6.4), written only then
+    account: bool = False  # logged in to an account (SPEC 7.2), written only when true
+    admin: bool = False  # may moderate (SPEC 7.3), written only when true
 
     def wire(self) -> dict[str, Any]:
         obj = dict(self.__dict__)
         if self.connected:
             del obj["connected"]
+        if not self.account:
+            del obj["account"]
+        if not self.admin:
+            del obj["admin"]
         return obj
 
     @classmethod
@@ -371,7 +397,8 @@ class User:
             raise ValueError("not a user")
         return cls(_of(obj, "id", int), _of(obj, "name", str), _of(obj, "title", str, None),
                    _of(obj, "company", str, None), _of(obj, "status", str, AVAILABLE),
-                   _of(obj, "mode", int, 1), _of(obj, "connected", bool, True))
+                   _of(obj, "mode", int, 1), _of(obj, "connected", bool, True),
+                   _of(obj, "account", bool, False), _of(obj, "admin", bool, False))
 
 
 _MISSING: Any = object()
@@ -889,7 +916,9 @@ def parse_request(frame: bytes) -> Request:
 
 _EVENT_PARSERS: dict[str, Callable[[dict[str, Any], Ref], Event]] = {
     "welcome": lambda o, r: Welcome(
-        User.parse(o), _of(o, "online", int, 0), _of(o, "max_frame", int, MAX_FRAME), r,
+        # A welcome's "admin" is its own field, not its user's.
+        User.parse({**o, "admin": False}), _of(o, "online", int, 0),
+        _of(o, "max_frame", int, MAX_FRAME), r,
         _of(o, "seq", int, 0), _of(o, "session", str, None), _of(o, "resumed", bool, False),
         _of(o, "admin", bool, False)),
     "ok": lambda o, r: Ok(_of(o, "delivered", int, 0), _of(o, "queued", int, 0), r),

@@ -175,6 +175,7 @@ def start_server() -> Iterator[Callable[..., ChatServer]]:
 
     def start(**options: Any) -> ChatServer:
         options.setdefault("log", lambda line: None)
+        options.setdefault("store", "none")  # a memory store: tests stay isolated
         server = ChatServer(ServerConfig(host="127.0.0.1", port=0, **options))
         server.start()
         servers.append(server)
@@ -218,6 +219,8 @@ class ServerProcess:
 
     def __init__(self, *args: str) -> None:
         self.port = free_port()
+        if "--store" not in args:
+            args = (*args, "--store", "none")  # no chat-suite.db in the working directory
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
             [sys.executable, str(ROOT / "chat_server.py"), "--host", "127.0.0.1",

@@ -231,7 +231,7 @@ def test_without_redis_the_redis_package_is_never_imported() -> None:
     """A server started without --redis imports neither cluster.py nor the redis package."""
     code = (
         "import sys; from chat_server import ChatServer, ServerConfig\n"
-        "s = ChatServer(ServerConfig(host='127.0.0.1', port=0, log=lambda l: None))\n"
+        "s = ChatServer(ServerConfig(host='127.0.0.1', port=0, log=lambda l: None, store='none'))\n"
         "s.start(); s.stop()\n"
         "print(sorted(m for m in sys.modules if m in ('redis', 'cluster')))\n"
     )
@@ -245,7 +245,7 @@ def test_unreachable_redis_is_a_clear_error_at_start() -> None:
     port = free_port()
     out = subprocess.run(
         [sys.executable, str(ROOT / "chat_server.py"), "--host", "127.0.0.1", "--port",
-         str(free_port()), "--redis", f"redis://127.0.0.1:{port}/0"],
+         str(free_port()), "--store", "none", "--redis", f"redis://127.0.0.1:{port}/0"],
         check=False, capture_output=True, text=True, timeout=10,
         env=dict(os.environ, CHAT_CLUSTER_SECRET=SECRET),
     )

@@ -202,7 +202,7 @@ class StalledServer:
         self.address = ("127.0.0.1", self.port)
         self.proc = subprocess.Popen(
             [sys.executable, str(ROOT / "chat_server.py"), "--host", "127.0.0.1",
-             "--port", str(self.port), "--rate", "0", *args],
+             "--port", str(self.port), "--rate", "0", "--store", "none", *args],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
         )
         assert self.proc.stdout is not None

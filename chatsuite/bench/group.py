@@ -150,6 +150,8 @@ class ServerProcess:
         command = [sys.executable, "-m", "chat_server", "--host", "127.0.0.1",
                    "--port", str(self.port), "--rate", "0", "--max-clients", str(max_clients),
                    *extra_args]
+        if "--store" not in extra_args:
+            command += ["--store", "none"]  # no chat-suite.db left in the working directory
         self.proc = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
             # Only a prctl call runs between fork and exec, so the thread caveat does not bite.

@@ -163,7 +163,9 @@ def format_users(users: Sequence[User], own_id: int | None = None) -> list[str]:
     header = ("id", "name", "title", "company", "status")
     rows = [header]
     for user in users:
-        name = sanitize(user.name) + (" (you)" if user.id == own_id else "")
+        # SPEC 7: who may moderate, and whose name is an account (only they can use it).
+        mark = " (admin)" if user.admin else " (account)" if user.account else ""
+        name = sanitize(user.name) + mark + (" (you)" if user.id == own_id else "")
         rows.append((str(user.id), name, sanitize(user.title), sanitize(user.company),
                      sanitize(user.status)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]

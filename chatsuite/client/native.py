@@ -48,32 +48,38 @@ from chatsuite.client.session import (
 )
 from chatsuite.client.terminal import Terminal
 from chatsuite.client.transport import ConnectError, Transport
-from modes import Mode
+from modes import Mode, ModerateCommand
 from protocol import (
     BACKLOG_MAX,
     MAX_FRAME,
     Backlog,
     BacklogRequest,
+    Ban,
+    ChangePassword,
     Dm,
     Error,
     ErrorCode,
     Event,
     EventDecoder,
     Hello,
+    Kick,
     ListUsers,
     Message,
+    Mute,
     Notice,
     Ok,
     Pending,
     Ping,
     Pong,
     Quit,
+    Register,
     Request,
     Say,
     SetMode,
     SetStatus,
     StatusChanged,
     UnknownEvent,
+    Unmute,
     User,
     Users,
     Welcome,
@@ -91,6 +97,15 @@ def too_long(size: int, limit: int) -> str:
     """Why a line is not sent (SPEC 4.10), in one sentence."""
     return (f"that line is too long to send: the server accepts at most {limit:,} bytes a "
             f"request and this one is {size:,} bytes, so nothing was sent")
+
+
+PASSWORD_CODES = (ErrorCode.PASSWORD_REQUIRED.value, ErrorCode.BAD_PASSWORD.value)
+MODERATION: dict[str, type[Kick | Mute | Unmute | Ban]] = {
+    "kick": Kick, "mute": Mute, "unmute": Unmute, "ban": Ban}
+
+
+class NameGivenUp(Exception):
+    """Enter alone at an account's password prompt: choose another name."""
 
 
 class Connection(Link):
@@ -226,6 +241,8 @@ class NativeSession(Session):
         self.oldest_shown: int | None = None  # the oldest seq of the earlier messages shown
         self.left_while_away = False  # Ctrl-C while reconnecting: leave, exit 0
         self.resumed = False  # the last welcome resumed our session
+        self.server_password: str | None = None  # asked once when the server wants it (7.1)
+        self.admin = False  # the welcome said we may moderate (SPEC 7.3)
 
     # ---- the receiver thread's side
 
@@ -278,14 +295,23 @@ class NativeSession(Session):
             name = self.ask("your name (Enter for an automatic one): ").strip()
             self.title = self.title or self.ask("your job title (Enter for none): ").strip()
             self.company = self.company or self.ask("your company (Enter for none): ").strip()
+        password: str | None = None  # the account's, asked when the server says so
         while True:
-            hello = self.hello(name)
+            hello = self.hello(name, password)
             try:
                 reply = self.conn.request(hello)
             except NoReply:
                 self.conn.fail(f"the server did not answer in time: {NO_WELCOME}")
                 raise ConnectionLost(self.conn.failure) from None
+            if isinstance(reply, Error) and reply.code in PASSWORD_CODES:
+                try:
+                    password = self.ask_password(reply, name or "", password)
+                except NameGivenUp:
+                    name = self.ask("your name (Enter for an automatic one): ").strip()
+                    password = None
+                continue
             if isinstance(reply, Welcome):
+                self.admin = reply.admin
                 self.welcomed(reply, again, hello.session is not None)
                 return
             reason = sanitize(reply.message) if isinstance(reply, Error) else unexpected(reply)
@@ -294,6 +320,71 @@ class NativeSession(Session):
                 raise ConnectionLost(self.conn.failure)
             self.show(self.palette.bad(f"that name cannot be used: {reason}"))
             name = self.ask("your name (Enter for an automatic one): ").strip()
+            password = None
+
+    def ask_password(self, reply: Error, name: str, given: str | None) -> str | None:
+        """The server wants a password (SPEC 7.1, 7.2): ask for the one it names, without echo.
+
+        Returns the account password to send next (the server password is kept in
+        ``server_password``); Enter alone at an account's prompt gives the name up."""
+        wrong = reply.code == ErrorCode.BAD_PASSWORD.value
+        if reply.for_ == "server":
+            if wrong:
+                self.show(self.palette.bad("wrong server password"))
+            secret = self.terminal.ask_secret("server password: ")
+            self.server_password = secret
+            return given
+        if wrong:
+            self.show(self.palette.bad(f"wrong password for {sanitize(name)}"))
+        else:
+            self.show(f"{sanitize(name)} is an account (Enter alone to give the name up)")
+        secret = self.terminal.ask_secret(f"password for {sanitize(name)}: ")
+        if secret:
+            return secret
+        raise NameGivenUp
+
+    def register_account(self) -> None:
+        """``/register``: the password asked twice, without echo; our name becomes an account."""
+        password = self.terminal.ask_secret("new account password: ")
+        if password != self.terminal.ask_secret("the same password again: "):
+            self.show(self.palette.bad("the two passwords differ; nothing changed"))
+            return
+        reply = self.conn.request(Register(password))
+        if isinstance(reply, Ok):
+            self.show(self.palette.good(
+                f"{sanitize(self.history.own_name)} is now an account: "
+                "nobody can use the name without its password"))
+        else:
+            self.show_refusal(reply)
+
+    def change_password(self) -> None:
+        """``/password``: the old password, then the new one twice, all without echo."""
+        old = self.terminal.ask_secret("current password: ")
+        new = self.terminal.ask_secret("new password: ")
+        if new != self.terminal.ask_secret("the new password again: "):
+            self.show(self.palette.bad("the two new passwords differ; nothing changed"))
+            return
+        reply = self.conn.request(ChangePassword(old, new))
+        if isinstance(reply, Ok):
+            self.show(self.palette.good("password changed"))
+        else:
+            self.show_refusal(reply)
+
+    def moderate(self, command: ModerateCommand) -> None:
+        """``/kick``, ``/mute``, ``/unmute``, ``/ban``: ask the server; the room's notice says
+        what happened."""
+        kind = MODERATION[command.action]
+        reply = self.conn.request(kind(parse_target(command.user), command.reason,
+                                       command.minutes))
+        if isinstance(reply, Ok):
+            self.show(self.palette.good(f"{command.action}: done"))
+        else:
+            self.show_refusal(reply)
+
+    def show_refusal(self, reply: Event) -> None:
+        """Say why the server refused a request (its own sentence)."""
+        reason = sanitize(reply.message) if isinstance(reply, Error) else unexpected(reply)
+        self.show(self.palette.bad(f"refused: {reason}"))
 
     def enter_mode(self, mode: Mode) -> None:
         self.mode_now = mode
@@ -379,9 +470,9 @@ class NativeSession(Session):
 
     # ---- sessions: resume, reconnect, backlog (SPEC 4.8, 6.4, 6.5)
 
-    def hello(self, name: str | None) -> Hello:
+    def hello(self, name: str | None, password: str | None = None) -> Hello:
         """Our ``hello``: with the session to resume, from memory or (a restarted client) from
-        the session file of that name."""
+        the session file of that name, and the passwords the server asked for (SPEC 7)."""
         if self.token is None and name:
             saved = self.sessions.load(name)
             if saved is not None:
@@ -391,7 +482,8 @@ class NativeSession(Session):
         last = self.seen.last if self.token is not None else None
         self.replayed = 0
         return Hello(name or None, self.title or None, self.company or None,
-                     session=self.token, last_seq=last)
+                     session=self.token, last_seq=last, server_password=self.server_password,
+                     password=password)
 
     def welcomed(self, reply: Welcome, again: bool, had_session: bool = True) -> None:
         """Registered: remember who we are, the server's limit and the session to resume."""

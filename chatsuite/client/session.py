@@ -45,7 +45,10 @@ from modes import (
     HistoryCommand,
     Invalid,
     Mode,
+    ModerateCommand,
+    PasswordCommand,
     QuitCommand,
+    RegisterCommand,
     StatusCommand,
     SwitchMode,
     UsersCommand,
@@ -63,6 +66,7 @@ MENU = "1- type in your own message, 2- View other user messages"
 PROMPT = "type in your text: "  # seed 000
 VIEW_HINT = "viewing messages: press e to type, q to quit"
 PASTE_HINT = "a paste is not read while viewing: press e to type, then paste"
+NO_ACCOUNTS = "accounts and moderation need the native protocol (this is the line protocol)"
 
 
 def closed_early(tls: bool) -> str:
@@ -302,7 +306,17 @@ class Session:
             self.show_backlog(command.count)
         elif isinstance(command, Invalid):
             self.show(sanitize(command.reason))
-        # Nothing (an empty line): prompt again.
+        else:
+            self.carry_out_access(command)
+
+    def carry_out_access(self, command: Command) -> None:
+        """The account and admin commands (SPEC 7); anything else (an empty line) is nothing."""
+        if isinstance(command, RegisterCommand):
+            self.register_account()
+        elif isinstance(command, PasswordCommand):
+            self.change_password()
+        elif isinstance(command, ModerateCommand):
+            self.moderate(command)
 
     def ask_send(self) -> None:
         """``send`` (seed 003): ask for the receiver, then the message, and send it.
@@ -425,6 +439,18 @@ class Session:
     def show_backlog(self, count: int | None) -> None:
         """``/backlog [N]``: earlier room messages from the server, where the protocol has them."""
         self.show("this protocol has no earlier messages to show")
+
+    def register_account(self) -> None:
+        """``/register`` (SPEC 7.2); only the native protocol has accounts."""
+        self.show(NO_ACCOUNTS)
+
+    def change_password(self) -> None:
+        """``/password`` (SPEC 7.2); only the native protocol has accounts."""
+        self.show(NO_ACCOUNTS)
+
+    def moderate(self, command: ModerateCommand) -> None:
+        """``/kick``, ``/mute``, ``/unmute``, ``/ban`` (SPEC 7.3); native protocol only."""
+        self.show(NO_ACCOUNTS)
 
     def help_text(self) -> str:
         return HELP_TEXT

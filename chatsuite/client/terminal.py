@@ -129,6 +129,21 @@ class Terminal:
             self._mid_line = False
         return line.rstrip("\r\n")
 
+    def ask_secret(self, prompt: str) -> str:
+        """A password typed after ``prompt``, not echoed (``getpass``) on a terminal; from a
+        pipe, the next line (there is no screen to hide it from). EOFError at the end of input;
+        Ctrl-C is KeyboardInterrupt."""
+        if not (self.interactive and self.stdin is sys.stdin and self.stdout is sys.stdout):
+            return self.ask(prompt)
+        import getpass
+
+        with self._lock:
+            if self._mid_line:
+                self.stdout.write("\n")
+                self.stdout.flush()
+            self._mid_line = False
+        return getpass.getpass(prompt)
+
     def _edit(self, prompt: str) -> str:
         self._typed_at_interrupt = ""
         try:

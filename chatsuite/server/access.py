@@ -23,6 +23,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
+from protocol import ErrorCode
+from protocol import Refusal as Refusal  # re-exported: access refusals are protocol's
+
 Clock = Callable[[], float]
 
 
@@ -30,16 +33,8 @@ Clock = Callable[[], float]
 # Refusals: the SPEC's error codes this module answers with.
 
 
-class Code(str, Enum):
-    """The error codes of SPEC 1.3 that access decisions produce; the value travels on the wire."""
-
-    BAD_REQUEST = "bad-request"
-    PASSWORD_REQUIRED = "password-required"
-    BAD_PASSWORD = "bad-password"
-    TOO_MANY_ATTEMPTS = "too-many-attempts"
-    NOT_ALLOWED = "not-allowed"
-    MUTED = "muted"
-    BANNED = "banned"
+Code = ErrorCode
+"""The SPEC 1.3 error codes (protocol's ``ErrorCode``: one enum for every refusal on the wire)."""
 
 
 class For(str, Enum):
@@ -49,39 +44,8 @@ class For(str, Enum):
     ACCOUNT = "account"
 
 
-class Refusal(Exception):
-    """A request refused by an access rule: code, a sentence, and ``for``/``retry_after`` if any."""
-
-    def __init__(self, code: Code, message: str, *, for_: For | None = None,
-                 retry_after: int | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.for_ = for_
-        self.retry_after = retry_after
-
-    def fields(self) -> dict[str, str | int]:
-        """The ``error`` frame's fields (without ``type`` and ``ref``)."""
-        out: dict[str, str | int] = {"code": self.code.value, "message": self.message}
-        if self.for_ is not None:
-            out["for"] = self.for_.value
-        if self.retry_after is not None:
-            out["retry_after"] = self.retry_after
-        return out
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Refusal) and self._key() == other._key()
-
-    def __hash__(self) -> int:
-        return hash(self._key())
-
-    def __repr__(self) -> str:
-        return (f"Refusal({self.code.value!r}, {self.message!r}, for_={self.for_!r}, "
-                f"retry_after={self.retry_after!r})")
-
-    def _key(self) -> tuple[Code, str, For | None, int | None]:
-        return (self.code, self.message, self.for_, self.retry_after)
-
+# ``Refusal`` is protocol's: an access refusal is raised without a ``ref``, and the handler's
+# one error path gives it the request's ``ref`` and turns it into the ``error`` event.
 
 # --------------------------------------------------------------------------------------------
 # Addresses: loopback (the plaintext rule) and the keys the throttle and bans use.
@@ -172,7 +136,12 @@ class Throttle:
     """
 
     def __init__(self, *, limit: int = ATTEMPT_LIMIT, window: float = ATTEMPT_WINDOW,
-                 max_tracked: int = MAX_TRACKED, clock: Clock = time.monotonic) -> None:
+                 max_tracked: int = MAX_TRACKED, clock: Clock = time.monotonic,
+                 settle_addresses: bool = False) -> None:
+        # settle_addresses: the address counts a failure when ``fail`` reports it, not up
+        # front, so a class behind one NAT address logging in at once (30 right passwords in
+        # flight) is not refused; the name is still counted up front. The server uses it.
+        self.settle_addresses = settle_addresses
         self.limit = limit
         self.window = window
         self.max_tracked = max_tracked
@@ -199,22 +168,32 @@ class Throttle:
                 raise Refusal(Code.TOO_MANY_ATTEMPTS,
                               f"Too many failed attempts; try again in {seconds} s.",
                               retry_after=seconds)
-            self._add(self._addresses, address, now)
+            if not self.settle_addresses:
+                self._add(self._addresses, address, now)
             if key is not None:
                 self._add(self._names, key, now)
         return Attempt(key, address, now)
 
+    def fail(self, attempt: Attempt) -> None:
+        """The password was wrong. Needed only with ``settle_addresses`` (the address counts
+        the failure now); otherwise the failure was counted by ``begin`` already."""
+        if self.settle_addresses:
+            with self._lock:
+                self._add(self._addresses, attempt.address, self.clock())
+
     def succeed(self, attempt: Attempt) -> None:
         """The password was right: forget the name's failures and take this attempt back."""
         with self._lock:
-            self._take_back(self._addresses, attempt.address, attempt.at)
+            if not self.settle_addresses:
+                self._take_back(self._addresses, attempt.address, attempt.at)
             if attempt.name is not None:
                 self._names.pop(attempt.name, None)
 
     def cancel(self, attempt: Attempt) -> None:
         """The attempt never reached a password check: take it back from both counts."""
         with self._lock:
-            self._take_back(self._addresses, attempt.address, attempt.at)
+            if not self.settle_addresses:
+                self._take_back(self._addresses, attempt.address, attempt.at)
             if attempt.name is not None:
                 self._take_back(self._names, attempt.name, attempt.at)
 

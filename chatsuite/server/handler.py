@@ -28,24 +28,32 @@ from chatsuite.dialects import (
     line,
     line_list,
     parse_line_command,
+    plain_frame,
     plain_text,
 )
+from chatsuite.server.gate import Entry, Gate, host_of
 from chatsuite.server.members import Member
+from chatsuite.server.moderation import MUTE_MINUTES, Action
 from chatsuite.server.room import Room
 from chatsuite.server.writer import RECV_SIZE, Connection
 from modes import Mode
 from protocol import (
     LF,
     NUL,
+    Ban,
     Bye,
+    ChangePassword,
     ChatError,
     Dialect,
     Dm,
     Error,
     ErrorCode,
     Hello,
+    Kick,
     ListUsers,
     ModeChanged,
+    Moderation,
+    Mute,
     Ok,
     Oversized,
     Ping,
@@ -54,6 +62,7 @@ from protocol import (
     Quit,
     Refusal,
     Refused,
+    Register,
     Request,
     RequestDecoder,
     Say,
@@ -61,8 +70,10 @@ from protocol import (
     SetStatus,
     Splitter,
     StatusChanged,
+    Unmute,
     Users,
     encode_event,
+    no_such_user_message,
     ok_frames,
     sniff,
 )
@@ -70,7 +81,22 @@ from protocol import (
 T = TypeVar("T")
 
 PING_FRAME = encode_event(Ping())
+NOTICE_OF = {Action.KICK: "kicked", Action.MUTE: "muted", Action.UNMUTE: "unmuted",
+             Action.BAN: "banned"}
+"""The notice each moderation request sends the room (SPEC 7.3)."""
 EPSILON = 1e-9
+
+
+def moderation_text(action: Action, name: str, by: str, minutes: int | None,
+                    reason: str | None) -> str:
+    """The sentence of a moderation notice: ``sam was muted by teacher for 10 minutes.``"""
+    if action in (Action.MUTE, Action.BAN) and (minutes or action is Action.MUTE):
+        count = minutes or MUTE_MINUTES
+        how_long = f" for {count} minute{'' if count == 1 else 's'}"
+    else:
+        how_long = " until the server stops" if action is Action.BAN else ""
+    end = "." if not reason else f": {reason}"
+    return f"{name} was {NOTICE_OF[action]} by {by}{how_long}{end}"
 
 
 class TokenBucket:
@@ -136,10 +162,13 @@ class Host(Protocol):
     def stopping(self) -> threading.Event: ...
     @property
     def id_base(self) -> int: ...
+    @property
+    def gate(self) -> Gate: ...
     def log(self, text: str) -> None: ...
     def log_messages(self, sender: str, to: str, texts: list[str]) -> None: ...
     def dialect_known(self, conn: Connection, dialect: Dialect) -> None: ...
     def forget(self, conn: Connection) -> None: ...
+    def disconnect(self, member: Member) -> None: ...
 
 
 class Disconnect(Exception):
@@ -159,7 +188,9 @@ class Handler:
         self.server = server
         self.config = server.config
         self.room = server.room
+        self.gate = server.gate
         self.conn = conn
+        self.host = host_of(conn.address)  # the peer's address, for the throttle and bans
         self.sock = conn.sock
         self.clock = clock
         self.member = Member(server.id_base + conn.fd, conn, Dialect.NATIVE, conn.address)
@@ -176,7 +207,8 @@ class Handler:
             Hello: self.hello, Say: self.say_one, Dm: self.dm, SetMode: self.set_mode,
             ListUsers: self.users, SetStatus: self.set_status, Ping: self.ping,
             Pong: lambda r: None,  # it already counted as a sign of life when it arrived
-            Quit: self.quit,
+            Quit: self.quit, Register: self.register, ChangePassword: self.change_password,
+            Kick: self.moderate, Mute: self.moderate, Unmute: self.moderate, Ban: self.moderate,
         }
 
     # -- reading ------------------------------------------------------------------------------
@@ -274,6 +306,8 @@ class Handler:
             if first is not None:
                 dialect, data = first
                 self.server.dialect_known(self.conn, dialect)
+                if not self.gate.admits(dialect):
+                    self.refuse_dialect(dialect)
                 {Dialect.NATIVE: self.run_native, Dialect.LINE: self.run_line,
                  Dialect.PLAIN: self.run_plain}[dialect](data)
         except Disconnect as end:
@@ -295,6 +329,13 @@ class Handler:
             self.server.log(
                 f"disconnected: {self.conn.address} ({reason}; {self.room.online} online)"
             )
+
+    def refuse_dialect(self, dialect: Dialect) -> None:
+        """A line or plain client cannot give the server password (SPEC 7.1): line gets
+        ``BUSY``, plain is just closed."""
+        if dialect is Dialect.LINE:
+            self.send_line(LineReply.BUSY.value)
+        raise Disconnect(reason="the server has a password and this dialect cannot give one")
 
     def detect(self) -> tuple[Dialect, bytes] | None:
         """Read until ``protocol.sniff`` knows the dialect; the bytes from where it begins."""
@@ -339,8 +380,15 @@ class Handler:
                 end = index + 1
                 while end < len(items) and isinstance(items[end], Say):
                     end += 1
-                self.say([s for s in items[index:end] if isinstance(s, Say)])
+                run = [s for s in items[index:end] if isinstance(s, Say)]
                 index = end
+                try:
+                    self.gate.check_may_speak(self.member.name)
+                except Refusal as refusal:
+                    for request in run:  # each say gets its own reply
+                        self.error(Refusal(refusal.code, refusal.message, request.ref))
+                    continue
+                self.say(run)
                 continue
             index += 1
             try:
@@ -359,13 +407,25 @@ class Handler:
             raise ProtocolError(ErrorCode.UNKNOWN_TYPE,
                                 f'This server does not serve "{request.TYPE}" requests.',
                                 request.ref, request.TYPE)
-        carry_out(request)
+        try:
+            carry_out(request)
+        except Refusal as refusal:
+            if refusal.ref is None:  # raised by a rule that does not know the request
+                refusal.ref = request.ref
+            raise
+
+    @property
+    def tls(self) -> bool:
+        return self.conn.tls is not None
 
     def hello(self, request: Request) -> None:
         assert isinstance(request, Hello)
         if self.member.registered:
             raise Refusal(ErrorCode.ALREADY_REGISTERED, "You are already registered.",
                           request.ref)
+        # A hello that resumes a session (SPEC 6.4) will skip this: its token stands for both
+        # passwords, and resuming never runs scrypt.
+        self.check_entry(request)
         try:
             self.room.register(self.member, request.name, request.title, request.company,
                                request.ref)
@@ -374,6 +434,67 @@ class Handler:
                 self.error(error)
                 raise Disconnect(reason="server full") from None
             raise
+
+    def check_entry(self, request: Hello) -> None:
+        """The password checks of a new session (SPEC 7.1, 7.2): ban, server password, account.
+
+        On the connection's own thread, no lock held: an account's scrypt runs on the hash
+        workers while this thread waits, and nobody else waits for it.
+        """
+        entry = Entry(request.name, request.server_password, request.password)
+        account = self.gate.check_entry(entry, host=self.host, tls=self.tls)
+        self.member.account = account
+        self.member.admin = account is not None and self.gate.admins.may_moderate(
+            request.name or "", account)
+
+    def register(self, request: Request) -> None:
+        """``register``: the current name becomes an account with this password."""
+        assert isinstance(request, Register)
+        member = self.member
+        account = self.gate.register(member.name, request.password, host=self.host, tls=self.tls)
+        with self.room.lock:
+            member.account = account
+            member.admin = self.gate.admins.may_moderate(member.name, account)
+            member.changed()
+        self.room.push(member, ok_frames(Ok(0, 0), [request.ref]))
+
+    def change_password(self, request: Request) -> None:
+        """``password``: change this account's password (the old one first)."""
+        assert isinstance(request, ChangePassword)
+        self.gate.change_password(self.member.account, request.old, request.new,
+                                  host=self.host, tls=self.tls)
+        self.room.push(self.member, ok_frames(Ok(0, 0), [request.ref]))
+
+    def moderate(self, request: Request) -> None:
+        """``kick``, ``mute``, ``unmute``, ``ban`` (SPEC 7.3): an admin's action, told to all."""
+        assert isinstance(request, Moderation)
+        action, admin, gate = Action(request.TYPE), self.member, self.gate
+        target = self.room.member_named(request.to)
+        name = target.name if target is not None else str(request.to)
+        gate.admins.authorize(admin.name, admin.account, action, name)  # not-allowed
+        if action is Action.UNMUTE:
+            if gate.sanctions.unmute(name) is None:
+                raise Refusal(ErrorCode.NO_SUCH_USER, f"{name} is not muted.")
+        elif target is None and not (action is Action.BAN and gate.is_account(name)):
+            raise Refusal(ErrorCode.NO_SUCH_USER, no_such_user_message(request.to))
+        elif action is Action.MUTE:
+            gate.sanctions.mute(name, gate.wall_clock(), request.minutes, by=admin.name,
+                                reason=request.reason)
+        elif action is Action.BAN:
+            # Online: its account, else its address; offline: only an account can be banned.
+            key = gate.ban_key_for(name, target.address if target is not None else "")
+            gate.ban(key, request.minutes, by=admin.name, reason=request.reason)
+        remove = action in (Action.KICK, Action.BAN) and target is not None
+        text = moderation_text(action, name, admin.name, request.minutes, request.reason)
+        if not self.room.moderated(NOTICE_OF[action], target, text, by=admin.name,
+                                   reason=request.reason, remove=remove):
+            raise Refusal(ErrorCode.NO_SUCH_USER, no_such_user_message(request.to))
+        if remove and target is not None:
+            # Its session ends here and is not kept for resuming (SPEC 7.3): the resume
+            # work deletes the session of a member removed this way.
+            self.server.disconnect(target)
+        self.server.log(f"moderation: {text}")
+        self.room.push(admin, ok_frames(Ok(0, 0), [request.ref]))
 
     def say_one(self, request: Request) -> None:
         assert isinstance(request, Say)
@@ -388,6 +509,7 @@ class Handler:
 
     def dm(self, request: Request) -> None:
         assert isinstance(request, Dm)
+        self.gate.check_may_speak(self.member.name)
         recipient, delivery = self.room.direct(self.member, request.to, request.text,
                                                request.ref, request.name)
         self.room.push(self.member, ok_frames(Ok(delivery.delivered, delivery.queued),
@@ -443,12 +565,14 @@ class Handler:
                 self.send_line(LineReply.BAD_HEADER.value)
                 return
             try:
+                self.gate.check_line_entry(command.name, self.host)
                 self.room.register(member, command.name)
             except Refusal as error:
-                if error.code is ErrorCode.SERVER_FULL:
+                if error.code in (ErrorCode.SERVER_FULL, ErrorCode.BANNED):
                     self.send_line(LineReply.BUSY.value)
-                    raise Disconnect(reason="server full") from None
-                taken = error.code is ErrorCode.NAME_TAKEN
+                    raise Disconnect(reason=error.code.value) from None
+                # An account's name: a line client cannot give its password (SPEC 7.2).
+                taken = error.code in (ErrorCode.NAME_TAKEN, ErrorCode.PASSWORD_REQUIRED)
                 self.send_line((LineReply.IN_USE if taken else LineReply.BAD_BODY).value)
         elif not member.registered:
             self.send_line(LineReply.BAD_HEADER.value)
@@ -456,6 +580,13 @@ class Handler:
             self.used_who = self.used_who or command.who
             self.room.push(member, line_list(self.room.names(), command.who))
         elif isinstance(command, LineSend):
+            try:
+                self.gate.check_may_speak(member.name)
+            except Refusal:
+                # Muted: the line protocol has no word for it; BAD-RQST-BODY says "refused"
+                # without claiming the recipient is gone (docs/dialects.md).
+                self.send_line(LineReply.BAD_BODY.value)
+                return
             try:
                 recipient, _ = self.room.direct(member, command.user, command.text)
             except Refusal:
@@ -486,14 +617,20 @@ class Handler:
                         continue
                     if not self.member.registered:
                         try:
+                            self.gate.check_line_entry(None, self.host)
                             self.room.register(self.member, None)
-                        except Refusal:
-                            raise Disconnect(reason="server full") from None
+                        except Refusal as error:
+                            raise Disconnect(reason=error.code.value) from None
                     texts.append(text)
                 self.flush_plain(texts)
             data = self.receive()
 
     def flush_plain(self, texts: list[str]) -> None:
         if texts:
+            try:
+                self.gate.check_may_speak(self.member.name)
+            except Refusal as refusal:  # muted: told in the dialect's own way, nothing sent
+                self.room.push(self.member, plain_frame(refusal.message))
+                return
             self.room.broadcast(self.member, texts)
             self.server.log_messages(self.member.name, "all", texts)

@@ -79,18 +79,26 @@ class Member:
     registered: bool = False
     node: int | None = None  # None: connected here; else the cluster node it is connected to
     joined_at: float = 0.0  # registration time: the cluster's users are listed in this order
+    account: str | None = None  # the account this connection proved (or registered), SPEC 7.2
+    admin: bool = False  # may moderate: an --admin account logged in with its password (7.3)
     _user_json: str | None = None
 
     def user(self) -> dict[str, Any]:
-        """The wire's ``user`` object."""
-        return {
+        """The wire's ``user`` object (``account``/``admin`` only when true)."""
+        obj: dict[str, Any] = {
             "id": self.id, "name": self.name, "title": self.title, "company": self.company,
             "status": self.status, "mode": int(self.mode),
         }
+        if self.account is not None:
+            obj["account"] = True
+        if self.admin:
+            obj["admin"] = True
+        return obj
 
     def as_user(self) -> User:
         """The wire's ``user`` object, typed."""
-        return User(self.id, self.name, self.title, self.company, self.status, int(self.mode))
+        return User(self.id, self.name, self.title, self.company, self.status, int(self.mode),
+                    account=self.account is not None, admin=self.admin)
 
     def user_json(self) -> str:
         """``user()`` as compact JSON, cached until the member changes."""

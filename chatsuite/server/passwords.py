@@ -126,10 +126,10 @@ def check_password_rule(password: str) -> None:
     """Refuse (``bad-password``, for the account) a new password that is too short or too long."""
     if len(password) < MIN_PASSWORD:
         raise Refusal(Code.BAD_PASSWORD, f"A password needs at least {MIN_PASSWORD} characters.",
-                      for_=For.ACCOUNT)
+                      for_=For.ACCOUNT.value)
     if len(password) > MAX_PASSWORD:
         raise Refusal(Code.BAD_PASSWORD, f"A password has at most {MAX_PASSWORD} characters.",
-                      for_=For.ACCOUNT)
+                      for_=For.ACCOUNT.value)
 
 
 def _derive(password: str, salt: bytes, params: ScryptParams, length: int) -> bytes:
@@ -249,7 +249,7 @@ class ServerPassword:
             return
         if given is None:
             raise Refusal(Code.PASSWORD_REQUIRED, "This server needs its password.",
-                          for_=For.SERVER)
+                          for_=For.SERVER.value)
         if not hmac.compare_digest(self._hash(given), self._digest):
             raise Refusal(Code.BAD_PASSWORD, "That is not the server's password.",
-                          for_=For.SERVER)
+                          for_=For.SERVER.value)

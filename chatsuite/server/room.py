@@ -47,6 +47,13 @@ from protocol import (
 )
 
 
+class Guard(Protocol):
+    """The accounts' side of a claim (gate.py): asked under the room lock, cheap, a leaf."""
+
+    def is_account(self, name: str) -> bool: ...
+    def check_name(self, name: str, account: str | None) -> None: ...
+
+
 class Backplane(Protocol):
     """What the room asks of a cluster backplane (cluster.py); never called with the lock held."""
 
@@ -109,6 +116,9 @@ class Room:
         # Set (without the lock) when the server stops: members leaving then are not announced.
         # Checked under the lock, so a crowd of leaving threads drains in microseconds each.
         self.closing = False
+        # Accounts (SPEC 7.2): a registered name is claimed only by a connection that proved
+        # its password; checked at the claim, under the lock, so none can slip in meanwhile.
+        self.guard: Guard | None = None
 
     # -- helpers (lock held) ------------------------------------------------------------------
 
@@ -123,7 +133,8 @@ class Room:
         while True:
             name = f"user{self._next_auto}"
             self._next_auto += 1
-            if name.casefold() not in self._names:
+            if name.casefold() not in self._names and not (
+                    self.guard is not None and self.guard.is_account(name)):
                 return name
 
     def _deliver(self, events: list[Event], recipients: Iterable[Member]) -> Delivery:
@@ -237,6 +248,8 @@ class Room:
                 raise Refusal(ErrorCode.BAD_NAME, problem, ref)
             if name.casefold() in self._names:
                 raise _name_taken(name, ref)
+            if self.guard is not None:
+                self.guard.check_name(name, member.account)
         if len(self._members) >= self.max_clients:
             raise Refusal(
                 ErrorCode.SERVER_FULL,
@@ -253,7 +266,8 @@ class Room:
         member.changed()
         if member.dialect is Dialect.NATIVE:
             online = len(self._members) + len(self._remote) + 1
-            welcome = Welcome(member.as_user(), online, self.max_frame, ref)
+            welcome = Welcome(member.as_user(), online, self.max_frame, ref,
+                              admin=member.admin)
             member.outbox.push(encode_event(welcome))
         elif member.dialect is Dialect.LINE:
             member.outbox.push(line_hello(member.name))
@@ -334,6 +348,46 @@ class Room:
         it leaves now, ``lost`` to the others and its name free (SPEC 1.5). The one place a
         resume window (SPEC 6.4) would keep it reserved instead."""
         self.leave(member, quitting=False, notify=notify)
+
+    # -- moderation (SPEC 7.3) -----------------------------------------------------------------
+
+    def member_named(self, target: str | int) -> Member | None:
+        """The member of this node ``target`` (a name, any case, or an id) names, or None."""
+        key = parse_target(target)
+        with self.lock:
+            if isinstance(key, int):
+                return self._members.get(key)
+            return self._names.get(key.casefold())
+
+    def moderated(self, kind: str, target: Member | None, text: str, *, by: str,
+                  reason: str | None, remove: bool) -> bool:
+        """Tell everyone (``target`` too) the ``kind`` notice (kicked, muted, unmuted, banned)
+        naming the admin ``by``; with ``remove``, take ``target`` out of the room at once
+        (no ``lost`` notice follows: the notice said why). False when ``target`` had left."""
+        with self.lock:
+            if remove and target is not None and self._members.get(target.id) is not target:
+                return False
+            user = target.as_user() if target is not None else None
+            notice = Notice(kind, text, self._timestamp(), user, by=by, reason=reason)
+            event = Event(encode_event(notice), None, plain_frame(text))
+            if remove and target is not None:
+                # The target is told at once, whatever its mode (like shutdown): it is leaving.
+                self._to_everyone([event], skip=target)
+                if target.dialect is not Dialect.LINE:
+                    target.outbox.push(event.live if target.dialect is Dialect.NATIVE
+                                       else plain_frame(text))
+            else:
+                self._to_everyone([event])
+            if remove and target is not None:
+                del self._members[target.id]
+                del self._names[target.name.casefold()]
+                self._viewers.pop(target.id, None)
+                self._individual.pop(target.id, None)
+                target.registered = False
+            online = len(self._members)
+        if remove and target is not None:
+            self.log(f"{target.name} (id {target.id}) {kind} by {by} ({online} online)")
+        return True
 
     # -- messages -----------------------------------------------------------------------------
 
