@@ -85,11 +85,26 @@ def choose_typing(child: pexpect.spawn) -> pexpect.spawn:
     return child
 
 
+WAITING_LINE = re.compile(r"(?:\r?\x1b\[K)?\d+ messages? waiting: #view to read them\r?\n")
+"""The client's asynchronous ``pending`` line (SPEC 4.12), which redraws the prompt after it."""
+
+
 def command(child: pexpect.spawn, line: str) -> str:
-    """Type ``line`` in mode 1; what the client printed before the next prompt."""
+    """Type ``line`` in mode 1; what the client printed before the prompt that follows it.
+
+    A ``pending`` line ("3 messages waiting") may come at any moment, with a prompt of its
+    own: it is left out, and a prompt that followed only such a line is not the one awaited.
+    """
     child.sendline(line)
-    child.expect_exact(PROMPT)
-    return EDITOR_CODES.sub("", child.before).replace("\r\n", "\n").removeprefix(line + "\n")
+    printed = ""
+    while True:
+        child.expect_exact(PROMPT)
+        chunk = EDITOR_CODES.sub("", child.before).replace("\r\n", "\n")
+        waiting = WAITING_LINE.search(chunk.replace("\n", "\r\n")) is not None
+        chunk = WAITING_LINE.sub("", chunk.replace("\n", "\r\n")).replace("\r\n", "\n")
+        printed += chunk
+        if not waiting or printed.strip() not in ("", line.strip()):
+            return printed.lstrip("\r").removeprefix(line + "\n")
 
 
 class ScriptedServer:
