@@ -443,6 +443,21 @@ def test_pending_counts_are_said_when_they_change_and_the_prompt_redrawn(
     assert output(child).count("3 messages waiting") == 1
 
 
+def test_a_count_that_came_at_the_mode_menu_is_said_when_typing_starts(
+        spawn: Callable[..., pexpect.spawn], scripted: ScriptedServer) -> None:
+    """A pending count that arrives while the mode menu waits is not printed over the menu; it
+    is said once the user chooses typing (and not at all when the user chooses viewing)."""
+    child = scripted.register(spawn)
+    scripted.send(type="pending", count=2)
+    # An error that answers nothing is said at once: once it shows, the count was handled.
+    scripted.send(type="error", code="bad-request", message="marker", ref=None)
+    child.expect_exact("server: marker")
+    assert "waiting" not in output(child)
+    typing(scripted, child)  # the line comes before the first prompt
+    assert output(child).count("2 messages waiting: #view to read them\r\n") == 1
+    assert output(child).count("messages waiting") == 1
+
+
 def test_a_line_over_the_frame_limit_is_refused_and_the_client_stays(
         spawn: Callable[..., pexpect.spawn], server: Any, connect: Callable[..., Peer]) -> None:
     """A 70,000-character line (real server): one sentence with the limit, nothing sent, and

@@ -237,6 +237,7 @@ class NativeSession(Session):
         self._saved_at = 0.0  # when the session file was last written (monotonic)
         self.mode_now: Mode | None = None  # the mode last asked of the server
         self.waiting: int | None = None  # the last ``pending`` count said
+        self.held = 0  # the server's last ``pending`` count, said or not (receiver thread)
         self.replayed = 0  # messages that came first-time since the last hello (receiver)
         self.oldest_shown: int | None = None  # the oldest seq of the earlier messages shown
         self.left_while_away = False  # Ctrl-C while reconnecting: leave, exit 0
@@ -393,6 +394,12 @@ class NativeSession(Session):
             self.conn.request(SetMode(int(mode)))
         except NoReply as problem:
             self.show(self.palette.bad(str(problem)))
+        if mode is Mode.VIEWING:
+            self.held = 0  # the server sends everything held, and no count while we view
+        elif self.held > 0 and self.waiting is None:
+            # Counted while we were at the mode menu: said now that typing starts.
+            self.waiting = self.held
+            self.viewer.say(waiting_line(self.held))
 
     def report(self, reply: Event) -> bool:
         """Say whether a send worked; True when it did."""
@@ -520,11 +527,13 @@ class NativeSession(Session):
         self.sessions.save(own, self.token, self.seen.last)
 
     def pending(self, count: int) -> None:
-        """A ``pending`` event (mode 1): a line whenever the number changes (SPEC 4.12)."""
-        if count == self.waiting:
+        """A ``pending`` event (mode 1): a line whenever the number changes (SPEC 4.12); at the
+        mode menu it is kept, and said once typing starts (``enter_mode``)."""
+        self.held = count
+        if count == self.waiting or self.mode_now is not Mode.TYPING:
             return
         self.waiting = count
-        if count > 0 and self.mode_now is not Mode.VIEWING:
+        if count > 0:
             self.viewer.say(waiting_line(count))
 
     def show_backlog(self, count: int | None) -> None:
