@@ -47,6 +47,7 @@ from chatsuite.server.handler import Handler
 from chatsuite.server.log import Log
 from chatsuite.server.members import Dialect
 from chatsuite.server.room import Room
+from chatsuite.server.store import StoreError, open_store
 from chatsuite.server.writer import Connection, Writer
 from chatsuite.tls import TlsSession
 from modes import PENDING_BYTES, PENDING_LIMIT
@@ -101,6 +102,12 @@ class ServerConfig:
     cluster_secret: str | None = None  # the nodes' shared secret (else the file, else the env)
     cluster_secret_file: str | None = None  # a file holding it (--cluster-secret-file)
     redis_insecure: bool = False  # allow a Redis on another host with no password in the URL
+    # The durable room (SPEC 6): the store's file ("none": memory only), retention, and how
+    # long a dropped native client's session waits for it to resume (0: no resume).
+    store: str = "chat-suite.db"
+    history_days: float = 30.0
+    history_limit: int = 100_000
+    resume_window: float = 120.0
     log: Callable[[str], None] | None = field(default=None, repr=False)
 
 
@@ -146,9 +153,13 @@ class ChatServer:
                                        secret=config.cluster_secret,
                                        secret_file=config.cluster_secret_file,
                                        insecure=config.redis_insecure)
+        # StoreError (a sentence) when it cannot be opened: main() prints it and exits 1.
+        self.store = open_store(config.store, history_days=config.history_days,
+                                history_limit=config.history_limit, log=self.log)
         self.room = Room(config.max_clients, config.pending_limit, config.pending_bytes, self.log,
-                         self.backplane, config.max_frame)
+                         self.backplane, config.max_frame, self.store, config.resume_window)
         self.writer = Writer(self.room.lock, self.log)
+        self.room.cut_off = self.writer.abort  # type: ignore[assignment]  # outboxes are ours
         self.room.fan_out = self.writer.push_all  # the inlined broadcast loop
         self.stopping = threading.Event()
         self._connections: dict[Connection, Dialect | None] = {}  # guarded by the room lock
@@ -187,10 +198,26 @@ class ChatServer:
         # Process-wide, and before the first thread: see THREAD_STACK.
         threading.stack_size(THREAD_STACK)
         self.writer.thread.start()
+        restored = self.room.restore(self.store.load_sessions())
+        if self.config.resume_window > 0:
+            threading.Thread(target=self._expire_loop, name="resume-windows",
+                             daemon=True).start()
         self._acceptor = threading.Thread(target=self._accept_loop, name="acceptor", daemon=True)
         self._acceptor.start()
         secure = " (TLS)" if self._tls_context is not None else ""
         self.log(f"chat server listening on {self.address[0]}:{self.address[1]}{secure}")
+        where = "none (memory only)" if self.config.store == "none" else self.config.store
+        self.log(f"store: {where}; latest seq {self.room.seq}"
+                 + (f"; {restored} sessions may resume" if restored else ""))
+
+    def _expire_loop(self) -> None:
+        """End the resume windows that are over (SPEC 6.4), a few times per window."""
+        every = min(1.0, self.config.resume_window / 4)
+        while not self.stopping.wait(every):
+            try:
+                self.room.expire()
+            except Exception as error:  # never the end of resume for everyone
+                self.log(f"ending resume windows failed: {error!r}")
 
     def _accept_loop(self) -> None:
         """Accept until stopped. A failure costs at most one connection, never the acceptor."""
@@ -376,6 +403,7 @@ class ChatServer:
             thread.join(max(0.0, deadline - time.monotonic()))
         self._stop_r.close()
         self._stop_w.close()
+        self.store.close(0.5)  # commits what is queued: the next run continues after it
         self.log("chat server stopped")
         # A stalled output gets what is left of the second, at least a tenth; then the log
         # thread is left to the process's end (it holds no lock the exit needs).
@@ -422,6 +450,16 @@ def parse_args(argv: Sequence[str] | None) -> ServerConfig:
     parser.add_argument("--cluster-secret-file", metavar="FILE",
                         help="with --redis: the nodes' shared secret (else "
                              "$CHAT_CLUSTER_SECRET); required")
+    parser.add_argument("--store", default="chat-suite.db", metavar="PATH",
+                        help="SQLite file for history and sessions, or 'none' for memory only "
+                             "(default chat-suite.db in the working directory)")
+    parser.add_argument("--history-days", type=float, default=30.0, metavar="D",
+                        help="days of history kept (default 30)")
+    parser.add_argument("--history-limit", type=int, default=100_000, metavar="N",
+                        help="most events kept in the history (default 100000)")
+    parser.add_argument("--resume-window", type=float, default=120.0, metavar="S",
+                        help="seconds a dropped client's session waits for it; 0 = off "
+                             "(default 120)")
     parser.add_argument("--redis-insecure", action="store_true",
                         help="allow a Redis on another host without a password in the URL")
     args = parser.parse_args(argv)
@@ -435,6 +473,8 @@ def parse_args(argv: Sequence[str] | None) -> ServerConfig:
         max_unregistered_per_ip=args.max_unregistered_per_ip, tls_cert=args.tls_cert,
         tls_key=args.tls_key, redis_url=args.redis, cluster_ttl=args.cluster_ttl,
         cluster_secret_file=args.cluster_secret_file, redis_insecure=args.redis_insecure,
+        store=args.store, history_days=args.history_days, history_limit=args.history_limit,
+        resume_window=args.resume_window,
     )
 
 
@@ -494,6 +534,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"chat-server: {error}", file=sys.stderr)
             return 2
         except cluster_errors as error:
+            print(f"chat-server: {error}", file=sys.stderr)
+            return 1
+        except StoreError as error:
             print(f"chat-server: {error}", file=sys.stderr)
             return 1
         except (OSError, ssl.SSLError) as error:

@@ -37,6 +37,7 @@ from modes import Mode
 from protocol import (
     LF,
     NUL,
+    BacklogRequest,
     Bye,
     ChatError,
     Dialect,
@@ -63,6 +64,7 @@ from protocol import (
     StatusChanged,
     Users,
     encode_event,
+    encode_json,
     ok_frames,
     sniff,
 )
@@ -176,7 +178,7 @@ class Handler:
             Hello: self.hello, Say: self.say_one, Dm: self.dm, SetMode: self.set_mode,
             ListUsers: self.users, SetStatus: self.set_status, Ping: self.ping,
             Pong: lambda r: None,  # it already counted as a sign of life when it arrived
-            Quit: self.quit,
+            Quit: self.quit, BacklogRequest: self.backlog,
         }
 
     # -- reading ------------------------------------------------------------------------------
@@ -280,7 +282,9 @@ class Handler:
             stopping = self.server.stopping.is_set()
             if stopping:
                 reason = "server stopped"
-            self.room.leave(self.member, quitting, notify=not stopping)
+            # A native member that did not quit keeps its session for the resume window.
+            if quitting or not self.room.suspend(self.member, notify=not stopping):
+                self.room.leave(self.member, quitting, notify=not stopping)
             self.server.forget(self.conn)
             self.server.writer.close(self.conn)
             self.server.log(
@@ -365,6 +369,8 @@ class Handler:
         if self.member.registered:
             raise Refusal(ErrorCode.ALREADY_REGISTERED, "You are already registered.",
                           request.ref)
+        if request.session is not None and self.resume(request):
+            return
         try:
             self.room.register(self.member, request.name, request.title, request.company,
                                request.ref)
@@ -373,6 +379,21 @@ class Handler:
                 self.error(error)
                 raise Disconnect(reason="server full") from None
             raise
+
+    def resume(self, request: Hello) -> bool:
+        """``hello`` with a session within its window resumes it (SPEC 6.4); False: register."""
+        assert request.session is not None
+        return self.room.resume(self.member, request.session, request.last_seq, request.ref)
+
+    def backlog(self, request: Request) -> None:
+        """SPEC 6.3: read on this thread, outside the room lock; the logged frames spliced."""
+        assert isinstance(request, BacklogRequest)
+        events, more = self.room.backlog(self.member, request.before, request.after,
+                                         request.limit)
+        ref = b"" if request.ref is None else b',"ref":' + encode_json(request.ref).encode()
+        frame = (b'{"type":"backlog","events":[' + b",".join(e.frame for e in events)
+                 + b'],"more":' + (b"true" if more else b"false") + ref + b"}\0")
+        self.room.push(self.member, frame)
 
     def say_one(self, request: Request) -> None:
         assert isinstance(request, Say)

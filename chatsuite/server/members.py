@@ -14,7 +14,7 @@ from typing import Any, Protocol
 from modes import HoldQueue, Mode
 from protocol import AVAILABLE, Dialect, User, encode_json, held_variant
 
-__all__ = ["NOWHERE", "Delivery", "Dialect", "Event", "Member", "Outbox", "push_each"]
+__all__ = ["GONE", "NOWHERE", "Delivery", "Dialect", "Event", "Member", "Outbox", "push_each"]
 
 
 class Outbox(Protocol):
@@ -33,6 +33,17 @@ class _Nowhere:
 NOWHERE = _Nowhere()
 
 
+class _Gone:
+    """The outbox of a member in its resume window (SPEC 6.4): it is held for, never pushed to;
+    a stray push (a reply racing the drop) is dropped with the connection it was meant for."""
+
+    def push(self, data: bytes) -> None:
+        pass
+
+
+GONE = _Gone()
+
+
 def push_each(outboxes: Iterable[Outbox], data: bytes, skip: object = None) -> int:
     """Push ``data`` to every outbox but ``skip``; how many got it (``Room.fan_out``'s default)."""
     count = 0
@@ -46,10 +57,12 @@ def push_each(outboxes: Iterable[Outbox], data: bytes, skip: object = None) -> i
 class Event:
     """A ``message`` or ``notice`` as each dialect receives it, encoded once for all recipients."""
 
-    __slots__ = ("_held", "line", "live", "plain")
+    __slots__ = ("_held", "line", "live", "plain", "seq")
 
-    def __init__(self, live: bytes, line: bytes | None, plain: bytes | None) -> None:
+    def __init__(self, live: bytes, line: bytes | None, plain: bytes | None,
+                 seq: int | None = None) -> None:
         self.live = live  # native frame with queued false
+        self.seq = seq  # the room's sequence number (SPEC 6.1); None for per-client notices
         self._held: bytes | None = None
         self.line = line  # None: line clients do not receive it (they get no notices)
         self.plain = plain
@@ -79,6 +92,14 @@ class Member:
     registered: bool = False
     node: int | None = None  # None: connected here; else the cluster node it is connected to
     joined_at: float = 0.0  # registration time: the cluster's users are listed in this order
+    # The durable room (SPEC 6.4): the SHA-256 of the session token (never the token), whether
+    # a connection is attached (False: in its resume window, until ``expires``), and the seq up
+    # to which everything it was entitled to went to its old connection's outbox (or was held
+    # and dropped): a resume replays the log after the client's ``last_seq`` up to there.
+    session_hash: str | None = None
+    connected: bool = True
+    expires: float = 0.0
+    pushed_upto: int = 0
     _user_json: str | None = None
 
     def user(self) -> dict[str, Any]:
@@ -90,7 +111,8 @@ class Member:
 
     def as_user(self) -> User:
         """The wire's ``user`` object, typed."""
-        return User(self.id, self.name, self.title, self.company, self.status, int(self.mode))
+        return User(self.id, self.name, self.title, self.company, self.status, int(self.mode),
+                    self.connected)
 
     def user_json(self) -> str:
         """``user()`` as compact JSON, cached until the member changes."""
