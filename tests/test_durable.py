@@ -11,8 +11,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from chat_server import ChatServer, parse_args
-from tests.conftest import ROOT, Peer, ServerProcess
+from tests.conftest import ROOT, Peer, ServerProcess, wait_until
 
 Connect = Callable[..., Peer]
 Start = Callable[..., ChatServer]
@@ -139,3 +141,64 @@ def rst(peer: Peer) -> None:
     """Close with a TCP reset (SO_LINGER 0), as a crashed peer's kernel would."""
     peer.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     peer.sock.close()
+
+
+def backlog(peer: Peer, **fields: Any) -> dict[str, Any]:
+    peer.send({"type": "backlog", "ref": "b", **fields})
+    return peer.wait_for("backlog", ref="b")
+
+
+def texts(answer: dict[str, Any]) -> list[str]:
+    return [e.get("text") if e["type"] == "message" else e["event"] for e in answer["events"]]
+
+
+@pytest.mark.parametrize("store", ["none", "file"])
+def test_backlog_latest_before_after_limit_and_more(start_server: Start, connect: Connect,
+                                                    tmp_path: Path, store: str) -> None:
+    """backlog gives the latest events oldest first, pages with before and after, stops at
+    limit and says whether more exist that way (with --store none and with a store file)."""
+    server = start_server(store="none" if store == "none" else str(tmp_path / "b.db"), rate=0)
+    alice, _ = member(connect, server, "alice")
+    for n in range(8):
+        alice.send({"type": "say", "text": f"m{n}"})
+    alice.sync()
+    late, welcome = member(connect, server, "late")
+    latest = backlog(late, limit=3)
+    assert texts(latest) == ["m6", "m7", "joined"] and latest["more"] is True
+    assert latest["ref"] == "b"
+    seqs = [e["seq"] for e in latest["events"]]
+    assert seqs == sorted(seqs) and seqs[-1] == welcome["seq"] + 1  # late's own joined
+    older = backlog(late, before=seqs[0], limit=5)
+    assert texts(older) == ["m1", "m2", "m3", "m4", "m5"] and older["more"] is True
+    oldest = backlog(late, before=older["events"][0]["seq"])
+    assert texts(oldest) == ["joined", "m0"] and oldest["more"] is False
+    newer = backlog(late, after=seqs[0])
+    assert texts(newer) == ["m7", "joined"] and newer["more"] is False
+    assert all(e["queued"] is False for e in newer["events"])
+    late.send({"type": "backlog", "limit": 501, "ref": 4})
+    assert late.wait_for("error", ref=4)["code"] == "bad-request"
+
+
+@pytest.mark.parametrize("store", ["none", "file"])
+def test_backlog_direct_messages_only_to_their_two_sessions(start_server: Start,
+                                                            connect: Connect, tmp_path: Path,
+                                                            store: str) -> None:
+    """A direct message is in the backlog of its sender and its recipient only: not of a third
+    member, and not of a newcomer who takes the recipient's name after it left."""
+    server = start_server(store="none" if store == "none" else str(tmp_path / "p.db"), rate=0)
+    alice, _ = member(connect, server, "alice")
+    bob, _ = member(connect, server, "bob")
+    carol, _ = member(connect, server, "carol")
+    alice.send({"type": "dm", "to": "bob", "text": "secret"})
+    alice.send({"type": "say", "text": "public"})
+    alice.sync()
+    assert "secret" in texts(backlog(alice))
+    assert "secret" in texts(backlog(bob))
+    assert "secret" not in texts(backlog(carol)) and "public" in texts(backlog(carol))
+    bob.send({"type": "quit"})
+    bob.wait_for("bye")
+    impostor = connect(server)
+    impostor.register("bob")  # the name is free once bob has his bye
+    answer = backlog(impostor, limit=500)
+    assert "public" in texts(answer) and "secret" not in texts(answer)
+    assert b"secret" not in b"".join(e.get("text", "").encode() for e in answer["events"])
