@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import ROOT, Peer, ServerProcess, wait_until
 
 from chat_server import ChatServer, parse_args
-from tests.conftest import ROOT, Peer, ServerProcess, wait_until
 
 Connect = Callable[..., Peer]
 Start = Callable[..., ChatServer]

@@ -432,6 +432,7 @@ class Room:
         """
         if self.resume_window <= 0 or member.dialect is not Dialect.NATIVE:
             return False
+        backplane = self.backplane
         with self.lock:
             if not member.registered or self._members.get(member.id) is not member:
                 return True  # gone already, or resumed elsewhere: nothing to announce
@@ -439,9 +440,14 @@ class Room:
                 return True
             # The notice shows the member as it was (seed 004's user), then it is held for.
             notice = self._notice("lost", member) if notify and not self.closing else None
+            record = member.record(backplane.node) if backplane is not None else None
             self._detach(member)
             if notice is not None:
                 self._to_everyone([notice], member)
+        if backplane is not None and record is not None and not self.closing:
+            # The other nodes see it lost now and its name is free there (docs/cluster.md); a
+            # resume on this node claims it again.
+            backplane.left(record, "lost")
         self.log(f"{member.name} (id {member.id}) lost its connection; its session is kept "
                  f"for {self.resume_window:g} s")
         return True
@@ -475,23 +481,47 @@ class Room:
                 old = self._sessions.get(token_hash)
                 if old is None:
                     return False
-                if old.connected:  # half-open: close the old connection, no lost notice
+                half_open = old.connected
+                if half_open:  # close the old connection, no lost notice
+                    old_record = old.record(self.backplane.node) if self.backplane else None
                     self._detach(old)
                 upto = old.pushed_upto
                 expires = old.expires
+            if half_open and self.backplane is not None and old_record is not None:
+                self.backplane.left(old_record, "lost")  # its name, free to claim again
             after = upto if last_seq is None else max(0, min(last_seq, upto))
             replay = self._replay(token_hash, after, upto)
+            claimed = False
+            if self.backplane is not None:
+                claimed_or_none = self._claim_again(member, old)
+                if claimed_or_none is False:
+                    return False  # another node has the name now: a plain registration
+                claimed = bool(claimed_or_none)
             with self.lock:
                 if self._sessions.get(token_hash) is not old or old.connected:
                     continue  # resumed by another connection meanwhile: try again
                 if old.expires != expires:
                     continue
                 self._take_over(member, old, token, after, replay, ref)
+                record = member.record(self.backplane.node) if self.backplane else None
                 break
         else:
             return False
+        if self.backplane is not None and record is not None:
+            self.backplane.joined(record, claimed)
         self.log(f"{member.name} (id {member.id}) is back (resumed after seq {after})")
         return True
+
+    def _claim_again(self, member: Member, old: Member) -> bool | None:
+        """In a cluster: claim the session's name again for ``member`` (lock not held)."""
+        assert self.backplane is not None
+        with self.lock:
+            if member.id in self._members and self._members[member.id] is not old:
+                member.id = self._spare_id()
+            record = replace(member, name=old.name, title=old.title, company=old.company,
+                             status=old.status, mode=old.mode,
+                             joined_at=old.joined_at).record(self.backplane.node)
+        return self.backplane.claim(old.name, record)
 
     def _replay(self, token_hash: str, after: int, upto: int) -> list[Event]:
         """What a resuming member missed in (after, upto], from the log: gaps first (outside the
@@ -589,18 +619,11 @@ class Room:
 
     def expire(self) -> int:
         """Remove, silently, the members whose resume window has ended; how many."""
-        backplane = self.backplane
         now = self.clock()
         with self.lock:
             gone = [m for m in self._sessions.values() if not m.connected and m.expires <= now]
-            records = []
             for member in gone:
-                self._remove(member)
-                if backplane is not None:
-                    records.append(member.record(backplane.node))
-        if backplane is not None:
-            for record in records:
-                backplane.left(record, "lost")
+                self._remove(member)  # the cluster heard it lost when it dropped
         for member in gone:
             self.log(f"{member.name}'s resume window ended ({self.online} online)")
         return len(gone)
