@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from chatsuite.server.members import Dialect, Member
+from chatsuite.server.members import HELD_OVERHEAD, Dialect, Member
 from chatsuite.server.room import Room
 from modes import Mode
 from protocol import ErrorCode, Refusal, User
@@ -200,3 +200,22 @@ def test_direct_by_id_with_another_name_is_no_such_user_and_delivers_nothing() -
     recipient, _ = room.direct(sender, "10", "for mallory", name="MALLORY")
     assert recipient is mallory
     assert [f["text"] for f in outbox(mallory).frames()] == ["for mallory"]
+
+
+def test_a_held_event_keeps_only_its_native_frame_and_counts_what_it_keeps() -> None:
+    """Once delivered, a broadcast held for a typing member keeps neither its line nor its plain
+    rendering, and the hold's byte count is the frame plus its bookkeeping, not less."""
+    room = Room()
+    typist = member(room, 5, "typist")
+    line = member(room, 6, "liner", Dialect.LINE)
+    plain = member(room, 7, None, Dialect.PLAIN)
+    typist.hold.flush()
+    room.broadcast(plain, ["hello"])
+    assert outbox(line).take().endswith(b"hello\n")  # the line client got its rendering live
+    _, held = typist.hold.flush()
+    assert [e.seq for e in held] == [4]  # after three joined notices
+    event = held[0]
+    assert (event.line, event.plain) == (None, None)
+    room.broadcast(plain, ["again"])
+    assert typist.hold.size == len(typist.hold.peek().__next__().live) + HELD_OVERHEAD
+    assert event.held.endswith(b'"queued":true}\0') and not hasattr(event, "_held")

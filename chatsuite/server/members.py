@@ -14,7 +14,8 @@ from typing import Any, Protocol
 from modes import HoldQueue, Mode
 from protocol import AVAILABLE, Dialect, User, encode_json, held_variant
 
-__all__ = ["GONE", "NOWHERE", "Delivery", "Dialect", "Event", "Member", "Outbox", "push_each"]
+__all__ = ["GONE", "HELD_OVERHEAD", "NOWHERE", "Delivery", "Dialect", "Event", "Member", "Outbox",
+           "push_each"]
 
 
 class Outbox(Protocol):
@@ -54,25 +55,42 @@ def push_each(outboxes: Iterable[Outbox], data: bytes, skip: object = None) -> i
     return count
 
 
-class Event:
-    """A ``message`` or ``notice`` as each dialect receives it, encoded once for all recipients."""
+# What one held event costs its holder besides the frame's bytes: the frame's bytes object
+# header, the ``Event`` (slots) and the hold queue's entry (a 2-tuple and its deque slot). Every
+# byte held for a client counts against its bound (SPEC 1.5), not only the frame.
+HELD_OVERHEAD = 33 + 72 + 56 + 8
 
-    __slots__ = ("_held", "line", "live", "plain", "seq")
+
+class Event:
+    """A ``message`` or ``notice`` as each dialect receives it, encoded once for all recipients.
+
+    Once delivered (``release``), an event held for typing members keeps only its native frame:
+    the line and plain renderings are live-only (those dialects never hold), and the held
+    variant (``queued`` true) is made when a flush sends it, not kept.
+    """
+
+    __slots__ = ("line", "live", "plain", "seq")
 
     def __init__(self, live: bytes, line: bytes | None, plain: bytes | None,
                  seq: int | None = None) -> None:
         self.live = live  # native frame with queued false
         self.seq = seq  # the room's sequence number (SPEC 6.1); None for per-client notices
-        self._held: bytes | None = None
         self.line = line  # None: line clients do not receive it (they get no notices)
         self.plain = plain
 
     @property
     def held(self) -> bytes:
-        """The native frame with ``queued`` true, made the first time a typing member needs it."""
-        if self._held is None:
-            self._held = held_variant(self.live)
-        return self._held
+        """The native frame with ``queued`` true (made on each flush: a hold keeps only live)."""
+        return held_variant(self.live)
+
+    @property
+    def kept(self) -> int:
+        """The bytes a hold really keeps for this event (its bound counts these)."""
+        return len(self.live) + HELD_OVERHEAD
+
+    def release(self) -> None:
+        """Delivered: drop the renderings only live recipients needed."""
+        self.line = self.plain = None
 
 
 @dataclass(eq=False)

@@ -178,13 +178,15 @@ class Room:
             if member.dialect is Dialect.NATIVE and (member.mode is not Mode.VIEWING
                                                      or not member.connected):
                 for event in events:
-                    member.hold.hold(event, len(event.live))
+                    member.hold.hold(event, event.kept)
                 queued += 1
                 continue
             data = render(member.dialect)
             if data:
                 member.outbox.push(data)
                 delivered += 1
+        for event in events:
+            event.release()  # from now on only holds keep it: native frames only
         return Delivery(delivered, queued)
 
     def _to_everyone(self, events: list[Event], skip: Member | None = None) -> Delivery:
@@ -609,7 +611,7 @@ class Room:
                 member.outbox.push(b"".join(event.held for event in missed))
         else:
             for event in missed:
-                hold.hold(event, len(event.live))
+                hold.hold(event, event.kept)
         self._sort(member)
         self._save_session(member)
 
