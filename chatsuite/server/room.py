@@ -25,7 +25,17 @@ from dataclasses import replace
 from typing import Any, Protocol
 
 from chatsuite.dialects import line_delivery, line_hello, plain_frame
-from chatsuite.server.members import GONE, Delivery, Dialect, Event, Member, Outbox, push_each
+from chatsuite.server.members import (
+    GONE,
+    Delivery,
+    Dialect,
+    Event,
+    Hold,
+    Member,
+    Outbox,
+    Stream,
+    push_each,
+)
 from chatsuite.server.memstore import (
     LoggedEvent,
     MemoryStore,
@@ -35,7 +45,7 @@ from chatsuite.server.memstore import (
     merge_pages,
 )
 from chatsuite.server.store import hash_token
-from modes import PENDING_BYTES, PENDING_LIMIT, HoldQueue, Mode, dropped_text
+from modes import PENDING_BYTES, PENDING_LIMIT, Mode, dropped_text
 from protocol import (
     AVAILABLE,
     MAX_FRAME,
@@ -88,6 +98,7 @@ RECENT_LIMIT = 10_000
 # below a cluster node's ID_STRIDE of 1,000,000).
 SPARE_IDS = range(500_000, 1_000_000)
 FOREVER = 10 * 365 * 86400.0  # a connected member's stored session does not expire
+TRIM_EVERY = 256  # stream appends between two trims (each looks at every typing member)
 
 
 class Room:
@@ -114,6 +125,10 @@ class Room:
         self.resume_window = resume_window
         self.clock = clock
         self._sessions: dict[str, Member] = {}
+        # The events to everyone that typing members hold: each hold is a cursor into it.
+        self.stream = Stream()
+        self._key = 0  # delivery order, shared by the stream and the holds' own events
+        self._trim_due = TRIM_EVERY
         self._next_spare = SPARE_IDS.start
         # Set by the server: cut a connection off (its socket closed by the writer).
         self.cut_off: Callable[[Outbox], None] = lambda outbox: None
@@ -157,7 +172,30 @@ class Room:
             if name.casefold() not in self._names:
                 return name
 
-    def _deliver(self, events: list[Event], recipients: Iterable[Member]) -> Delivery:
+    def _new_hold(self, member: Member) -> Hold:
+        return Hold(self.stream, member, self.pending_limit, self.pending_bytes)
+
+    def _next_key(self) -> int:
+        self._key += 1
+        return self._key
+
+    def _keep(self, events: list[Event], shared: bool) -> None:
+        """Number events in delivery order and, when they go to everyone, add them to the
+        stream: done once, when the first typing recipient holds them (lock held)."""
+        for event in events:
+            event.key = self._next_key()
+            if shared:
+                self.stream.append(event)
+                self._trim_due -= 1
+
+    def _trim_stream(self) -> None:
+        """Forget the stream's events no hold needs any more (lock held)."""
+        starts = [m.hold.start for m in self._individual.values() if m.hold.shared]
+        self.stream.trim(min(starts) if starts else self.stream.end)
+        self._trim_due = TRIM_EVERY
+
+    def _deliver(self, events: list[Event], recipients: Iterable[Member],
+                 shared: bool = False) -> Delivery:
         """Deliver consecutive events to the same recipients, in order: one put per live one.
 
         Each dialect's bytes are joined once, the first time a recipient needs them; a
@@ -174,11 +212,14 @@ class Room:
             return rendered[dialect]
 
         delivered = queued = 0
+        kept = False  # the events are in the stream (shared) or numbered (private)
         for member in recipients:
             if member.dialect is Dialect.NATIVE and (member.mode is not Mode.VIEWING
                                                      or not member.connected):
-                for event in events:
-                    member.hold.hold(event, event.kept)
+                if not kept:
+                    kept = True
+                    self._keep(events, shared)
+                member.hold.hold_all(events, shared)
                 queued += 1
                 continue
             data = render(member.dialect)
@@ -195,7 +236,12 @@ class Room:
         delivered = self.fan_out(
             self._viewers.values(), live, skip.outbox if skip is not None else None
         )
-        rest = self._deliver(events, [m for m in self._individual.values() if m is not skip])
+        for event in events:
+            event.skip = skip
+        rest = self._deliver(events, [m for m in self._individual.values() if m is not skip],
+                             shared=True)
+        if self._trim_due <= 0:
+            self._trim_stream()
         return Delivery(delivered + rest.delivered, rest.queued)
 
     def _sort(self, member: Member) -> None:
@@ -303,7 +349,7 @@ class Room:
         member.name = name
         member.title, member.company = title, company
         member.registered = True
-        member.hold = HoldQueue(self.pending_limit, self.pending_bytes)
+        member.hold = self._new_hold(member)
         if member.id in self._members:  # a reserved id (its member is in its resume window)
             member.id = self._spare_id()
         member.changed()
@@ -593,7 +639,7 @@ class Room:
         self._sessions[member.session_hash] = member
         old.registered = False  # its handler, if still running, leaves nothing behind
         dropped, held = old.hold.flush()
-        hold = HoldQueue[Event](self.pending_limit, self.pending_bytes)
+        hold = self._new_hold(member)
         if after >= old.pushed_upto:
             hold.dropped = dropped  # else the replay from the log brings back what it dropped
         member.hold = hold
@@ -611,7 +657,7 @@ class Room:
                 member.outbox.push(b"".join(event.held for event in missed))
         else:
             for event in missed:
-                hold.hold(event, event.kept)
+                hold.hold(event, self._next_key())
         self._sort(member)
         self._save_session(member)
 
@@ -646,7 +692,7 @@ class Room:
                                 session_hash=record.token_hash, connected=False,
                                 expires=self.clock() + self.resume_window,
                                 pushed_upto=self.store.start_seq - 1, joined_at=time.time())
-                member.hold = HoldQueue(self.pending_limit, self.pending_bytes)
+                member.hold = self._new_hold(member)
                 self._members[member.id] = member
                 self._names[member.name.casefold()] = member
                 self._sessions[record.token_hash] = member
