@@ -222,7 +222,7 @@ class Hold:
                     shared.append(event)
                     if len(shared) == self.shared:
                         break
-        private = self.private
+        private = list(self.private)  # indexed below: a deque's middle is O(n) away
         i = j = 0
         while i < len(shared) or j < len(private):
             if j >= len(private) or (i < len(shared) and shared[i].key < private[j][0]):
