@@ -455,3 +455,34 @@ def test_sessions_survive_a_clean_restart(start_server: Start, connect: Connect,
     assert again["resumed"] is True and again["mode"] == 2
     got = numbered(peer, 1)
     assert [e.get("text") for e in got] == ["bob joined the chat.", "m0", "m1"]
+
+
+def test_a_member_cut_off_for_its_output_resumes_with_nothing_lost(start_server: Start,
+                                                                   connect: Connect) -> None:
+    """A viewing member that stops reading and is cut off at the output limit keeps its session:
+    resumed, it gets every message after its last_seq once and in order, the unsent ones too."""
+    server = start_server(rate=0, resume_window=30, output_limit=64 * 1024)
+    watcher, _ = member(connect, server, "watcher")
+    watcher.view()
+    alice, welcome = member(connect, server, "alice")
+    alice.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    alice.view()
+    bob, _ = member(connect, server, "bob")
+    text = "y" * 1000
+    sent = 0
+    while not any(e.get("event") == "lost" for e in watcher.sync()):
+        for _ in range(50):
+            bob.send({"type": "say", "text": f"m{sent}{text}"})
+            sent += 1
+        bob.sync()
+        assert sent < 20_000, "never cut off"
+    assert [e["user"]["name"] for e in watcher.events if e.get("event") == "lost"] == ["alice"]
+    alice.close()
+    peer, again = resume(server, connect, welcome["session"], welcome["seq"])
+    assert again["resumed"] is True
+    names = []
+    while len(names) < sent:
+        event = peer.next_event()
+        if event["type"] == "message":
+            names.append(event["text"][: -len(text)])
+    assert names == [f"m{n}" for n in range(sent)]
