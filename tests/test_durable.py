@@ -300,8 +300,8 @@ def test_resume_gets_every_message_exactly_once_in_order(start_server: Start, co
 
 def test_users_lists_a_member_in_its_window_as_not_connected(start_server: Start,
                                                              connect: Connect) -> None:
-    """During its resume window a dropped member stays in users with connected false, and its
-    name cannot be taken."""
+    """During its resume window a dropped member stays in users with connected false (and in a
+    line client's LIST-OK), and its name cannot be taken."""
     server = start_server(rate=0, resume_window=30)
     alice, _ = member(connect, server, "alice")
     bob, _ = member(connect, server, "bob")
@@ -315,6 +315,13 @@ def test_users_lists_a_member_in_its_window_as_not_connected(start_server: Start
     other = connect(server)
     other.send({"type": "hello", "name": "alice"})
     assert other.expect("error")["code"] == "name-taken"
+    liner = socket.create_connection(server.address, timeout=5)
+    with liner:
+        liner.sendall(b"HELLO-FROM carol\nLIST\n")
+        data = b""
+        while b"LIST-OK" not in data or not data.endswith(b"\n"):
+            data += liner.recv(4096)
+    assert data.splitlines()[-1] == b"LIST-OK alice,bob,carol"
 
 
 def test_window_end_removes_the_member_silently(start_server: Start,
