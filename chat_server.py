@@ -25,6 +25,11 @@ Theory of operation
   sharing the Redis; the room calls it only outside its lock. Without it, redis is never imported.
 * Rate limiting delays the reader thread of a flooding connection; it stops reading, so TCP
   pushes back on that sender alone. Heartbeat and hello deadlines are the reader's wait timeouts.
+* The durable room (SPEC 6): the room numbers every room event and hands it to the store
+  (``--store``, store.py), whose own thread commits it to SQLite within 50 ms; nothing on the
+  message path waits for the disk. A native client that drops keeps its member in the room for
+  ``--resume-window`` seconds (the ``resume-windows`` thread ends the windows) and can resume
+  it with its session token; backlog and resume read the log on the asking connection's thread.
 """
 
 from __future__ import annotations
