@@ -233,7 +233,8 @@ def test_without_redis_the_redis_package_is_never_imported() -> None:
     """A server started without --redis imports neither cluster.py nor the redis package."""
     code = (
         "import sys; from chat_server import ChatServer, ServerConfig\n"
-        "s = ChatServer(ServerConfig(host='127.0.0.1', port=0, log=lambda l: None))\n"
+        "s = ChatServer(ServerConfig(host='127.0.0.1', port=0, log=lambda l: None,"
+        " store='none'))\n"
         "s.start(); s.stop()\n"
         "print(sorted(m for m in sys.modules if m in ('redis', 'cluster')))\n"
     )
