@@ -202,7 +202,8 @@ class StalledServer:
         self.address = ("127.0.0.1", self.port)
         self.proc = subprocess.Popen(
             [sys.executable, str(ROOT / "chat_server.py"), "--host", "127.0.0.1",
-             "--port", str(self.port), "--rate", "0", "--store", "none", *args],
+             "--port", str(self.port), "--rate", "0", "--store", "none",
+             "--resume-window", "0", *args],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
         )
         assert self.proc.stdout is not None
