@@ -28,6 +28,7 @@ from conftest import ROOT, Peer, ServerProcess, free_port, wait_until
 
 from chat_server import ChatServer, ServerConfig
 from chatsuite.server.cluster_wire import CHANNEL, PubSub
+from chatsuite.server.memstore import Viewer
 from chatsuite.server.seal import (
     ROOM_SEAL,
     USER_SEAL,
@@ -39,7 +40,6 @@ from chatsuite.server.seal import (
     check_url,
     load_secret,
 )
-from chatsuite.server.memstore import Viewer
 
 
 def _find_redis_server() -> str | None:

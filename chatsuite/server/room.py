@@ -716,7 +716,7 @@ class Room:
         member.hold = hold
         online = len(self._members) + len(self._remote)
         welcome = Welcome(member.as_user(), online, self.max_frame, ref, seq=self.seq,
-                          session=token, resumed=True)
+                          session=token, resumed=True, admin=member.admin)
         member.outbox.push(encode_event(welcome))
         self._to_everyone([self._notice("back", member)], member)
         missed = replay + [event for event in held if event.seq is None or event.seq > after]
