@@ -384,6 +384,8 @@ class ChatServer:
         with self.room.lock:
             for conn in self._connections:
                 if conn.member is not None and conn.member.id == member_id:
+                    # Its name is another node's now: no session to keep for a resume.
+                    self.room.end_session(conn.member)
                     self.writer.abort(conn)
 
     def forget(self, conn: Connection) -> None:

@@ -586,12 +586,16 @@ def test_redis_outage_keeps_local_chat_and_the_cluster_comes_back(
     late.expect("error", code="name-taken")
 
 
+@pytest.mark.parametrize("window", [0.0, 30.0])
 def test_a_name_given_twice_during_an_outage_stays_with_one_client(
     redis_server: RedisServer, start_node: Callable[..., ChatServer], dial: Callable[..., Any],
+    window: float,
 ) -> None:
-    """Two nodes let "sam" in while Redis was away: after it, the later sam is disconnected."""
+    """Two nodes let "sam" in while Redis was away: after it, the later sam is disconnected,
+    and leaves even with a resume window (its name is the other node's: no session kept)."""
     logs: list[str] = []
-    one, two = start_node(log=logs.append), start_node(log=logs.append)
+    one = start_node(log=logs.append, resume_window=window)
+    two = start_node(log=logs.append, resume_window=window)
     redis_server.stop()
     wait_until(lambda: sum("lost Redis" in x for x in logs) == 2, 5, "both nodes to notice")
     sams = [dial("native", one), dial("native", two)]

@@ -512,6 +512,14 @@ class Room:
             del self._sessions[member.session_hash]
             self.store.delete_session(member.session_hash)
 
+    def end_session(self, member: Member) -> None:
+        """End ``member``'s session (lock held): cut off, it leaves rather than waiting for a
+        resume (its name lost to another node after a cluster outage)."""
+        if member.session_hash is not None and self._sessions.get(member.session_hash) is member:
+            del self._sessions[member.session_hash]
+            self.store.delete_session(member.session_hash)
+        member.session_hash = None
+
     def _spare_id(self) -> int:
         """An id no member has, from ``SPARE_IDS`` (lock held): see ``SPARE_IDS``."""
         base = self.backplane.node * 1_000_000 if self.backplane is not None else 0
@@ -553,6 +561,8 @@ class Room:
         with self.lock:
             if not member.registered or self._members.get(member.id) is not member:
                 return True  # gone already, or resumed elsewhere: nothing to announce
+            if member.session_hash is None:
+                return False  # its session was ended (end_session): it leaves
             if not member.connected:
                 return True
             # The notice shows the member as it was (seed 004's user), then it is held for.
