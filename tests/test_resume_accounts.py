@@ -196,3 +196,36 @@ def test_a_cut_off_native_member_stays_reserved_for_its_window(start_server: Sta
         assert (answer["type"], answer["name"]) == ("welcome", "alice")
     other.close()
     alice.close()
+
+
+def test_backlog_gives_an_account_its_direct_messages_from_an_earlier_session(
+        start_server: Start) -> None:
+    """SPEC 6.3: logged in again (a new session) to its account, a member's backlog has the
+    direct messages that account sent and received before; a member without it gets none."""
+    server = start_server(rate=0)
+    alice = Peer(server.address)
+    alice.register("alice")
+    assert reply(alice, {"type": "register", "password": GOOD}, "reg")["type"] == "ok"
+    alice.view()
+    bob = Peer(server.address)
+    bob.register("bob")
+    bob.view()
+    alice.send({"type": "dm", "to": "bob", "text": "secret to bob"})
+    bob.send({"type": "dm", "to": "alice", "text": "secret to alice"})
+    bob.wait_for("message", text="secret to bob")
+    alice.wait_for("message", text="secret to alice")
+    alice.send({"type": "quit"})
+    alice.wait_for("bye")
+    alice.close()
+    wait_until(lambda: server.room.names() == ["bob"], what="alice to leave")
+    again = Peer(server.address)
+    again.register("alice", password=GOOD)
+    page = reply(again, {"type": "backlog"}, "b")
+    assert [e["text"] for e in page["events"] if e["type"] == "message"] == [
+        "secret to bob", "secret to alice"]
+    carol = Peer(server.address)
+    carol.register("carol")
+    page = reply(carol, {"type": "backlog"}, "c")
+    assert [e for e in page["events"] if e["type"] == "message"] == []
+    for peer in (again, bob, carol):
+        peer.close()

@@ -25,6 +25,7 @@ from dataclasses import replace
 from typing import Any, Protocol
 
 from chatsuite.dialects import line_delivery, line_hello, plain_frame
+from chatsuite.server.access import name_key
 from chatsuite.server.members import (
     GONE,
     Delivery,
@@ -298,7 +299,8 @@ class Room:
         event = LoggedEvent(
             self.seq, time.time(), kind, live[:-1], sender.name, sender.id,
             None if to is None else to.name, sender.session_hash,
-            None if to is None else to.session_hash,
+            None if to is None else to.session_hash, _account_key(sender),
+            None if to is None else _account_key(to),
         )
         self.store.append(event)
         self.recent.append(event)
@@ -791,7 +793,7 @@ class Room:
                 limit: int) -> tuple[list[LoggedEvent], bool]:
         """SPEC 6.3 for ``member`` (outside the lock): the store, with the recent log for what
         it may not have committed yet."""
-        viewer = Viewer(member.session_hash)
+        viewer = Viewer(member.session_hash, _account_key(member))
         pages = [self.store.backlog(viewer, before, after, limit)]
         if self.recent is not self.store:
             pages.append(self.recent.backlog(viewer, before, after, limit))
@@ -995,6 +997,11 @@ class Room:
             self._unmirror(member.id)
         for record in records:
             self._mirror(Member.from_record(record))
+
+
+def _account_key(member: Member) -> str | None:
+    """The case-folded account ``member`` is logged in to, or None (SPEC 6.3: its own DMs)."""
+    return None if member.account is None else name_key(member.account)
 
 
 def _gap_frame(low: int, high: int, ts: str) -> bytes:
