@@ -25,6 +25,11 @@ Theory of operation
   sharing the Redis; the room calls it only outside its lock. Without it, redis is never imported.
 * Rate limiting delays the reader thread of a flooding connection; it stops reading, so TCP
   pushes back on that sender alone. Heartbeat and hello deadlines are the reader's wait timeouts.
+* The durable room (SPEC 6): the room numbers every room event and hands it to the store
+  (``--store``, store.py), whose own thread commits it to SQLite within 50 ms; nothing on the
+  message path waits for the disk. A native client that drops keeps its member in the room for
+  ``--resume-window`` seconds (the ``resume-windows`` thread ends the windows) and can resume
+  it with its session token; backlog and resume read the log on the asking connection's thread.
 """
 
 from __future__ import annotations
@@ -108,8 +113,12 @@ class ServerConfig:
     cluster_secret: str | None = None  # the nodes' shared secret (else the file, else the env)
     cluster_secret_file: str | None = None  # a file holding it (--cluster-secret-file)
     redis_insecure: bool = False  # allow a Redis on another host with no password in the URL
-    # The store (SPEC 6.2; the durable room adds history options beside it): a file, or "none".
+    # The durable room (SPEC 6): the store's file ("none": memory only), retention, and how
+    # long a dropped native client's session waits for it to resume (0: no resume).
     store: str = "chat-suite.db"
+    history_days: float = 30.0
+    history_limit: int = 100_000
+    resume_window: float = 120.0
     # Who may enter (SPEC 7): the server password (read by main from --password-file or
     # CHAT_PASSWORD), line and plain clients despite it, account passwords over plain TCP from
     # afar, the admins; ``is_local`` decides "loopback" for the plaintext rule (tests inject).
@@ -163,17 +172,18 @@ class ChatServer:
                                        secret=config.cluster_secret,
                                        secret_file=config.cluster_secret_file,
                                        insecure=config.redis_insecure)
+        # StoreError (a sentence) when it cannot be opened: main() prints it and exits 1.
+        self.store = open_store(config.store, history_days=config.history_days,
+                                history_limit=config.history_limit, log=self.log)
         self.room = Room(config.max_clients, config.pending_limit, config.pending_bytes, self.log,
-                         self.backplane, config.max_frame)
-        # The store (StoreError at start: main says it and exits 1). The durable room's branch
-        # adds the same attribute with its history options; the lead reconciles the two.
-        self.store = open_store(config.store, log=self.log)
+                         self.backplane, config.max_frame, self.store, config.resume_window)
         self.gate = Gate(self.store, server_password=config.server_password,
                          admins=config.admins, open_dialects=config.open_dialects,
                          allow_plaintext=config.allow_plaintext_passwords,
                          is_local=config.is_local, log=self.log)
         self.room.guard = self.gate
         self.writer = Writer(self.room.lock, self.log)
+        self.room.abort = self.writer.abort  # type: ignore[assignment]  # outboxes are ours
         self.room.fan_out = self.writer.push_all  # the inlined broadcast loop
         self.pending = PendingTicker(self.room.lock, config.pending_interval, log=self.log)
         self.room.pending = self.pending
@@ -215,10 +225,26 @@ class ChatServer:
         threading.stack_size(THREAD_STACK)
         self.writer.thread.start()
         self.pending.start()
+        restored = self.room.restore(self.store.load_sessions())
+        if self.config.resume_window > 0:
+            threading.Thread(target=self._expire_loop, name="resume-windows",
+                             daemon=True).start()
         self._acceptor = threading.Thread(target=self._accept_loop, name="acceptor", daemon=True)
         self._acceptor.start()
         secure = " (TLS)" if self._tls_context is not None else ""
         self.log(f"chat server listening on {self.address[0]}:{self.address[1]}{secure}")
+        where = "none (memory only)" if self.config.store == "none" else self.config.store
+        self.log(f"store: {where}; latest seq {self.room.seq}"
+                 + (f"; {restored} sessions may resume" if restored else ""))
+
+    def _expire_loop(self) -> None:
+        """End the resume windows that are over (SPEC 6.4), a few times per window."""
+        every = min(1.0, self.config.resume_window / 4)
+        while not self.stopping.wait(every):
+            try:
+                self.room.expire()
+            except Exception as error:  # never the end of resume for everyone
+                self.log(f"ending resume windows failed: {error!r}")
 
     def _accept_loop(self) -> None:
         """Accept until stopped. A failure costs at most one connection, never the acceptor."""
@@ -358,6 +384,8 @@ class ChatServer:
         with self.room.lock:
             for conn in self._connections:
                 if conn.member is not None and conn.member.id == member_id:
+                    # Its name is another node's now: no session to keep for a resume.
+                    self.room.end_session(conn.member)
                     self.writer.abort(conn)
 
     def forget(self, conn: Connection) -> None:
@@ -459,11 +487,19 @@ def parse_args(argv: Sequence[str] | None) -> ServerConfig:
     parser.add_argument("--cluster-secret-file", metavar="FILE",
                         help="with --redis: the nodes' shared secret (else "
                              "$CHAT_CLUSTER_SECRET); required")
+    parser.add_argument("--store", default="chat-suite.db", metavar="PATH",
+                        help="SQLite file for history, sessions, accounts and bans, or 'none' for "
+                             "memory only until the server stops "
+                             "(default chat-suite.db in the working directory)")
+    parser.add_argument("--history-days", type=float, default=30.0, metavar="D",
+                        help="days of history kept (default 30)")
+    parser.add_argument("--history-limit", type=int, default=100_000, metavar="N",
+                        help="most events kept in the history (default 100000)")
+    parser.add_argument("--resume-window", type=float, default=120.0, metavar="S",
+                        help="seconds a dropped client's session waits for it; 0 = off "
+                             "(default 120)")
     parser.add_argument("--redis-insecure", action="store_true",
                         help="allow a Redis on another host without a password in the URL")
-    parser.add_argument("--store", default="chat-suite.db", metavar="PATH",
-                        help="the store file (accounts, bans, history); 'none' keeps them in "
-                             "memory until the server stops (default chat-suite.db)")
     parser.add_argument("--password-file", metavar="FILE",
                         help="the server password is this file's first line (else "
                              "$CHAT_PASSWORD); every client must give it")
@@ -489,7 +525,9 @@ def parse_args(argv: Sequence[str] | None) -> ServerConfig:
         max_unregistered_per_ip=args.max_unregistered_per_ip, tls_cert=args.tls_cert,
         tls_key=args.tls_key, redis_url=args.redis, cluster_ttl=args.cluster_ttl,
         cluster_secret_file=args.cluster_secret_file, redis_insecure=args.redis_insecure,
-        store=args.store, server_password=server_password, open_dialects=args.open_dialects,
+        store=args.store, history_days=args.history_days, history_limit=args.history_limit,
+        resume_window=args.resume_window, server_password=server_password,
+        open_dialects=args.open_dialects,
         allow_plaintext_passwords=args.allow_plaintext_passwords, admins=tuple(args.admin),
     )
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import shlex
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Generic, TypeVar
@@ -60,6 +61,10 @@ class HoldQueue(Generic[T]):
             _, old_size = self._items.popleft()
             self._bytes -= old_size
             self.dropped += 1
+
+    def peek(self) -> Iterator[T]:
+        """The held items, oldest first, left in place."""
+        return (item for item, _ in self._items)
 
     def flush(self) -> tuple[int, list[T]]:
         """Take everything: ``(number dropped since the last flush, held items in order)``."""

@@ -175,7 +175,9 @@ def start_server() -> Iterator[Callable[..., ChatServer]]:
 
     def start(**options: Any) -> ChatServer:
         options.setdefault("log", lambda line: None)
-        options.setdefault("store", "none")  # a memory store: tests stay isolated
+        options.setdefault("store", "none")  # isolated and fast; store tests pass a file
+        # Seed behaviour (a lost member leaves at once); resume tests ask for a window.
+        options.setdefault("resume_window", 0)
         server = ChatServer(ServerConfig(host="127.0.0.1", port=0, **options))
         server.start()
         servers.append(server)
@@ -219,12 +221,14 @@ class ServerProcess:
 
     def __init__(self, *args: str) -> None:
         self.port = free_port()
-        if "--store" not in args:
-            args = (*args, "--store", "none")  # no chat-suite.db in the working directory
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
             [sys.executable, str(ROOT / "chat_server.py"), "--host", "127.0.0.1",
-             "--port", str(self.port), *args],
+             "--port", str(self.port),
+             # Isolated by default (a store file is locked by one server): tests of the
+             # store pass --store themselves.
+             *(() if "--store" in args else ("--store", "none")),
+             *(() if "--resume-window" in args else ("--resume-window", "0")), *args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
             encoding="utf-8", errors="replace",
         )

@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -142,10 +143,12 @@ def test_percentile_of_sorted_runs_matches_merged_list() -> None:
     assert percentile([[], []], 50) is None
 
 
-def test_cli_runs_every_scenario_and_prints_json_lines() -> None:
+def test_cli_runs_every_scenario_and_prints_json_lines(tmp_path: Path) -> None:
     """`chat-bench --scenario all` with tiny sizes prints a table and four clean JSON lines."""
     command = [
         sys.executable, "-m", "chatsuite.bench.cli", "--scenario", "all",
+        # A store file of the test's own (the servers' default would be one in the checkout).
+        "--server-arg=--store", f"--server-arg={tmp_path / 'bench.db'}",
         "--fanout-viewers", "5", "--fanout-messages", "200",
         "--all2all-clients", "3", "--all2all-messages", "100",
         "--latency-viewers", "3", "--latency-rate", "500", "--latency-seconds", "0.5",

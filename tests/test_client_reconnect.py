@@ -4,7 +4,7 @@ bounds every wait for a reply, and says how many messages wait (SPEC 4.10, 4.12)
 The pure parts (backoff, sequence numbers, the session file) run with a fake clock and a
 seeded random. The rest drives the real ``chat_client.py`` in a pseudo-terminal against a
 ``ScriptedServer`` that the test steps through (drop, refuse, resume, replay), or against the
-real server where today's server already behaves as needed (max_frame). Backoff delays are
+real server (max_frame; a resume end to end after the server cut the client off). Backoff delays are
 shrunk with the test-only ``CHAT_CLIENT_DELAY_SCALE``; nothing waits a real 30 s.
 """
 
@@ -32,7 +32,7 @@ from client_helpers import (
     message,
     output,
 )
-from conftest import Peer
+from conftest import Peer, wait_until
 
 from chatsuite.client.history import History
 from chatsuite.client.native import too_long, waiting_line
@@ -501,3 +501,49 @@ def test_a_server_without_sessions_gets_a_plain_new_registration_said_so(
     assert scripted.answer_mode() == 2
     assert scripted.answer_mode() == 2
     child.expect_exact("viewing messages: press e to type, q to quit")
+
+
+# --------------------------------------------------------------------------------------------
+# Reconnecting, against the real server.
+
+
+def test_a_viewer_cut_off_by_the_real_server_resumes_with_nothing_lost(
+        spawn: Callable[..., pexpect.spawn], start_server: Callable[..., Any],
+        connect: Callable[..., Peer]) -> None:
+    """The real server (resume window 120 s) drops a viewing client's connection; while it is
+    away another member says two things; the client resumes, says 2 messages were missed and
+    shows each exactly once, and what follows arrives live."""
+    server = start_server(rate=0, resume_window=120)
+    bob = connect(server)
+    bob.register("bob")
+    bob.view()
+    host, port = server.address
+    # The first reconnect waits about a second: time enough to speak while alice is away.
+    child = spawn("alice", "--host", host, "--port", str(port), "--no-color", "--backlog", "0",
+                  env={"CHAT_CLIENT_DELAY_SCALE": "1"})
+    child.expect(CHOICE)
+    child.sendline("2")
+    child.expect_exact("viewing messages: press e to type, q to quit")
+    bob.wait_for("notice", event="joined")
+    bob.send({"type": "say", "text": "before"})
+    child.expect_exact("bob: before")
+    with server.room.lock:  # the connection table: cut alice off from the server's side
+        (conn,) = [c for c in server._connections
+                   if c.member is not None and c.member.name == "alice"]
+        server.writer.abort(conn)
+    wait_until(lambda: [(u.name, u.connected) for u in server.room.users()] == [
+        ("bob", True), ("alice", False)], what="alice to be in her resume window")
+    bob.send({"type": "say", "text": "while away 1"})
+    bob.send({"type": "say", "text": "while away 2"})
+    bob.sync()
+    child.expect_exact(LOST_LINE)
+    child.expect_exact("reconnected: 2 messages missed while away\r\n", timeout=10)
+    child.expect(f"{TIME} bob: while away 1\r\n{TIME} bob: while away 2\r\n")
+    assert bob.wait_for("notice", event="back")["user"]["name"] == "alice"
+    bob.send({"type": "say", "text": "live again"})
+    child.expect_exact("bob: live again")
+    printed = output(child)
+    assert [printed.count(f"bob: {text}") for text in (
+        "before", "while away 1", "while away 2", "live again")] == [1, 1, 1, 1]
+    child.send("q")
+    assert ended(child) == 0

@@ -28,6 +28,7 @@ from conftest import ROOT, Peer, ServerProcess, free_port, wait_until
 
 from chat_server import ChatServer, ServerConfig
 from chatsuite.server.cluster_wire import CHANNEL, PubSub
+from chatsuite.server.memstore import Viewer
 from chatsuite.server.seal import (
     ROOM_SEAL,
     USER_SEAL,
@@ -231,7 +232,8 @@ def test_without_redis_the_redis_package_is_never_imported() -> None:
     """A server started without --redis imports neither cluster.py nor the redis package."""
     code = (
         "import sys; from chat_server import ChatServer, ServerConfig\n"
-        "s = ChatServer(ServerConfig(host='127.0.0.1', port=0, log=lambda l: None, store='none'))\n"
+        "s = ChatServer(ServerConfig(host='127.0.0.1', port=0, log=lambda l: None,"
+        " store='none'))\n"
         "s.start(); s.stop()\n"
         "print(sorted(m for m in sys.modules if m in ('redis', 'cluster')))\n"
     )
@@ -245,7 +247,7 @@ def test_unreachable_redis_is_a_clear_error_at_start() -> None:
     port = free_port()
     out = subprocess.run(
         [sys.executable, str(ROOT / "chat_server.py"), "--host", "127.0.0.1", "--port",
-         str(free_port()), "--store", "none", "--redis", f"redis://127.0.0.1:{port}/0"],
+         str(free_port()), "--redis", f"redis://127.0.0.1:{port}/0", "--store", "none"],
         check=False, capture_output=True, text=True, timeout=10,
         env=dict(os.environ, CHAT_CLUSTER_SECRET=SECRET),
     )
@@ -584,12 +586,16 @@ def test_redis_outage_keeps_local_chat_and_the_cluster_comes_back(
     late.expect("error", code="name-taken")
 
 
+@pytest.mark.parametrize("window", [0.0, 30.0])
 def test_a_name_given_twice_during_an_outage_stays_with_one_client(
     redis_server: RedisServer, start_node: Callable[..., ChatServer], dial: Callable[..., Any],
+    window: float,
 ) -> None:
-    """Two nodes let "sam" in while Redis was away: after it, the later sam is disconnected."""
+    """Two nodes let "sam" in while Redis was away: after it, the later sam is disconnected,
+    and leaves even with a resume window (its name is the other node's: no session kept)."""
     logs: list[str] = []
-    one, two = start_node(log=logs.append), start_node(log=logs.append)
+    one = start_node(log=logs.append, resume_window=window)
+    two = start_node(log=logs.append, resume_window=window)
     redis_server.stop()
     wait_until(lambda: sum("lost Redis" in x for x in logs) == 2, 5, "both nodes to notice")
     sams = [dial("native", one), dial("native", two)]
@@ -968,9 +974,46 @@ def test_unsafe_cluster_options_exit_2_before_connecting(
         env["CHAT_CLUSTER_SECRET"] = secret
     out = subprocess.run(
         [sys.executable, str(ROOT / "chat_server.py"), "--host", "127.0.0.1", "--port",
-         str(free_port()), "--redis", url.format(port=free_port())],
+         str(free_port()), "--redis", url.format(port=free_port()), "--store", "none"],
         check=False, capture_output=True, text=True, timeout=10, env=env,
     )
     assert out.returncode == 2  # a connection attempt would have ended with 1 (unreachable)
     assert out.stderr.startswith(message), out.stderr
     assert "Traceback" not in out.stderr and out.stdout == ""
+
+
+def test_a_client_resumes_on_the_node_it_left(
+    start_node: Callable[..., ChatServer], dial: Callable[..., Any]
+) -> None:
+    """With --redis, a native client dropped from a node resumes there with its session and gets
+    what the other node's members said meanwhile, once and in order; the other node saw it lost
+    and then joined again, under the new id."""
+    one, two = start_node(resume_window=30), start_node(resume_window=30)
+    alice = dial("native", one)
+    welcome = alice.register("alice")
+    alice.view()
+    converge([one, two], ["alice"])
+    bob = viewer(dial, two, "bob")
+    converge([one, two], ["alice", "bob"])
+    alice.wait_for("notice", event="joined")
+    bob.send({"type": "say", "text": "m0"})
+    seen = alice.wait_for("message", text="m0")
+    alice.sock.close()
+    assert bob.wait_for("notice", event="lost")["user"]["name"] == "alice"
+    for n in range(1, 20):
+        bob.send({"type": "say", "text": f"m{n}"})
+    bob.sync()
+    wait_until(lambda: any(b'"m19"' in e.frame  # every message has reached node one
+                           for e in one.room.recent.backlog(Viewer(None), limit=500).events),
+               5, "m19 on node one")
+    again = dial("native", one)
+    again.send({"type": "hello", "session": welcome["session"], "last_seq": seen["seq"]})
+    resumed = again.expect("welcome")
+    assert resumed["resumed"] is True and resumed["name"] == "alice" and resumed["mode"] == 2
+    texts = [again.wait_for("message")["text"] for _ in range(19)]
+    assert texts == [f"m{n}" for n in range(1, 20)]
+    joined = bob.wait_for("notice", event="joined")
+    assert (joined["user"]["name"], joined["user"]["id"]) == ("alice", resumed["id"])
+    bob.send({"type": "dm", "to": "alice", "text": "welcome back", "ref": 9})
+    bob.expect("ok", ref=9, delivered=1, queued=0)
+    assert again.wait_for("message")["text"] == "welcome back"

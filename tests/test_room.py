@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from chatsuite.server.members import Dialect, Member
+from chatsuite.server.members import HELD_OVERHEAD, Dialect, Member
 from chatsuite.server.room import Room
 from modes import Mode
 from protocol import ErrorCode, Refusal, User
@@ -200,3 +200,61 @@ def test_direct_by_id_with_another_name_is_no_such_user_and_delivers_nothing() -
     recipient, _ = room.direct(sender, "10", "for mallory", name="MALLORY")
     assert recipient is mallory
     assert [f["text"] for f in outbox(mallory).frames()] == ["for mallory"]
+
+
+def test_a_held_event_keeps_only_its_native_frame_and_counts_what_it_keeps() -> None:
+    """Once delivered, a broadcast held for a typing member keeps neither its line nor its plain
+    rendering, and the hold's byte count is the frame plus its bookkeeping, not less."""
+    room = Room()
+    typist = member(room, 5, "typist")
+    line = member(room, 6, "liner", Dialect.LINE)
+    plain = member(room, 7, None, Dialect.PLAIN)
+    typist.hold.flush()
+    room.broadcast(plain, ["hello"])
+    assert outbox(line).take().endswith(b"hello\n")  # the line client got its rendering live
+    _, held = typist.hold.flush()
+    assert [e.seq for e in held] == [4]  # after three joined notices
+    event = held[0]
+    assert (event.line, event.plain) == (None, None)
+    room.broadcast(plain, ["again"])
+    assert typist.hold.size == len(typist.hold.peek().__next__().live) + HELD_OVERHEAD
+    assert event.held.endswith(b'"queued":true}\0') and not hasattr(event, "_held")
+
+
+def test_a_broadcast_held_by_many_typists_is_kept_once() -> None:
+    """500 typing members holding the same broadcasts share one copy of each (the room's
+    stream): no per-member entry, and the stream forgets them once every hold is flushed."""
+    room = Room()
+    typists = [member(room, 10 + n, f"t{n}") for n in range(500)]
+    sender = member(room, 9, "sender")
+    sender.mode = Mode.VIEWING
+    for typist in typists:
+        typist.hold.flush()  # the joined notices
+    room._trim_stream()
+    room.broadcast(sender, ["one", "two", "three"])
+    assert len(room.stream.events) == 3
+    assert all(len(t.hold) == 3 and not t.hold.private for t in typists)
+    flushed = [t.hold.flush()[1] for t in typists]
+    assert all([e.seq for e in held] == [e.seq for e in flushed[0]] for held in flushed)
+    assert [json.loads(e.live[:-1])["text"] for e in flushed[0]] == ["one", "two", "three"]
+    room._trim_stream()
+    assert len(room.stream.events) == 0
+
+
+def test_a_hold_merges_its_own_events_with_the_stream_and_drops_the_oldest() -> None:
+    """A typist's direct messages and the broadcasts come out in delivery order, its own
+    broadcasts are never held for it, and past the limit the oldest of either kind goes."""
+    room = Room(pending_limit=3)
+    typist = member(room, 5, "typist")
+    other = member(room, 6, "other")
+    typist.hold.flush()
+    room.broadcast(other, ["b1"])
+    room.direct(other, "typist", "d1")
+    room.broadcast(typist, ["mine"])  # not for itself
+    room.broadcast(other, ["b2"])
+    texts = [json.loads(e.live[:-1])["text"] for e in typist.hold.peek()]
+    assert texts == ["b1", "d1", "b2"] and len(typist.hold) == 3
+    room.direct(other, "typist", "d2")  # over the limit: b1 goes
+    dropped, held = typist.hold.flush()
+    assert dropped == 1
+    assert [json.loads(e.live[:-1])["text"] for e in held] == ["d1", "b2", "d2"]

@@ -87,7 +87,8 @@ def check_message(
     queued: bool,
 ) -> None:
     """A ``message`` event has exactly these fields and values (and a valid ts)."""
-    assert set(event) == {"type", "from", "to", "text", "ts", "queued"}, event
+    assert set(event) == {"type", "from", "to", "text", "ts", "seq", "queued"}, event
+    assert type(event["seq"]) is int and event["seq"] > 0, event
     assert event["type"] == "message"
     assert event["from"] == sender
     assert event["to"] == to
@@ -109,6 +110,7 @@ def check_notice(
     else:
         assert event["text"] == text, event
     assert event["queued"] is queued, event
+    assert type(event["seq"]) is int and event["seq"] > 0, event
     check_ts(event["ts"])
 
 
@@ -546,7 +548,7 @@ def test_two_clients_racing_for_one_name(server: ChatServer, connect: Connect) -
 
 def test_welcome_fields(server: ChatServer, connect: Connect) -> None:
     """welcome carries the id, the name, title, company, status available, mode 1, the online
-    count and the server's frame limit."""
+    count, the server's frame limit, the room's latest seq and a fresh session token."""
     first = connect(server)
     first.send({"type": "hello", "name": "alice", "title": "Engineer", "company": "Acme", "ref": 9})
     welcome = first.expect("welcome")
@@ -562,13 +564,16 @@ def test_welcome_fields(server: ChatServer, connect: Connect) -> None:
         "online": 1,
         "max_frame": MAX_FRAME,
         "seq": 0,
+        "session": welcome["session"],
         "resumed": False,
         "admin": False,
         "ref": 9,
     }
+    assert isinstance(welcome["session"], str) and len(welcome["session"]) >= 22
     second = connect(server).register("bob")
     assert isinstance(second["id"], int) and second["id"] != welcome["id"]
-    assert {k: v for k, v in second.items() if k != "id"} == {
+    assert second["session"] != welcome["session"]
+    assert {k: v for k, v in second.items() if k not in ("id", "session")} == {
         "type": "welcome",
         "name": "bob",
         "title": None,
@@ -577,7 +582,7 @@ def test_welcome_fields(server: ChatServer, connect: Connect) -> None:
         "mode": 1,
         "online": 2,
         "max_frame": MAX_FRAME,
-        "seq": 0,
+        "seq": 1,  # alice's joined notice
         "resumed": False,
         "admin": False,
     }

@@ -605,15 +605,17 @@ class NativeSession(Session):
         budget is spent (``ConnectionLost``); Ctrl-C while waiting leaves (KeyboardInterrupt)."""
         old = self.conn
         old.noticed = True  # dealt with here: its wake-up and watchdog are not needed
-        old.close()
-        self.viewer.stop_viewing()  # what comes on the new link is kept until it is said
-        self.keep_session()
-        before = self.seen.last
-        why = "the server is shutting down" if old.failure == SHUT_DOWN else LOST
-        self.show(self.palette.bad(f"{why}: reconnecting (Ctrl-C to leave)"))
         budget = self.comeback.reconnect_for or 0.0
-        backoff = Backoff(budget, scale=self.comeback.delay_scale)
+        # Everything from here is in the try: a Ctrl-C that lands just after the line below
+        # is printed (a busy machine) still leaves with "bye", not as the connection's failure.
         try:
+            old.close()
+            self.viewer.stop_viewing()  # what comes on the new link is kept until it is said
+            self.keep_session()
+            before = self.seen.last
+            why = "the server is shutting down" if old.failure == SHUT_DOWN else LOST
+            self.show(self.palette.bad(f"{why}: reconnecting (Ctrl-C to leave)"))
+            backoff = Backoff(budget, scale=self.comeback.delay_scale)
             while backoff.wait():
                 if self.try_again(before):
                     return

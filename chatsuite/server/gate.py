@@ -108,6 +108,10 @@ class Gate:
         with self._lock:
             return name_key(name) in self._accounts
 
+    def is_admin(self, name: str, account: str | None) -> bool:
+        """True when ``name`` may moderate having proved ``account`` (a restored session's)."""
+        return self.admins.may_moderate(name, account)
+
     def check_name(self, name: str, account: str | None) -> None:
         """Under the room lock, at the claim: ``password-required`` (for the account) when
         ``name`` is an account this connection has not proved (``account``: the one it did)."""

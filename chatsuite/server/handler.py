@@ -40,6 +40,7 @@ from modes import Mode
 from protocol import (
     LF,
     NUL,
+    BacklogRequest,
     Ban,
     Bye,
     ChangePassword,
@@ -73,6 +74,7 @@ from protocol import (
     Unmute,
     Users,
     encode_event,
+    encode_json,
     no_such_user_message,
     ok_frames,
     sniff,
@@ -208,6 +210,7 @@ class Handler:
             ListUsers: self.users, SetStatus: self.set_status, Ping: self.ping,
             Pong: lambda r: None,  # it already counted as a sign of life when it arrived
             Quit: self.quit, Register: self.register, ChangePassword: self.change_password,
+            BacklogRequest: self.backlog,
             Kick: self.moderate, Mute: self.moderate, Unmute: self.moderate, Ban: self.moderate,
         }
 
@@ -320,6 +323,7 @@ class Handler:
             stopping = self.server.stopping.is_set()
             if stopping:
                 reason = "server stopped"
+            # A native member that did not quit keeps its session for the resume window.
             if quitting:
                 self.room.leave(self.member, quitting, notify=not stopping)
             else:
@@ -423,8 +427,10 @@ class Handler:
         if self.member.registered:
             raise Refusal(ErrorCode.ALREADY_REGISTERED, "You are already registered.",
                           request.ref)
-        # A hello that resumes a session (SPEC 6.4) will skip this: its token stands for both
-        # passwords, and resuming never runs scrypt.
+        # A hello that resumes a session (SPEC 6.4) skips the password checks: its token stands
+        # for both passwords (SPEC 7.1), and resuming never runs scrypt.
+        if request.session is not None and self.resume(request):
+            return
         self.check_entry(request)
         try:
             self.room.register(self.member, request.name, request.title, request.company,
@@ -490,11 +496,26 @@ class Handler:
                                    reason=request.reason, remove=remove):
             raise Refusal(ErrorCode.NO_SUCH_USER, no_such_user_message(request.to))
         if remove and target is not None:
-            # Its session ends here and is not kept for resuming (SPEC 7.3): the resume
-            # work deletes the session of a member removed this way.
+            # Its session ended in ``moderated`` (not kept for resuming, SPEC 7.3): when its
+            # reader leaves, there is nothing left to suspend.
             self.server.disconnect(target)
         self.server.log(f"moderation: {text}")
         self.room.push(admin, ok_frames(Ok(0, 0), [request.ref]))
+
+    def resume(self, request: Hello) -> bool:
+        """``hello`` with a session within its window resumes it (SPEC 6.4); False: register."""
+        assert request.session is not None
+        return self.room.resume(self.member, request.session, request.last_seq, request.ref)
+
+    def backlog(self, request: Request) -> None:
+        """SPEC 6.3: read on this thread, outside the room lock; the logged frames spliced."""
+        assert isinstance(request, BacklogRequest)
+        events, more = self.room.backlog(self.member, request.before, request.after,
+                                         request.limit)
+        ref = b"" if request.ref is None else b',"ref":' + encode_json(request.ref).encode()
+        frame = (b'{"type":"backlog","events":[' + b",".join(e.frame for e in events)
+                 + b'],"more":' + (b"true" if more else b"false") + ref + b"}\0")
+        self.room.push(self.member, frame)
 
     def say_one(self, request: Request) -> None:
         assert isinstance(request, Say)

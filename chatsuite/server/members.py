@@ -7,14 +7,17 @@ recipient. ``Room`` (room.py) owns them and decides who gets what, under its loc
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any, Protocol
 
-from modes import HoldQueue, Mode
+from modes import PENDING_BYTES, PENDING_LIMIT, Mode
 from protocol import AVAILABLE, Dialect, User, encode_json, held_variant
 
-__all__ = ["NOWHERE", "Delivery", "Dialect", "Event", "Member", "Outbox", "push_each"]
+__all__ = ["GONE", "HELD_OVERHEAD", "NOWHERE", "Delivery", "Dialect", "Event", "Hold", "Member",
+           "Outbox", "Stream", "push_each"]
 
 
 class Outbox(Protocol):
@@ -33,6 +36,17 @@ class _Nowhere:
 NOWHERE = _Nowhere()
 
 
+class _Gone:
+    """The outbox of a member in its resume window (SPEC 6.4): it is held for, never pushed to;
+    a stray push (a reply racing the drop) is dropped with the connection it was meant for."""
+
+    def push(self, data: bytes) -> None:
+        pass
+
+
+GONE = _Gone()
+
+
 def push_each(outboxes: Iterable[Outbox], data: bytes, skip: object = None) -> int:
     """Push ``data`` to every outbox but ``skip``; how many got it (``Room.fan_out``'s default)."""
     count = 0
@@ -43,23 +57,187 @@ def push_each(outboxes: Iterable[Outbox], data: bytes, skip: object = None) -> i
     return count
 
 
+# What one held event costs its holder besides the frame's bytes: the frame's bytes object
+# header, the ``Event`` (slots) and the hold queue's entry (a 2-tuple and its deque slot). Every
+# byte held for a client counts against its bound (SPEC 1.5), not only the frame.
+HELD_OVERHEAD = 33 + 72 + 56 + 8
+
+
 class Event:
-    """A ``message`` or ``notice`` as each dialect receives it, encoded once for all recipients."""
+    """A ``message`` or ``notice`` as each dialect receives it, encoded once for all recipients.
 
-    __slots__ = ("_held", "line", "live", "plain")
+    Once delivered (``release``), an event held for typing members keeps only its native frame:
+    the line and plain renderings are live-only (those dialects never hold), and the held
+    variant (``queued`` true) is made when a flush sends it, not kept.
+    """
 
-    def __init__(self, live: bytes, line: bytes | None, plain: bytes | None) -> None:
+    __slots__ = ("index", "key", "line", "live", "plain", "seq", "skip")
+
+    def __init__(self, live: bytes, line: bytes | None, plain: bytes | None,
+                 seq: int | None = None) -> None:
         self.live = live  # native frame with queued false
-        self._held: bytes | None = None
+        self.seq = seq  # the room's sequence number (SPEC 6.1); None for per-client notices
         self.line = line  # None: line clients do not receive it (they get no notices)
         self.plain = plain
+        # In the room's stream (an event to everyone): its position, its place in the room's
+        # delivery order, and the member it was not for (its sender), for the holds' cursors.
+        self.index = -1
+        self.key = -1
+        self.skip: object = None
 
     @property
     def held(self) -> bytes:
-        """The native frame with ``queued`` true, made the first time a typing member needs it."""
-        if self._held is None:
-            self._held = held_variant(self.live)
-        return self._held
+        """The native frame with ``queued`` true (made on each flush: a hold keeps only live)."""
+        return held_variant(self.live)
+
+    @property
+    def kept(self) -> int:
+        """The bytes a hold really keeps for this event (its bound counts these)."""
+        return len(self.live) + HELD_OVERHEAD
+
+    def release(self) -> None:
+        """Delivered: drop the renderings only live recipients needed."""
+        self.line = self.plain = None
+
+
+class Stream:
+    """The events delivered to everyone while someone typed, by position, shared by every hold.
+
+    A typing member's hold is a cursor into it (see ``Hold``), so an event held by 500 typists
+    is kept once. The room trims it up to the oldest position any hold still needs.
+    """
+
+    __slots__ = ("base", "events")
+
+    def __init__(self) -> None:
+        self.events: deque[Event] = deque()
+        self.base = 0  # the position of events[0]
+
+    @property
+    def end(self) -> int:
+        return self.base + len(self.events)
+
+    def append(self, event: Event) -> None:
+        event.index = self.end
+        self.events.append(event)
+
+    def since(self, index: int) -> Iterator[Event]:
+        return islice(self.events, max(0, index - self.base), None)
+
+    def trim(self, keep_from: int) -> None:
+        """Forget the events before position ``keep_from``."""
+        events = self.events
+        while self.base < keep_from and events:
+            events.popleft()
+            self.base += 1
+
+
+class Hold:
+    """What is held for one typing (or dropped, SPEC 6.4) member: a cursor into the room's
+    ``Stream`` (the events to everyone from position ``start`` on, but its own) and the events
+    for it alone (direct messages, a resume's replay), merged in delivery order on a flush.
+
+    Bounded like SPEC 1.4 says: at most ``limit`` events and ``max_bytes`` (each event's frame
+    and bookkeeping, ``Event.kept``); past either the oldest is dropped and counted. Held
+    events to everyone cost this member a counter, not a copy or a queue entry.
+    """
+
+    __slots__ = ("bytes", "count", "dropped", "limit", "max_bytes", "owner", "private",
+                 "shared", "start", "stream")
+
+    def __init__(self, stream: Stream | None = None, owner: object = None,
+                 limit: int = PENDING_LIMIT, max_bytes: int = PENDING_BYTES) -> None:
+        self.stream = stream if stream is not None else Stream()
+        self.owner = owner
+        self.limit = limit
+        self.max_bytes = max_bytes
+        self.start = 0  # the stream position of the oldest held event to everyone
+        self.shared = 0  # how many events to everyone are held (from ``start``, not own)
+        self.private: deque[tuple[int, Event, int]] = deque()  # (order key, event, size)
+        self.count = 0
+        self.bytes = 0
+        self.dropped = 0
+
+    def __len__(self) -> int:
+        return self.count
+
+    @property
+    def size(self) -> int:
+        """Bytes held (frames and bookkeeping)."""
+        return self.bytes
+
+    def hold_all(self, events: list[Event], shared: bool) -> None:
+        """Hold events the room has numbered (``Event.key``), in the stream when ``shared``."""
+        for event in events:
+            if shared:
+                self.hold_shared(event)
+            else:
+                self.hold(event, event.key)
+
+    def hold_shared(self, event: Event) -> None:
+        """Hold an event of the stream (already appended to it)."""
+        if not self.shared:
+            self.start = event.index
+        self.shared += 1
+        self.count += 1
+        self.bytes += event.kept
+        self._bound()
+
+    def hold(self, event: Event, key: int) -> None:
+        """Hold an event for this member alone; ``key`` orders it among the stream's."""
+        size = event.kept
+        self.private.append((key, event, size))
+        self.count += 1
+        self.bytes += size
+        self._bound()
+
+    def _first_shared(self) -> Event | None:
+        if not self.shared:
+            return None
+        for event in self.stream.since(self.start):
+            if event.skip is not self.owner:
+                return event
+            self.start += 1  # its own broadcast: never held for it
+        return None
+
+    def _bound(self) -> None:
+        while self.count > self.limit or (self.bytes > self.max_bytes and self.count):
+            first = self._first_shared()
+            if first is not None and (not self.private or first.key < self.private[0][0]):
+                self.start = first.index + 1
+                self.shared -= 1
+                self.bytes -= first.kept
+            else:
+                _, _, size = self.private.popleft()
+                self.bytes -= size
+            self.count -= 1
+            self.dropped += 1
+
+    def peek(self) -> Iterator[Event]:
+        """The held events, oldest first, left in place."""
+        shared: list[Event] = []
+        if self.shared:
+            for event in self.stream.since(self.start):
+                if event.skip is not self.owner:
+                    shared.append(event)
+                    if len(shared) == self.shared:
+                        break
+        private = list(self.private)  # indexed below: a deque's middle is O(n) away
+        i = j = 0
+        while i < len(shared) or j < len(private):
+            if j >= len(private) or (i < len(shared) and shared[i].key < private[j][0]):
+                yield shared[i]
+                i += 1
+            else:
+                yield private[j][1]
+                j += 1
+
+    def flush(self) -> tuple[int, list[Event]]:
+        """Take everything: ``(number dropped since the last flush, held events in order)``."""
+        dropped, items = self.dropped, list(self.peek())
+        self.private.clear()
+        self.shared = self.count = self.bytes = self.dropped = 0
+        return dropped, items
 
 
 @dataclass(eq=False)
@@ -75,12 +253,20 @@ class Member:
     company: str | None = None
     status: str = AVAILABLE
     mode: Mode = Mode.TYPING
-    hold: HoldQueue[Event] = field(default_factory=HoldQueue)
+    hold: Hold = field(default_factory=Hold)
     registered: bool = False
     node: int | None = None  # None: connected here; else the cluster node it is connected to
     joined_at: float = 0.0  # registration time: the cluster's users are listed in this order
     account: str | None = None  # the account this connection proved (or registered), SPEC 7.2
     admin: bool = False  # may moderate: an --admin account logged in with its password (7.3)
+    # The durable room (SPEC 6.4): the SHA-256 of the session token (never the token), whether
+    # a connection is attached (False: in its resume window, until ``expires``), and the seq up
+    # to which everything it was entitled to went to its old connection's outbox (or was held
+    # and dropped): a resume replays the log after the client's ``last_seq`` up to there.
+    session_hash: str | None = None
+    connected: bool = True
+    expires: float = 0.0
+    pushed_upto: int = 0
     _user_json: str | None = None
 
     def user(self) -> dict[str, Any]:
@@ -98,7 +284,7 @@ class Member:
     def as_user(self) -> User:
         """The wire's ``user`` object, typed."""
         return User(self.id, self.name, self.title, self.company, self.status, int(self.mode),
-                    account=self.account is not None, admin=self.admin)
+                    self.connected, account=self.account is not None, admin=self.admin)
 
     def user_json(self) -> str:
         """``user()`` as compact JSON, cached until the member changes."""

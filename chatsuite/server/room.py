@@ -17,6 +17,7 @@ without a backplane has an empty mirror and behaves exactly as a single server.
 
 from __future__ import annotations
 
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -24,9 +25,29 @@ from dataclasses import replace
 from typing import Any, Protocol
 
 from chatsuite.dialects import line_delivery, line_hello, plain_frame
-from chatsuite.server.members import Delivery, Dialect, Event, Member, Outbox, push_each
+from chatsuite.server.access import name_key
+from chatsuite.server.members import (
+    GONE,
+    Delivery,
+    Dialect,
+    Event,
+    Hold,
+    Member,
+    Outbox,
+    Stream,
+    push_each,
+)
+from chatsuite.server.memstore import (
+    LoggedEvent,
+    MemoryStore,
+    SessionRecord,
+    Store,
+    Viewer,
+    merge_pages,
+)
 from chatsuite.server.pending import NO_NOTES, PendingNotes
-from modes import PENDING_BYTES, PENDING_LIMIT, HoldQueue, Mode, dropped_text
+from chatsuite.server.store import hash_token
+from modes import PENDING_BYTES, PENDING_LIMIT, Mode, dropped_text
 from protocol import (
     AVAILABLE,
     MAX_FRAME,
@@ -52,6 +73,7 @@ class Guard(Protocol):
 
     def is_account(self, name: str) -> bool: ...
     def check_name(self, name: str, account: str | None) -> None: ...
+    def is_admin(self, name: str, account: str | None) -> bool: ...
 
 
 class Backplane(Protocol):
@@ -74,8 +96,19 @@ NOTICE_TEXTS = {
     "joined": "{name} joined the chat.",
     "left": "{name} is quitting.",
     "lost": "{name} has lost its connection.",
+    "back": "{name} is back.",
 }
 SHUTDOWN_TEXT = "The server is shutting down."
+# The room's own recent log (by seq, shared references to the events it logs): what backlog
+# and resume read for the events the store may not have committed yet (the last 50 ms).
+RECENT_LIMIT = 10_000
+# Ids handed out while a member in its resume window keeps its own (SPEC 6.4): ids are file
+# descriptors, which the system reuses at once, so a new connection whose descriptor is a
+# reserved id gets a number from this range instead (above any descriptor this server opens,
+# below a cluster node's ID_STRIDE of 1,000,000).
+SPARE_IDS = range(500_000, 1_000_000)
+FOREVER = 10 * 365 * 86400.0  # a connected member's stored session does not expire
+TRIM_EVERY = 256  # stream appends between two trims (each looks at every typing member)
 
 
 class Room:
@@ -89,8 +122,26 @@ class Room:
         log: Callable[[str], None] = lambda line: None,
         backplane: Backplane | None = None,
         max_frame: int = MAX_FRAME,
+        store: Store | None = None,
+        resume_window: float = 0.0,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.lock = threading.Lock()
+        # SPEC 6: the store (appended to under the lock, never waited for), the latest seq,
+        # the recent log, the resume window and the native members' sessions by token hash.
+        self.store: Store = store if store is not None else MemoryStore()
+        self.seq = self.store.start_seq - 1
+        self.recent = MemoryStore(history_limit=RECENT_LIMIT, history_days=1e6)
+        self.resume_window = resume_window
+        self.clock = clock
+        self._sessions: dict[str, Member] = {}
+        # The events to everyone that typing members hold: each hold is a cursor into it.
+        self.stream = Stream()
+        self._key = 0  # delivery order, shared by the stream and the holds' own events
+        self._trim_due = TRIM_EVERY
+        self._next_spare = SPARE_IDS.start
+        # Set by the server: abort a connection (marked cut, its socket closed by the writer).
+        self.abort: Callable[[Outbox], None] = lambda outbox: None
         self.max_frame = max_frame  # told to native clients in their welcome
         self.backplane = backplane
         self.max_clients = max_clients
@@ -137,7 +188,30 @@ class Room:
                     self.guard is not None and self.guard.is_account(name)):
                 return name
 
-    def _deliver(self, events: list[Event], recipients: Iterable[Member]) -> Delivery:
+    def _new_hold(self, member: Member) -> Hold:
+        return Hold(self.stream, member, self.pending_limit, self.pending_bytes)
+
+    def _next_key(self) -> int:
+        self._key += 1
+        return self._key
+
+    def _keep(self, events: list[Event], shared: bool) -> None:
+        """Number events in delivery order and, when they go to everyone, add them to the
+        stream: done once, when the first typing recipient holds them (lock held)."""
+        for event in events:
+            event.key = self._next_key()
+            if shared:
+                self.stream.append(event)
+                self._trim_due -= 1
+
+    def _trim_stream(self) -> None:
+        """Forget the stream's events no hold needs any more (lock held)."""
+        starts = [m.hold.start for m in self._individual.values() if m.hold.shared]
+        self.stream.trim(min(starts) if starts else self.stream.end)
+        self._trim_due = TRIM_EVERY
+
+    def _deliver(self, events: list[Event], recipients: Iterable[Member],
+                 shared: bool = False) -> Delivery:
         """Deliver consecutive events to the same recipients, in order: one put per live one.
 
         Each dialect's bytes are joined once, the first time a recipient needs them; a
@@ -154,17 +228,24 @@ class Room:
             return rendered[dialect]
 
         delivered = queued = 0
+        kept = False  # the events are in the stream (shared) or numbered (private)
         for member in recipients:
-            if member.dialect is Dialect.NATIVE and member.mode is not Mode.VIEWING:
-                for event in events:
-                    member.hold.hold(event, len(event.live))
-                self.pending.changed(member)
+            if member.dialect is Dialect.NATIVE and (member.mode is not Mode.VIEWING
+                                                     or not member.connected):
+                if not kept:
+                    kept = True
+                    self._keep(events, shared)
+                member.hold.hold_all(events, shared)
+                if member.connected:
+                    self.pending.changed(member)
                 queued += 1
                 continue
             data = render(member.dialect)
             if data:
                 member.outbox.push(data)
                 delivered += 1
+        for event in events:
+            event.release()  # from now on only holds keep it: native frames only
         return Delivery(delivered, queued)
 
     def _to_everyone(self, events: list[Event], skip: Member | None = None) -> Delivery:
@@ -173,12 +254,17 @@ class Room:
         delivered = self.fan_out(
             self._viewers.values(), live, skip.outbox if skip is not None else None
         )
-        rest = self._deliver(events, [m for m in self._individual.values() if m is not skip])
+        for event in events:
+            event.skip = skip
+        rest = self._deliver(events, [m for m in self._individual.values() if m is not skip],
+                             shared=True)
+        if self._trim_due <= 0:
+            self._trim_stream()
         return Delivery(delivered + rest.delivered, rest.queued)
 
     def _sort(self, member: Member) -> None:
         """File a registered member under how events reach it (after joining or a mode change)."""
-        if member.dialect is Dialect.NATIVE and member.mode is Mode.VIEWING:
+        if member.dialect is Dialect.NATIVE and member.mode is Mode.VIEWING and member.connected:
             self._individual.pop(member.id, None)
             self._viewers[member.id] = member.outbox
         else:
@@ -187,15 +273,37 @@ class Room:
 
     def _notice(self, kind: str, member: Member, ts: str | None = None) -> Event:
         text = NOTICE_TEXTS[kind].format(name=member.name)
-        notice = Notice(kind, text, ts or self._timestamp(), member.as_user())
-        return Event(encode_event(notice), None, plain_frame(text))
+        self.seq += 1
+        notice = Notice(kind, text, ts or self._timestamp(), member.as_user(), seq=self.seq)
+        live = encode_event(notice)
+        self._log_event("notice", live, member, None)
+        return Event(live, None, plain_frame(text), self.seq)
 
     def _message(
         self, sender: Member, text: str, to: Member | None, ts: str | None = None
     ) -> Event:
         to_json = "null" if to is None else encode_json({"id": to.id, "name": to.name})
-        live = message_frame(sender.user_json(), to_json, text, ts or self._timestamp())
-        return Event(live, line_delivery(sender.name, text), plain_frame(f"{sender.name}: {text}"))
+        self.seq += 1
+        live = message_frame(sender.user_json(), to_json, text, ts or self._timestamp(),
+                             self.seq)
+        self._log_event("message", live, sender, to)
+        return Event(live, line_delivery(sender.name, text), plain_frame(f"{sender.name}: {text}"),
+                     self.seq)
+
+    def _log_event(self, kind: str, live: bytes, sender: Member, to: Member | None) -> None:
+        """Hand the event just numbered to the store and the recent log (lock held; O(1)).
+
+        A notice names the member it is about as its sender (so a resume knows its own); only
+        a direct message has a recipient, which makes it private to the two sessions.
+        """
+        event = LoggedEvent(
+            self.seq, time.time(), kind, live[:-1], sender.name, sender.id,
+            None if to is None else to.name, sender.session_hash,
+            None if to is None else to.session_hash, _account_key(sender),
+            None if to is None else _account_key(to),
+        )
+        self.store.append(event)
+        self.recent.append(event)
 
     # -- registration -------------------------------------------------------------------------
 
@@ -262,12 +370,18 @@ class Room:
         member.name = name
         member.title, member.company = title, company
         member.registered = True
-        member.hold = HoldQueue(self.pending_limit, self.pending_bytes)
+        member.hold = self._new_hold(member)
+        if member.id in self._members:  # a reserved id (its member is in its resume window)
+            member.id = self._spare_id()
         member.changed()
         if member.dialect is Dialect.NATIVE:
             online = len(self._members) + len(self._remote) + 1
-            welcome = Welcome(member.as_user(), online, self.max_frame, ref,
-                              admin=member.admin)
+            token = secrets.token_urlsafe(24)  # 192 bits; only its hash is kept (SPEC 6.4)
+            member.session_hash = hash_token(token)
+            self._sessions[member.session_hash] = member
+            self._save_session(member)
+            welcome = Welcome(member.as_user(), online, self.max_frame, ref, seq=self.seq,
+                              session=token, admin=member.admin)
             member.outbox.push(encode_event(welcome))
         elif member.dialect is Dialect.LINE:
             member.outbox.push(line_hello(member.name))
@@ -327,12 +441,8 @@ class Room:
         with self.lock:
             if not member.registered or self._members.get(member.id) is not member:
                 return
-            del self._members[member.id]
-            del self._names[member.name.casefold()]
-            self._viewers.pop(member.id, None)
-            self._individual.pop(member.id, None)
-            member.registered = False
-            if notify and not self.closing:
+            self._remove(member)
+            if notify and not self.closing and member.connected:
                 kind = "left" if quitting else "lost"
                 self._to_everyone([self._notice(kind, member)])
             online = len(self._members)
@@ -345,9 +455,10 @@ class Room:
 
     def cut_off(self, member: Member, notify: bool = True) -> None:
         """``member``'s connection ended without ``quit`` (lost, heartbeat, output limit, error):
-        it leaves now, ``lost`` to the others and its name free (SPEC 1.5). The one place a
-        resume window (SPEC 6.4) would keep it reserved instead."""
-        self.leave(member, quitting=False, notify=notify)
+        ``lost`` to the others at once (SPEC 1.5); a native member keeps its session, name and
+        id reserved, for the resume window (SPEC 6.4, ``suspend``), any other leaves now."""
+        if not self.suspend(member, notify):
+            self.leave(member, quitting=False, notify=notify)
 
     # -- moderation (SPEC 7.3) -----------------------------------------------------------------
 
@@ -368,8 +479,15 @@ class Room:
             if remove and target is not None and self._members.get(target.id) is not target:
                 return False
             user = target.as_user() if target is not None else None
-            notice = Notice(kind, text, self._timestamp(), user, by=by, reason=reason)
-            event = Event(encode_event(notice), None, plain_frame(text))
+            # A room event (SPEC 6.1): numbered and logged, the admin as its sender.
+            self.seq += 1
+            notice = Notice(kind, text, self._timestamp(), user, by=by, reason=reason,
+                            seq=self.seq)
+            live = encode_event(notice)
+            sender = self._names.get(by.casefold()) or target
+            if sender is not None:
+                self._log_event("notice", live, sender, None)
+            event = Event(live, None, plain_frame(text), self.seq)
             if remove and target is not None:
                 # The target is told at once, whatever its mode (like shutdown): it is leaving.
                 self._to_everyone([event], skip=target)
@@ -379,15 +497,308 @@ class Room:
             else:
                 self._to_everyone([event])
             if remove and target is not None:
-                del self._members[target.id]
-                del self._names[target.name.casefold()]
-                self._viewers.pop(target.id, None)
-                self._individual.pop(target.id, None)
-                target.registered = False
+                self._remove(target)  # its session ends too, not kept for resuming (SPEC 7.3)
             online = len(self._members)
         if remove and target is not None:
             self.log(f"{target.name} (id {target.id}) {kind} by {by} ({online} online)")
         return True
+
+    def _remove(self, member: Member) -> None:
+        """Take ``member`` out of the registry (lock held); its session ends with it."""
+        del self._members[member.id]
+        del self._names[member.name.casefold()]
+        self._viewers.pop(member.id, None)
+        self._individual.pop(member.id, None)
+        member.registered = False
+        if member.session_hash is not None and self._sessions.get(member.session_hash) is member:
+            del self._sessions[member.session_hash]
+            self.store.delete_session(member.session_hash)
+
+    def end_session(self, member: Member) -> None:
+        """End ``member``'s session (lock held): cut off, it leaves rather than waiting for a
+        resume (its name lost to another node after a cluster outage)."""
+        if member.session_hash is not None and self._sessions.get(member.session_hash) is member:
+            del self._sessions[member.session_hash]
+            self.store.delete_session(member.session_hash)
+        member.session_hash = None
+
+    def _spare_id(self) -> int:
+        """An id no member has, from ``SPARE_IDS`` (lock held): see ``SPARE_IDS``."""
+        base = self.backplane.node * 1_000_000 if self.backplane is not None else 0
+        while True:
+            candidate = base + self._next_spare
+            self._next_spare += 1
+            if self._next_spare >= SPARE_IDS.stop:
+                self._next_spare = SPARE_IDS.start
+            if candidate not in self._members and candidate not in self._remote:
+                return candidate
+
+    def _save_session(self, member: Member) -> None:
+        """Hand the member's session to the store (lock held; queued, never waited for)."""
+        if member.session_hash is None or not member.registered:
+            return
+        expires = member.expires if not member.connected else self.clock() + FOREVER
+        self.store.save_session(SessionRecord(
+            member.session_hash, member.name, member.title, member.company, member.status,
+            int(member.mode), self.seq, expires, member.account))
+
+    def _pushed_upto(self, member: Member) -> int:
+        """The seq up to which all that ``member`` was entitled to left its hold (lock held):
+        everything after it is in its hold (SPEC 6.4's replay starts from the log up to here)."""
+        for event in member.hold.peek():
+            if event.seq is not None:
+                return event.seq - 1
+        return self.seq
+
+    def suspend(self, member: Member, notify: bool = True) -> bool:
+        """A native member's connection ended without ``quit``: keep it for the resume window.
+
+        The others get ``lost`` at once (``notify``); the member stays listed, not connected,
+        its name and id reserved and everything for it held. False when there is no window
+        (the caller then lets it ``leave``).
+        """
+        if self.resume_window <= 0 or member.dialect is not Dialect.NATIVE:
+            return False
+        backplane = self.backplane
+        with self.lock:
+            if not member.registered or self._members.get(member.id) is not member:
+                return True  # gone already, or resumed elsewhere: nothing to announce
+            if member.session_hash is None:
+                return False  # its session was ended (end_session): it leaves
+            if not member.connected:
+                return True
+            # The notice shows the member as it was (seed 004's user), then it is held for.
+            notice = self._notice("lost", member) if notify and not self.closing else None
+            record = member.record(backplane.node) if backplane is not None else None
+            self._detach(member)
+            if notice is not None:
+                self._to_everyone([notice], member)
+        if backplane is not None and record is not None and not self.closing:
+            # The other nodes see it lost now and its name is free there (docs/cluster.md); a
+            # resume on this node claims it again.
+            backplane.left(record, "lost")
+        self.log(f"{member.name} (id {member.id}) lost its connection; its session is kept "
+                 f"for {self.resume_window:g} s")
+        return True
+
+    def _detach(self, member: Member) -> None:
+        """Mark ``member`` disconnected and hold everything for it from now on (lock held)."""
+        member.pushed_upto = self._pushed_upto(member)
+        member.connected = False
+        member.expires = self.clock() + self.resume_window
+        member.changed()
+        old = member.outbox
+        member.outbox = GONE
+        self._sort(member)
+        self._save_session(member)
+        if old is not GONE:
+            self.abort(old)
+
+    def resume(self, member: Member, token: str, last_seq: int | None, ref: Ref) -> bool:
+        """``hello`` with ``session``: take over the session's member (SPEC 6.4) as ``member``.
+
+        False when the session is unknown or expired (a plain registration follows). The log
+        is read outside the lock (it may be the store's database); then, under the lock, the
+        member moves to this connection: ``welcome`` (resumed), ``back`` to the others, then
+        what it missed after ``last_seq``, in order, exactly once: held (mode 1) or sent.
+        """
+        if self.resume_window <= 0 or member.registered or member.dialect is not Dialect.NATIVE:
+            return False
+        token_hash = hash_token(token)
+        for _ in range(3):  # the recent log may turn over while it is read: read again
+            with self.lock:
+                old = self._sessions.get(token_hash)
+                if old is None:
+                    return False
+                half_open = old.connected
+                if half_open:  # close the old connection, no lost notice
+                    old_record = old.record(self.backplane.node) if self.backplane else None
+                    self._detach(old)
+                upto = old.pushed_upto
+                expires = old.expires
+            if half_open and self.backplane is not None and old_record is not None:
+                self.backplane.left(old_record, "lost")  # its name, free to claim again
+            after = upto if last_seq is None else max(0, min(last_seq, upto))
+            replay = self._replay(token_hash, after, upto)
+            claimed = False
+            if self.backplane is not None:
+                claimed_or_none = self._claim_again(member, old)
+                if claimed_or_none is False:
+                    return False  # another node has the name now: a plain registration
+                claimed = bool(claimed_or_none)
+            with self.lock:
+                if self._sessions.get(token_hash) is not old or old.connected:
+                    continue  # resumed by another connection meanwhile: try again
+                if old.expires != expires:
+                    continue
+                self._take_over(member, old, token, after, replay, ref)
+                record = member.record(self.backplane.node) if self.backplane else None
+                break
+        else:
+            return False
+        if self.backplane is not None and record is not None:
+            self.backplane.joined(record, claimed)
+        self.log(f"{member.name} (id {member.id}) is back (resumed after seq {after})")
+        return True
+
+    def _claim_again(self, member: Member, old: Member) -> bool | None:
+        """In a cluster: claim the session's name again for ``member`` (lock not held)."""
+        assert self.backplane is not None
+        with self.lock:
+            if member.id in self._members and self._members[member.id] is not old:
+                member.id = self._spare_id()
+            record = replace(member, name=old.name, title=old.title, company=old.company,
+                             status=old.status, mode=old.mode,
+                             joined_at=old.joined_at).record(self.backplane.node)
+        return self.backplane.claim(old.name, record)
+
+    def _replay(self, token_hash: str, after: int, upto: int) -> list[Event]:
+        """What a resuming member missed in (after, upto], from the log: gaps first (outside the
+        lock). The recent log is read when it reaches back far enough, else the store."""
+        if upto <= after:
+            return []
+        events: list[LoggedEvent] = []
+        gaps: list[tuple[int, int]] = []
+        store = self.store
+        if not store.clean and after < store.start_seq - 1:
+            # The killed run may have handed out seqs the log never got (docs/store.md).
+            low = max(after, store.last_logged_seq or 0) + 1
+            if low <= store.start_seq - 1:
+                gaps.append((low, min(upto, store.start_seq - 1)))
+        viewer = Viewer(token_hash)
+        recent_oldest = self.recent.oldest_seq()
+        cursor = after
+        if recent_oldest is None or recent_oldest > after + 1:
+            store.flush(1.0)  # rare (a long absence): what was appended is in the database
+            oldest = store.oldest_seq()
+            if oldest is None or oldest > after + 1:
+                end = upto if oldest is None else min(upto, oldest - 1)
+                if not gaps or gaps[-1][1] < after + 1:
+                    gaps.insert(0, (after + 1, end))
+            cursor = self._page(store, viewer, cursor, upto, events)
+        self._page(self.recent, viewer, cursor, upto, events)
+        out = [Event(_gap_frame(low, high, self._timestamp()), None, None)
+               for low, high in gaps]
+        out.extend(Event(e.frame + b"\0", None, None, e.seq) for e in events
+                   if e.sender_session != token_hash)
+        return out
+
+    @staticmethod
+    def _page(source: Store, viewer: Viewer, cursor: int, upto: int,
+              into: list[LoggedEvent]) -> int:
+        """Append the events ``viewer`` may see in (cursor, upto] from ``source``; the last seq."""
+        if into:
+            cursor = max(cursor, into[-1].seq)
+        while cursor < upto:
+            page = source.backlog(viewer, after=cursor, limit=500)
+            for event in page.events:
+                if event.seq > upto:
+                    return cursor
+                into.append(event)
+                cursor = event.seq
+            if not page.more or not page.events:
+                break
+        return cursor
+
+    def _take_over(self, member: Member, old: Member, token: str, after: int,
+                   replay: list[Event], ref: Ref) -> None:
+        """Move the session's member ``old`` onto ``member``'s connection (lock held)."""
+        if member.id in self._members and self._members[member.id] is not old:
+            member.id = self._spare_id()
+        member.name, member.title, member.company = old.name, old.title, old.company
+        member.status, member.mode, member.session_hash = old.status, old.mode, old.session_hash
+        member.joined_at = old.joined_at
+        # The token stood for its passwords (SPEC 7.1): the session's account and admin flag.
+        member.account, member.admin = old.account, old.admin
+        member.registered = True
+        member.changed()
+        # The same place in the registration order, under the new id.
+        self._members = {(member.id if m is old else key): (member if m is old else m)
+                         for key, m in self._members.items()}
+        self._names[member.name.casefold()] = member
+        self._viewers.pop(old.id, None)
+        self._individual.pop(old.id, None)
+        assert member.session_hash is not None
+        self._sessions[member.session_hash] = member
+        old.registered = False  # its handler, if still running, leaves nothing behind
+        dropped, held = old.hold.flush()
+        hold = self._new_hold(member)
+        if after >= old.pushed_upto:
+            hold.dropped = dropped  # else the replay from the log brings back what it dropped
+        member.hold = hold
+        online = len(self._members) + len(self._remote)
+        welcome = Welcome(member.as_user(), online, self.max_frame, ref, seq=self.seq,
+                          session=token, resumed=True, admin=member.admin)
+        member.outbox.push(encode_event(welcome))
+        self._to_everyone([self._notice("back", member)], member)
+        missed = replay + [event for event in held if event.seq is None or event.seq > after]
+        if member.mode is Mode.VIEWING:
+            if hold.dropped:
+                member.outbox.push(self._dropped_frame(hold.dropped))
+                hold.dropped = 0
+            if missed:
+                member.outbox.push(b"".join(event.held for event in missed))
+        else:
+            for event in missed:
+                hold.hold(event, self._next_key())
+            if missed or hold.dropped:
+                self.pending.changed(member)
+        self._sort(member)
+        self._save_session(member)
+
+    def _dropped_frame(self, count: int) -> bytes:
+        return encode_event(Notice("dropped", dropped_text(count), self._timestamp(),
+                                   count=count, queued=True))
+
+    def expire(self) -> int:
+        """Remove, silently, the members whose resume window has ended; how many."""
+        now = self.clock()
+        with self.lock:
+            gone = [m for m in self._sessions.values() if not m.connected and m.expires <= now]
+            for member in gone:
+                self._remove(member)  # the cluster heard it lost when it dropped
+        for member in gone:
+            self.log(f"{member.name}'s resume window ended ({self.online} online)")
+        return len(gone)
+
+    def restore(self, records: Iterable[SessionRecord]) -> int:
+        """At start: the sessions a store kept, as members in their resume window (SPEC 6.4,
+        the window counting from now); everything after the last run is replayed from the log."""
+        if self.resume_window <= 0:
+            return 0
+        count = 0
+        with self.lock:
+            for record in records:
+                if record.name.casefold() in self._names:
+                    continue
+                member = Member(self._spare_id(), GONE, Dialect.NATIVE, name=record.name,
+                                title=record.title, company=record.company,
+                                status=record.status, mode=Mode(record.mode), registered=True,
+                                session_hash=record.token_hash, connected=False,
+                                expires=self.clock() + self.resume_window,
+                                pushed_upto=self.store.start_seq - 1, joined_at=time.time(),
+                                account=record.account)
+                member.admin = self.guard is not None and self.guard.is_admin(record.name,
+                                                                               record.account)
+                member.hold = self._new_hold(member)
+                self._members[member.id] = member
+                self._names[member.name.casefold()] = member
+                self._sessions[record.token_hash] = member
+                self._sort(member)
+                self._save_session(member)
+                count += 1
+        return count
+
+    def backlog(self, member: Member, before: int | None, after: int | None,
+                limit: int) -> tuple[list[LoggedEvent], bool]:
+        """SPEC 6.3 for ``member`` (outside the lock): the store, with the recent log for what
+        it may not have committed yet."""
+        viewer = Viewer(member.session_hash, _account_key(member))
+        pages = [self.store.backlog(viewer, before, after, limit)]
+        if self.recent is not self.store:
+            pages.append(self.recent.backlog(viewer, before, after, limit))
+        page = merge_pages(pages, after is not None, limit)
+        return page.events, page.more
 
     # -- messages -----------------------------------------------------------------------------
 
@@ -479,15 +890,14 @@ class Room:
             member.changed()
             if member.registered:
                 self._sort(member)
+                self._save_session(member)
             record = member.record(self.backplane.node) if self.backplane is not None else None
             member.outbox.push(reply)
             if mode is Mode.VIEWING:
                 dropped, held = member.hold.flush()
                 self.pending.flushed(member)
                 if dropped:
-                    notice = Notice("dropped", dropped_text(dropped), self._timestamp(),
-                                    count=dropped, queued=True)
-                    member.outbox.push(encode_event(notice))
+                    member.outbox.push(self._dropped_frame(dropped))
                 if held:
                     member.outbox.push(b"".join(event.held for event in held))
         if record is not None and self.backplane is not None:
@@ -500,6 +910,7 @@ class Room:
                 status = UNAVAILABLE if member.status == AVAILABLE else AVAILABLE
             member.status = status
             member.changed()
+            self._save_session(member)
             if self.backplane is None:
                 return status
             record = member.record(self.backplane.node)
@@ -586,6 +997,18 @@ class Room:
             self._unmirror(member.id)
         for record in records:
             self._mirror(Member.from_record(record))
+
+
+def _account_key(member: Member) -> str | None:
+    """The case-folded account ``member`` is logged in to, or None (SPEC 6.3: its own DMs)."""
+    return None if member.account is None else name_key(member.account)
+
+
+def _gap_frame(low: int, high: int, ts: str) -> bytes:
+    """A ``gap`` notice (SPEC 6.4): the log no longer holds ``low`` to ``high``."""
+    text = (f"Messages {low} to {high} are no longer available."
+            if low != high else f"Message {low} is no longer available.")
+    return encode_event(Notice("gap", text, ts, from_seq=low, to_seq=high))
 
 
 def _name_taken(name: str, ref: Ref) -> Refusal:
