@@ -167,6 +167,14 @@ class ScriptedServer:
         self.reply(self.expect("backlog"), type="error", code="unknown-type",
                    message='The request type "backlog" is not known.')
 
+    def typing_client(self, spawn: Callable[..., pexpect.spawn]) -> pexpect.spawn:
+        """alice, registered (no backlog) and at the mode-1 prompt."""
+        child = self.register(spawn)
+        child.sendline("1")
+        assert self.answer_mode() == 1
+        child.expect_exact(PROMPT)
+        return child
+
     def answer_mode(self) -> int:
         """Answer the client's ``mode`` request; the mode it asked."""
         request = self.expect("mode")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -23,8 +22,8 @@ from client_helpers import (
     CHOICE,
     NEW_PROMPT,
     PROMPT,
-    TIMEOUT,
     ClientPrograms,
+    ScriptedServer,
     choose_typing,
     command,
     ended,
@@ -143,63 +142,16 @@ def test_ctrl_c_waits_for_a_step_that_must_not_be_cut() -> None:
         pass  # the deferred interrupt was spent: nothing raised now
 
 
-class SlowServer:
-    """A native server driven by the test: it answers each request only when told to."""
-
-    def __init__(self) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.listener.settimeout(TIMEOUT)
-        self.port = self.listener.getsockname()[1]
-        self.conn: socket.socket | None = None
-        self.buffer = b""
-
-    def read(self) -> dict[str, Any]:
-        assert self.conn is not None
-        while b"\0" not in self.buffer:
-            data = self.conn.recv(65536)
-            assert data, "client closed"
-            self.buffer += data
-        frame, _, self.buffer = self.buffer.partition(b"\0")
-        request: dict[str, Any] = json.loads(frame)
-        return request
-
-    def reply(self, request: dict[str, Any], **fields: Any) -> None:
-        assert self.conn is not None
-        self.conn.sendall(json.dumps({**fields, "ref": request["ref"]}).encode() + b"\0")
-
-    def typing_client(self, spawn: Callable[..., pexpect.spawn]) -> pexpect.spawn:
-        """alice, registered and at the mode-1 prompt."""
-        child = spawn("alice", "--host", "127.0.0.1", "--port", str(self.port), "--no-color")
-        self.conn, _ = self.listener.accept()
-        self.conn.settimeout(TIMEOUT)
-        hello = self.read()
-        self.reply(hello, type="welcome", id=5, name="alice", title=None, company=None,
-                   status="available", mode=1, online=2)
-        backlog = self.read()  # the earlier messages asked on start: today's servers lack them
-        assert backlog["type"] == "backlog"
-        self.reply(backlog, type="error", code="unknown-type", message="unknown")
-        child.expect(CHOICE)
-        child.sendline("1")
-        self.reply(self.read(), type="mode", mode=1)
-        child.expect_exact(PROMPT)
-        return child
-
-    def close(self) -> None:
-        for sock in (self.conn, self.listener):
-            if sock is not None:
-                sock.close()
-
-
 @pytest.fixture
-def slow_server() -> Iterator[SlowServer]:
-    """A hand-driven native server, closed after the test."""
-    server = SlowServer()
+def slow_server() -> Iterator[ScriptedServer]:
+    """A hand-driven native server (it answers each request only when told to), closed after."""
+    server = ScriptedServer()
     yield server
     server.close()
 
 
 def test_lines_typed_faster_than_the_replies_never_garble_the_screen(
-        spawn: Callable[..., pexpect.spawn], slow_server: SlowServer) -> None:
+        spawn: Callable[..., pexpect.spawn], slow_server: ScriptedServer) -> None:
     """80 lines pasted while the first one awaits its reply: each prompt, line and
     confirmation is whole and in order, and all 80 are sent."""
     child = slow_server.typing_client(spawn)
@@ -225,7 +177,7 @@ def test_lines_typed_faster_than_the_replies_never_garble_the_screen(
 
 
 def test_a_notice_while_typing_redraws_the_prompt_and_the_typed_text(
-        spawn: Callable[..., pexpect.spawn], slow_server: SlowServer) -> None:
+        spawn: Callable[..., pexpect.spawn], slow_server: ScriptedServer) -> None:
     """A line arriving while something is half typed takes the prompt's row, whole, and the
     prompt comes back below it with what was typed; the line then goes out as typed."""
     child = slow_server.typing_client(spawn)
