@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any, Protocol
 
+from chatsuite.dialects import line_delivery, plain_frame
 from modes import PENDING_BYTES, PENDING_LIMIT, Mode
 from protocol import AVAILABLE, Dialect, User, encode_json, held_variant
 
@@ -71,19 +72,45 @@ class Event:
     variant (``queued`` true) is made when a flush sends it, not kept.
     """
 
-    __slots__ = ("index", "key", "line", "live", "plain", "seq", "skip")
+    __slots__ = ("_line", "_plain", "_sender", "_text", "index", "key", "live", "seq", "skip")
 
     def __init__(self, live: bytes, line: bytes | None, plain: bytes | None,
-                 seq: int | None = None) -> None:
+                 seq: int | None = None, *, sender: str | None = None,
+                 text: str | None = None) -> None:
         self.live = live  # native frame with queued false
         self.seq = seq  # the room's sequence number (SPEC 6.1); None for per-client notices
-        self.line = line  # None: line clients do not receive it (they get no notices)
-        self.plain = plain
+        self._line = line  # None: line clients do not receive it (they get no notices)
+        self._plain = plain
+        # A message keeps its sender's name and text instead, and renders the line and plain
+        # forms only when a recipient of that dialect needs them: most rooms have none, and
+        # rendering is done under the room lock.
+        self._sender = sender
+        self._text = text
         # In the room's stream (an event to everyone): its position, its place in the room's
         # delivery order, and the member it was not for (its sender), for the holds' cursors.
         self.index = -1
         self.key = -1
         self.skip: object = None
+
+    @classmethod
+    def message(cls, live: bytes, sender: str, text: str, seq: int) -> Event:
+        """A ``message``: line clients get ``DELIVERY``, plain clients ``<sender>: <text>``."""
+        return cls(live, None, None, seq, sender=sender, text=text)
+
+    @property
+    def line(self) -> bytes | None:
+        """The line-protocol rendering (seed 002), or None when line clients do not get it."""
+        if self._line is None and self._text is not None:
+            assert self._sender is not None
+            self._line = line_delivery(self._sender, self._text)
+        return self._line
+
+    @property
+    def plain(self) -> bytes | None:
+        """The plain-text rendering (seed 001)."""
+        if self._plain is None and self._text is not None:
+            self._plain = plain_frame(f"{self._sender}: {self._text}")
+        return self._plain
 
     @property
     def held(self) -> bytes:
@@ -96,8 +123,9 @@ class Event:
         return len(self.live) + HELD_OVERHEAD
 
     def release(self) -> None:
-        """Delivered: drop the renderings only live recipients needed."""
-        self.line = self.plain = None
+        """Delivered: drop the renderings only live recipients needed (and what makes them)."""
+        self._line = self._plain = None
+        self._sender = self._text = None
 
 
 class Stream:

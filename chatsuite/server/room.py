@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Any, Protocol
 
-from chatsuite.dialects import line_delivery, line_hello, plain_frame
+from chatsuite.dialects import line_hello, plain_frame
 from chatsuite.server.access import name_key
 from chatsuite.server.members import (
     GONE,
@@ -287,8 +287,7 @@ class Room:
         live = message_frame(sender.user_json(), to_json, text, ts or self._timestamp(),
                              self.seq)
         self._log_event("message", live, sender, to)
-        return Event(live, line_delivery(sender.name, text), plain_frame(f"{sender.name}: {text}"),
-                     self.seq)
+        return Event.message(live, sender.name, text, self.seq)
 
     def _log_event(self, kind: str, live: bytes, sender: Member, to: Member | None) -> None:
         """Hand the event just numbered to the store and the recent log (lock held; O(1)).
