@@ -75,7 +75,7 @@ class Event:
     __slots__ = ("_line", "_plain", "_sender", "_text", "index", "key", "live", "seq", "skip")
 
     def __init__(self, live: bytes, line: bytes | None, plain: bytes | None,
-                 seq: int | None = None, *, sender: str | None = None,
+                 seq: int | None = None, sender: str | None = None,
                  text: str | None = None) -> None:
         self.live = live  # native frame with queued false
         self.seq = seq  # the room's sequence number (SPEC 6.1); None for per-client notices
@@ -91,11 +91,6 @@ class Event:
         self.index = -1
         self.key = -1
         self.skip: object = None
-
-    @classmethod
-    def message(cls, live: bytes, sender: str, text: str, seq: int) -> Event:
-        """A ``message``: line clients get ``DELIVERY``, plain clients ``<sender>: <text>``."""
-        return cls(live, None, None, seq, sender=sender, text=text)
 
     @property
     def line(self) -> bytes | None:
