@@ -389,15 +389,15 @@ class NativeSession(Session):
 
     def enter_mode(self, mode: Mode) -> None:
         self.mode_now = mode
-        self.waiting = None  # a pending count is said again from the next one
         try:
             self.conn.request(SetMode(int(mode)))
         except NoReply as problem:
             self.show(self.palette.bad(str(problem)))
         if mode is Mode.VIEWING:
-            self.held = 0  # the server sends everything held, and no count while we view
-        elif self.held > 0 and self.waiting is None:
-            # Counted while we were at the mode menu: said now that typing starts.
+            # The server sends everything held, and no count while we view.
+            self.held = self.waiting = 0
+        elif self.held > 0 and self.held != self.waiting:
+            # Counted while we were at the mode menu (or reconnecting): said now, once.
             self.waiting = self.held
             self.viewer.say(waiting_line(self.held))
 
