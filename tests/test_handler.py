@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from chatsuite.server.handler import TokenBucket
+from chatsuite.server.ratelimit import TokenBucket
 
 
 class FakeClock:

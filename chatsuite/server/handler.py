@@ -5,7 +5,9 @@ A ``Handler`` is the only reader of its socket, and thin: it reads bytes into th
 what they decode to the ``Room``, whose answers are typed events. It keeps only the connection's
 clocks: the rate limit (a pure ``TokenBucket``), the heartbeat and the hello deadline. It reaches
 the server through the narrow ``Host`` protocol, never the whole ``ChatServer``. Replies go
-through the same outbox as everything else, so the writer thread sends them in order.
+through the same outbox as everything else, so the writer thread sends them in order. This
+module reads the native protocol; the line and plain readers are its mixin ``DialectReaders``
+(dialect_handlers.py).
 Invariant: whatever a peer sends, the handler ends at most its own connection, and always
 removes its member from the room and hands its socket to the writer to be closed.
 """
@@ -19,27 +21,15 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Protocol, TypeVar
 
-from chatsuite.dialects import (
-    PLAIN_QUIT,
-    LineList,
-    LineLogin,
-    LineReply,
-    LineSend,
-    line,
-    line_list,
-    parse_line_command,
-    plain_frame,
-    plain_text,
-)
+from chatsuite.server.dialect_handlers import DialectReaders, Disconnect
 from chatsuite.server.gate import Entry, Gate, host_of
 from chatsuite.server.members import Member
 from chatsuite.server.moderation import MUTE_MINUTES, Action
+from chatsuite.server.ratelimit import TokenBucket
 from chatsuite.server.room import Room
 from chatsuite.server.writer import RECV_SIZE, Connection
 from modes import Mode
 from protocol import (
-    LF,
-    NUL,
     BacklogRequest,
     Ban,
     Bye,
@@ -56,7 +46,6 @@ from protocol import (
     Moderation,
     Mute,
     Ok,
-    Oversized,
     Ping,
     Pong,
     ProtocolError,
@@ -69,7 +58,6 @@ from protocol import (
     Say,
     SetMode,
     SetStatus,
-    Splitter,
     StatusChanged,
     Unmute,
     Users,
@@ -86,7 +74,6 @@ PING_FRAME = encode_event(Ping())
 NOTICE_OF = {Action.KICK: "kicked", Action.MUTE: "muted", Action.UNMUTE: "unmuted",
              Action.BAN: "banned"}
 """The notice each moderation request sends the room (SPEC 7.3)."""
-EPSILON = 1e-9
 
 
 def moderation_text(action: Action, name: str, by: str, minutes: int | None,
@@ -99,35 +86,6 @@ def moderation_text(action: Action, name: str, by: str, minutes: int | None,
         how_long = " until the server stops" if action is Action.BAN else ""
     end = "." if not reason else f": {reason}"
     return f"{name} was {NOTICE_OF[action]} by {by}{how_long}{end}"
-
-
-class TokenBucket:
-    """A rate limit, pure: ``rate`` items a second, up to ``burst`` at once; time from ``clock``.
-
-    ``take(n)`` says how many of ``n`` items may pass now (and spends them) and, when none may,
-    how many seconds until one can. A rate of 0 or less lets everything pass.
-    """
-
-    def __init__(self, rate: float, burst: float, clock: Callable[[], float]) -> None:
-        self.rate = rate
-        self.burst = burst
-        self.clock = clock
-        self.tokens = burst  # a new connection may send its burst at once
-        self.refilled = clock()
-
-    def take(self, wanted: int) -> tuple[int, float]:
-        """``(items that may pass now, seconds to wait when that is 0)``."""
-        if self.rate <= 0:
-            return wanted, 0.0
-        now = self.clock()
-        self.tokens = min(self.burst, self.tokens + (now - self.refilled) * self.rate)
-        self.refilled = now
-        # EPSILON: waiting exactly the time told may refill to 0.999...: that must count as 1.
-        if self.tokens < 1 - EPSILON:
-            return 0, (1 - self.tokens) / self.rate
-        count = min(wanted, int(self.tokens + EPSILON))
-        self.tokens = max(0.0, self.tokens - count)
-        return count, 0.0
 
 
 class Limits(Protocol):
@@ -173,16 +131,7 @@ class Host(Protocol):
     def disconnect(self, member: Member) -> None: ...
 
 
-class Disconnect(Exception):
-    """Ends a connection's reader; ``quitting`` tells a chosen quit from a lost connection."""
-
-    def __init__(self, quitting: bool = False, reason: str = "") -> None:
-        super().__init__(reason)
-        self.quitting = quitting
-        self.reason = reason
-
-
-class Handler:
+class Handler(DialectReaders):
     """Reads one connection, in its own thread, until it ends."""
 
     def __init__(self, server: Host, conn: Connection,
@@ -333,13 +282,6 @@ class Handler:
             self.server.log(
                 f"disconnected: {self.conn.address} ({reason}; {self.room.online} online)"
             )
-
-    def refuse_dialect(self, dialect: Dialect) -> None:
-        """A line or plain client cannot give the server password (SPEC 7.1): line gets
-        ``BUSY``, plain is just closed."""
-        if dialect is Dialect.LINE:
-            self.send_line(LineReply.BUSY.value)
-        raise Disconnect(reason="the server has a password and this dialect cannot give one")
 
     def detect(self) -> tuple[Dialect, bytes] | None:
         """Read until ``protocol.sniff`` knows the dialect; the bytes from where it begins."""
@@ -556,102 +498,3 @@ class Handler:
         self.room.leave(self.member, quitting=True)
         self.send(Bye(request.ref))
         raise Disconnect(quitting=True, reason="quit")
-
-    # -- line protocol (seed 002) -------------------------------------------------------------
-
-    def send_line(self, text: str) -> None:
-        self.room.push(self.member, line(text))
-
-    def run_line(self, data: bytes) -> None:
-        self.member.dialect = Dialect.LINE
-        self.member.mode = Mode.VIEWING
-        splitter = Splitter(LF, self.config.max_frame)
-        while data:
-            for batch in self.admitted(splitter.feed(data)):
-                for raw in batch:
-                    self.check_cut()
-                    if isinstance(raw, Oversized):
-                        self.send_line(LineReply.BAD_BODY.value)
-                    else:
-                        self.handle_line(raw)
-            data = self.receive()
-
-    def handle_line(self, raw: bytes) -> None:
-        command = parse_line_command(raw)
-        member = self.member
-        if isinstance(command, LineReply):
-            self.send_line(command.value)
-        elif isinstance(command, LineLogin):
-            if member.registered:
-                self.send_line(LineReply.BAD_HEADER.value)
-                return
-            try:
-                self.gate.check_line_entry(command.name, self.host)
-                self.room.register(member, command.name)
-            except Refusal as error:
-                if error.code in (ErrorCode.SERVER_FULL, ErrorCode.BANNED):
-                    self.send_line(LineReply.BUSY.value)
-                    raise Disconnect(reason=error.code.value) from None
-                # An account's name: a line client cannot give its password (SPEC 7.2).
-                taken = error.code in (ErrorCode.NAME_TAKEN, ErrorCode.PASSWORD_REQUIRED)
-                self.send_line((LineReply.IN_USE if taken else LineReply.BAD_BODY).value)
-        elif not member.registered:
-            self.send_line(LineReply.BAD_HEADER.value)
-        elif isinstance(command, LineList):
-            self.used_who = self.used_who or command.who
-            self.room.push(member, line_list(self.room.names(), command.who))
-        elif isinstance(command, LineSend):
-            try:
-                self.gate.check_may_speak(member.name)
-            except Refusal:
-                # Muted: the line protocol has no word for it; BAD-RQST-BODY says "refused"
-                # without claiming the recipient is gone (docs/dialects.md).
-                self.send_line(LineReply.BAD_BODY.value)
-                return
-            try:
-                recipient, _ = self.room.direct(member, command.user, command.text)
-            except Refusal:
-                bad = LineReply.UNKNOWN if self.used_who else LineReply.BAD_DEST
-                self.send_line(bad.value)
-                return
-            self.send_line(LineReply.SEND_OK.value)
-            self.server.log_messages(member.name, recipient.name, [command.text])
-
-    # -- plain text (seed 001) ----------------------------------------------------------------
-
-    def run_plain(self, data: bytes) -> None:
-        self.member.dialect = Dialect.PLAIN
-        self.member.mode = Mode.VIEWING
-        splitter = Splitter(NUL, self.config.max_frame)
-        while data:
-            for batch in self.admitted(splitter.feed(data)):
-                texts: list[str] = []
-                for raw in batch:
-                    self.check_cut()
-                    if isinstance(raw, Oversized):
-                        continue
-                    text = plain_text(raw)
-                    if text == PLAIN_QUIT:
-                        self.flush_plain(texts)
-                        raise Disconnect(quitting=True, reason="quit")
-                    if not text:
-                        continue
-                    if not self.member.registered:
-                        try:
-                            self.gate.check_line_entry(None, self.host)
-                            self.room.register(self.member, None)
-                        except Refusal as error:
-                            raise Disconnect(reason=error.code.value) from None
-                    texts.append(text)
-                self.flush_plain(texts)
-            data = self.receive()
-
-    def flush_plain(self, texts: list[str]) -> None:
-        if texts:
-            try:
-                self.gate.check_may_speak(self.member.name)
-            except Refusal as refusal:  # muted: told in the dialect's own way, nothing sent
-                self.room.push(self.member, plain_frame(refusal.message))
-                return
-            self.room.broadcast(self.member, texts)
-            self.server.log_messages(self.member.name, "all", texts)
