@@ -1,22 +1,19 @@
 """Client modes (seed 000): what typing and viewing mean, for the server and for the client.
 
 * ``Mode``: 1 typing, 2 viewing (the numbers people type and the wire carries).
-* ``HoldQueue``: the server's per-client queue of events held while the client types, bounded
-  by count and bytes, flushed in arrival order when it starts viewing.
+* the hold's bounds (``PENDING_LIMIT``, ``PENDING_BYTES``) and the ``dropped`` sentence: the
+  server's hold itself, a cursor into the room's shared stream, is ``chatsuite.server.members``;
 * ``read_typed_line`` / ``read_view_key``: how the client reads what the user types in each mode.
 
-Pure: no sockets, threads or terminal. Invariant: a ``HoldQueue`` returns its events in the
-order they were held, and reports exactly how many it had to drop to stay within its bounds.
+Pure: no sockets, threads or terminal. Invariant: reading a line never raises on what a person
+types; it gives a command or the sentence saying what is wrong with it.
 """
 
 from __future__ import annotations
 
 import shlex
-from collections import deque
-from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Generic, TypeVar
 
 
 class Mode(IntEnum):
@@ -31,49 +28,6 @@ PENDING_LIMIT = 10_000
 
 PENDING_BYTES = 4 * 1024 * 1024
 """Most bytes of encoded events held for one typing client."""
-
-T = TypeVar("T")
-
-
-class HoldQueue(Generic[T]):
-    """Events held for a typing client, the oldest dropped past ``limit`` or ``max_bytes``."""
-
-    def __init__(self, limit: int = PENDING_LIMIT, max_bytes: int = PENDING_BYTES) -> None:
-        self.limit = limit
-        self.max_bytes = max_bytes
-        self._items: deque[tuple[T, int]] = deque()
-        self._bytes = 0
-        self.dropped = 0
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    @property
-    def size(self) -> int:
-        """Bytes held."""
-        return self._bytes
-
-    def hold(self, item: T, size: int) -> None:
-        """Keep ``item`` (``size`` encoded bytes) at the end; drop the oldest past the bounds."""
-        self._items.append((item, size))
-        self._bytes += size
-        while len(self._items) > self.limit or (self._bytes > self.max_bytes and self._items):
-            _, old_size = self._items.popleft()
-            self._bytes -= old_size
-            self.dropped += 1
-
-    def peek(self) -> Iterator[T]:
-        """The held items, oldest first, left in place."""
-        return (item for item, _ in self._items)
-
-    def flush(self) -> tuple[int, list[T]]:
-        """Take everything: ``(number dropped since the last flush, held items in order)``."""
-        dropped, items = self.dropped, [item for item, _ in self._items]
-        self._items.clear()
-        self._bytes = 0
-        self.dropped = 0
-        return dropped, items
-
 
 def dropped_text(count: int) -> str:
     """The sentence of a ``dropped`` notice."""

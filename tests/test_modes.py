@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
 from modes import (
     COMMAND_WORDS,
@@ -13,7 +11,6 @@ from modes import (
     DirectMessage,
     HelpCommand,
     HistoryCommand,
-    HoldQueue,
     Invalid,
     Mode,
     Nothing,
@@ -27,73 +24,6 @@ from modes import (
     read_typed_line,
     read_view_key,
 )
-
-# --------------------------------------------------------------------------------------------
-# HoldQueue
-
-
-def test_hold_queue_flushes_in_arrival_order() -> None:
-    """Held events come back in the order they were held, with nothing dropped."""
-    queue: HoldQueue[str] = HoldQueue(limit=10, max_bytes=100)
-    for item in ("a", "b", "c"):
-        queue.hold(item, 1)
-    assert (len(queue), queue.size) == (3, 3)
-    assert queue.flush() == (0, ["a", "b", "c"])
-
-
-def test_hold_queue_drops_oldest_past_count_limit() -> None:
-    """Past ``limit`` events the oldest go, and the flush says how many."""
-    queue: HoldQueue[int] = HoldQueue(limit=3, max_bytes=1000)
-    for item in range(5):
-        queue.hold(item, 10)
-    assert (len(queue), queue.size, queue.dropped) == (3, 30, 2)
-    assert queue.flush() == (2, [2, 3, 4])
-
-
-def test_hold_queue_drops_oldest_past_byte_limit() -> None:
-    """Past ``max_bytes`` the oldest go until the rest fits."""
-    queue: HoldQueue[str] = HoldQueue(limit=100, max_bytes=10)
-    queue.hold("a", 4)
-    queue.hold("b", 4)
-    queue.hold("c", 4)
-    assert (queue.size, queue.dropped) == (8, 1)
-    queue.hold("big", 9)
-    assert queue.flush() == (3, ["big"])
-
-
-def test_hold_queue_drops_an_event_larger_than_the_byte_limit() -> None:
-    """An event bigger than ``max_bytes`` alone is dropped too, leaving the queue empty."""
-    queue: HoldQueue[str] = HoldQueue(limit=100, max_bytes=10)
-    queue.hold("a", 2)
-    queue.hold("huge", 11)
-    assert (len(queue), queue.size) == (0, 0)
-    assert queue.flush() == (2, [])
-
-
-def test_hold_queue_flush_resets_counts() -> None:
-    """After a flush the queue is empty and the dropped count starts again from 0."""
-    queue: HoldQueue[int] = HoldQueue(limit=1, max_bytes=100)
-    queue.hold(1, 1)
-    queue.hold(2, 1)
-    assert queue.flush() == (1, [2])
-    assert (len(queue), queue.size, queue.dropped) == (0, 0, 0)
-    queue.hold(3, 1)
-    assert queue.flush() == (0, [3])
-
-
-@given(st.lists(st.integers(min_value=0, max_value=20), max_size=60),
-       st.integers(min_value=1, max_value=10), st.integers(min_value=1, max_value=60))
-def test_hold_queue_keeps_the_newest_suffix_within_bounds(
-        sizes: list[int], limit: int, max_bytes: int) -> None:
-    """Whatever is held, the flush is the newest events in order, within both bounds, all
-    counted."""
-    queue: HoldQueue[int] = HoldQueue(limit=limit, max_bytes=max_bytes)
-    for index, size in enumerate(sizes):
-        queue.hold(index, size)
-    dropped, items = queue.flush()
-    assert items == list(range(dropped, len(sizes)))
-    assert len(items) <= limit
-    assert sum(sizes[i] for i in items) <= max_bytes
 
 
 def test_dropped_text_singular_and_plural() -> None:
