@@ -20,6 +20,7 @@ import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -305,6 +306,38 @@ def test_100_mib_without_nul_while_others_chat(
     assert streamer.sync() == []
     assert max(latencies) < 0.5, latencies
     assert rss_peak - rss_before < 20 * 1024, (rss_before, rss_peak)
+
+
+def test_held_direct_messages_keep_the_server_within_its_memory_bounds(
+    server_process: Callable[..., ServerProcess], connect: Connect, tmp_path: Path
+) -> None:
+    """Eight typing members each sent 8 MiB of direct messages hold at most 4 MiB each (SPEC
+    1.4), and the server's resident memory grows by about that, not by three renderings of each
+    held event (issue 11 item 4: 13 MiB a typist against a 4 MiB bound)."""
+    proc = server_process("--rate", "0", "--store", str(tmp_path / "room.db"))
+    typists = [member(connect, proc, f"typist{n}") for n in range(8)]
+    sender = member(connect, proc, "sender")
+    drain(sender)
+    rss_before = rss_kib(proc.proc.pid)
+    text = "x" * (32 * 1024)
+    ref = 0
+    for _ in range(256):  # 256 x 32 KiB = 8 MiB for each typist, twice the bound
+        for typist in range(8):
+            sender.send({"type": "dm", "to": f"typist{typist}", "text": text, "ref": ref})
+            assert sender.wait_for("ok", ref=ref)["queued"] == 1
+            ref += 1
+    grown_kib = rss_kib(proc.proc.pid) - rss_before
+    held_bound_kib = 8 * 4 * 1024  # 4 MiB a typing member (--pending-limit's byte bound)
+    recent_bound_kib = 16 * 1024  # the room's recent log (RECENT_BYTES)
+    # 32 MiB of slack for the allocator's fragmentation (32 KiB frames come and go), SQLite's
+    # cache and the store's queue and the frames in flight (measured: 72 to 75 MiB in all,
+    # against the bounds' 48); three renderings of every held event and a recent log bounded
+    # by count only (the old costs) would be about 96 + 64 MiB.
+    assert grown_kib < held_bound_kib + recent_bound_kib + 32 * 1024, (rss_before, grown_kib)
+    for peer in typists:
+        peer.send({"type": "mode", "mode": 2})
+        dropped = peer.wait_for("notice", event="dropped")
+        assert dropped["count"] > 0
 
 
 BAD_FRAMES = [

@@ -8,6 +8,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -356,3 +357,21 @@ def test_one_server_per_store_file(tmp_path: Path) -> None:
         SqliteStore(path)
     store.close()
     SqliteStore(path).close()
+
+
+def test_the_memory_store_is_bounded_by_bytes_as_well_as_by_count() -> None:
+    """Past ``history_bytes`` of frames the oldest events go, whatever the count allows; past
+    ``history_limit`` events too; what is kept stays in order and readable."""
+    store = MemoryStore(history_limit=100, history_bytes=10_000)
+    for seq in range(1, 21):  # 20 frames of 1,000 bytes: twice the byte bound
+        store.append(LoggedEvent(seq, time.time(), "message", b"x" * 1000))
+    assert store.oldest_seq() == 11
+    page = store.backlog(Viewer("s"), limit=500)
+    assert [event.seq for event in page.events] == list(range(11, 21))
+    counted = MemoryStore(history_limit=5, history_bytes=10_000)
+    for seq in range(1, 9):
+        counted.append(LoggedEvent(seq, time.time(), "message", b"y"))
+    assert counted.oldest_seq() == 4
+    big = MemoryStore(history_limit=5, history_bytes=10)
+    big.append(LoggedEvent(1, time.time(), "message", b"z" * 50))
+    assert big.oldest_seq() == 1  # one event larger than the bound is still kept: the latest

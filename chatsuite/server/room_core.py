@@ -82,6 +82,7 @@ SHUTDOWN_TEXT = "The server is shutting down."
 # The room's own recent log (by seq, shared references to the events it logs): what backlog
 # and resume read for the events the store may not have committed yet (the last 50 ms).
 RECENT_LIMIT = 10_000
+RECENT_BYTES = 16 * 1024 * 1024  # and at most this much of their frames (SPEC 1.5's bounds)
 # Ids handed out while a member in its resume window keeps its own (SPEC 6.4): ids are file
 # descriptors, which the system reuses at once, so a new connection whose descriptor is a
 # reserved id gets a number from this range instead (above any descriptor this server opens,
@@ -111,7 +112,8 @@ class RoomCore:
         # the recent log, the resume window and the native members' sessions by token hash.
         self.store: Store = store if store is not None else MemoryStore()
         self.seq = self.store.start_seq - 1
-        self.recent = MemoryStore(history_limit=RECENT_LIMIT, history_days=1e6)
+        self.recent = MemoryStore(history_limit=RECENT_LIMIT, history_days=1e6,
+                                  history_bytes=RECENT_BYTES)
         self.resume_window = resume_window
         self.clock = clock
         self._sessions: dict[str, Member] = {}
