@@ -168,6 +168,23 @@ class Peer(RawConnection):
         return self.expect("mode", mode=2)
 
 
+
+def reply(peer: Peer, request: dict[str, Any], ref: str) -> dict[str, Any]:
+    """Send ``request`` with ``ref``; the reply carrying it (room events before it are kept)."""
+    peer.send({**request, "ref": ref})
+    while True:
+        event = peer.next_event()
+        if event.get("ref") == ref:
+            return event
+
+
+def notice_of(peer: Peer, kind: str) -> dict[str, Any]:
+    """The first ``kind`` notice this peer has received (or receives next)."""
+    for event in peer.events:
+        if event.get("type") == "notice" and event.get("event") == kind:
+            return event
+    return peer.wait_for("notice", event=kind)
+
 @pytest.fixture
 def start_server() -> Iterator[Callable[..., ChatServer]]:
     """A factory for running servers on 127.0.0.1 and a free port; all stopped after the test."""

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, Peer, RawConnection, wait_until
+from conftest import ROOT, Peer, RawConnection, notice_of, reply, wait_until
 
 from chat_server import ChatServer
 from chatsuite.server.access import Code, Throttle
@@ -71,15 +71,6 @@ def peers() -> Iterator[Callable[..., Any]]:
         conn.close()
 
 
-def reply(peer: Peer, request: dict[str, Any], ref: str) -> dict[str, Any]:
-    """Send ``request`` with ``ref``; the reply carrying it (room events before it are kept)."""
-    peer.send({**request, "ref": ref})
-    while True:
-        event = peer.next_event()
-        if event.get("ref") == ref:
-            return event
-
-
 def error_of(peer: Peer, request: dict[str, Any]) -> dict[str, Any]:
     """Send ``request`` and return the error answering it, without type, ref and message."""
     event = reply(peer, request, "r")
@@ -100,14 +91,6 @@ def account(server: ChatServer, connect: Callable[..., Any], name: str,
     peer.register(name, **hello)
     ok(peer, {"type": "register", "password": password})
     return peer
-
-
-def notice_of(peer: Peer, kind: str) -> dict[str, Any]:
-    """The first ``kind`` notice this peer has received (or receives next)."""
-    for event in peer.events:
-        if event.get("type") == "notice" and event.get("event") == kind:
-            return event
-    return peer.wait_for("notice", event=kind)
 
 
 def users(peer: Peer) -> dict[str, dict[str, Any]]:
@@ -367,13 +350,9 @@ def test_an_admin_name_without_its_password_is_no_admin(
     assert error_of(impostor, {"type": "kick", "to": "sam"}) == {"code": "not-allowed"}
 
 
-@pytest.mark.parametrize("dialect", ["native", "line", "plain"])
-def test_kick_disconnects_a_client_of_each_dialect_and_tells_the_room(
-        classroom: Callable[[], Any], peers: Callable[..., Any], dialect: str) -> None:
-    """kick: the room gets a kicked notice naming the admin and the reason, the target (native
-    or plain) hears it too, and its connection is closed."""
-    server, teacher = classroom()
-    student = peers(server, dialect)
+def join_as_sam(student: Any, dialect: str, teacher: Peer) -> str:
+    """Register ``student`` in its dialect (sam; a plain client's automatic name) and return
+    the name the room gave it, as the teacher heard it joining."""
     if dialect == "native":
         student.register("sam")
     elif dialect == "line":
@@ -381,7 +360,18 @@ def test_kick_disconnects_a_client_of_each_dialect_and_tells_the_room(
         assert student.read() == "HELLO sam"
     else:
         student.send_text("hi")
-    name = teacher.wait_for("notice", event="joined")["user"]["name"]
+    name: str = teacher.wait_for("notice", event="joined")["user"]["name"]
+    return name
+
+
+@pytest.mark.parametrize("dialect", ["native", "line", "plain"])
+def test_kick_disconnects_a_client_of_each_dialect_and_tells_the_room(
+        classroom: Callable[[], Any], peers: Callable[..., Any], dialect: str) -> None:
+    """kick: the room gets a kicked notice naming the admin and the reason, the target (native
+    or plain) hears it too, and its connection is closed."""
+    server, teacher = classroom()
+    student = peers(server, dialect)
+    name = join_as_sam(student, dialect, teacher)
     ok(teacher, {"type": "kick", "to": name, "reason": "spam"})
     notice = notice_of(teacher, "kicked")
     assert (notice["user"]["name"], notice["by"], notice["reason"], notice["text"]) == (
@@ -452,14 +442,7 @@ def test_ban_of_an_unregistered_name_keeps_its_address_out(
     and its address cannot register again (native banned, line BUSY, plain closed)."""
     server, teacher = classroom()
     student = peers(server, dialect, STUDENT_HOST)
-    if dialect == "native":
-        student.register("sam")
-    elif dialect == "line":
-        student.send_text("HELLO-FROM sam")
-        assert student.read() == "HELLO sam"
-    else:
-        student.send_text("hi")
-    name = teacher.wait_for("notice", event="joined")["user"]["name"]
+    name = join_as_sam(student, dialect, teacher)
     ok(teacher, {"type": "ban", "to": name})
     notice = notice_of(teacher, "banned")
     assert (notice["by"], notice["text"]) == (

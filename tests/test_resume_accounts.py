@@ -8,30 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Peer, wait_until
+from conftest import Peer, notice_of, reply, wait_until
 
 from chat_server import ChatServer
 
 Start = Callable[..., ChatServer]
 Connect = Callable[..., Peer]
 GOOD = "correct horse battery"
-
-
-def reply(peer: Peer, request: dict[str, Any], ref: str) -> dict[str, Any]:
-    """Send ``request`` with ``ref``; the reply carrying it (room events before it are kept)."""
-    peer.send({**request, "ref": ref})
-    while True:
-        event = peer.next_event()
-        if event.get("ref") == ref:
-            return event
-
-
-def notice_of(peer: Peer, kind: str) -> dict[str, Any]:
-    """The first ``kind`` notice this peer has received (or receives next)."""
-    for event in peer.events:
-        if event.get("type") == "notice" and event.get("event") == kind:
-            return event
-    return peer.wait_for("notice", event=kind)
 
 
 def resume(server: ChatServer, session: str, last_seq: int | None = None) -> tuple[Peer,
