@@ -323,6 +323,7 @@ def test_status_mode_and_holding_across_nodes(
     """A remote user's status refuses dms, its mode sets the ok counts, held events keep order."""
     one, two = start_node(), start_node()
     alice = viewer(dial, one, "alice")
+    converge([one, two], ["alice"])  # or bob, typing, would hold the notice of alice's join
     bob = dial("native", two)
     bob_id = bob.register("bob")["id"]  # typing: events for bob are held on his node
     await_users(alice, ["alice", "bob"])
@@ -413,6 +414,7 @@ def test_one_senders_events_keep_their_order_on_every_node(
     sender = dial("native", one)
     sender.register("sender")
     live = viewer(dial, two, "live")
+    converge([one, two, three], ["sender", "live"])  # or typing would hold their notices
     typing = dial("native", three)
     typing_id = typing.register("typing")["id"]
     await_users(sender, ["sender", "live", "typing"])
@@ -661,7 +663,7 @@ def test_the_earlier_alice_keeps_her_name_whichever_node_rejoins_first(
     alice.view()
     bob = viewer(dial, two, "bob")
     bob_id = await_users(bob, ["alice", "bob"])[1]["id"]
-    alice.sync()
+    alice.wait_for("notice", event="joined")  # bob's, which comes through Redis
 
     gates = {"one": hold_rejoin(one, monkeypatch), "two": hold_rejoin(two, monkeypatch)}
     redis_server.stop()
@@ -802,7 +804,7 @@ def test_a_replayed_or_stale_message_is_ignored_and_logged(
     teacher = viewer(dial, one, "teacher")
     student = viewer(dial, two, "student")
     await_users(student, ["teacher", "student"])
-    teacher.sync()
+    teacher.wait_for("notice", event="joined")  # student's, which comes through Redis
     client = redis.Redis.from_url(redis_server.url, decode_responses=True)
     pubsub: Callable[[], PubSub] = client.pubsub  # redis's own is untyped
     listener = pubsub()
@@ -839,6 +841,7 @@ def test_forged_registry_entries_never_route_a_direct_message(
     logs: list[str] = []
     one, two = start_node(log=logs.append), start_node(log=logs.append)
     alice = viewer(dial, one, "alice")
+    converge([one, two], ["alice"])  # or bob might get the notice of alice's join late
     bob = viewer(dial, two, "bob")
     bob_id = await_users(alice, ["alice", "bob"])[1]["id"]
     client = redis.Redis.from_url(redis_server.url, decode_responses=True)
