@@ -349,7 +349,7 @@ def test_earlier_messages_are_shown_on_start_and_backlog_fetches_older(
     scripted.accept()
     scripted.welcome(scripted.expect("hello"), seq=12)
     request = scripted.expect("backlog")
-    assert (request.get("before"), request["limit"]) == (None, 20)
+    assert (request["before"], request["limit"]) == (13, 20)  # up to the welcome's seq
     scripted.reply(request, type="backlog", events=[message(10, "older"), message(11, "old")],
                    more=True)
     child.expect_exact("--- earlier messages ---\r\n")
@@ -375,6 +375,34 @@ def test_earlier_messages_are_shown_on_start_and_backlog_fetches_older(
     assert scripted.answer_mode() == 2
     child.expect_exact("bob: new")
     assert output(child).count("bob: old\r\n") == 1
+
+
+def test_the_earlier_messages_on_start_are_those_before_joining(
+        spawn: Callable[..., pexpect.spawn], start_server: Callable[..., Any],
+        connect: Callable[..., Peer]) -> None:
+    """Against the real server: the start shows what was said before this client came, never
+    its own "joined" notice; what follows arrives live, once."""
+    server = start_server(rate=0)
+    bob = connect(server)
+    bob.register("bob")
+    bob.view()
+    bob.send({"type": "say", "text": "before you came", "ref": 1})
+    bob.expect("ok", ref=1)
+    host, port = server.address
+    child = spawn("alice", "--host", host, "--port", str(port), "--no-color")
+    child.expect(f"--- earlier messages ---\r\n\\| {TIME} \\* bob joined the chat\\.\r\n"
+                 f"\\| {TIME} bob: before you came\r\n--- end of earlier messages ---\r\n")
+    child.expect(CHOICE)
+    bob.wait_for("notice", event="joined")
+    bob.send({"type": "say", "text": "after", "ref": 2})
+    bob.expect("ok", ref=2)
+    child.sendline("2")
+    child.expect_exact("bob: after")
+    printed = output(child)
+    assert "alice joined" not in printed
+    assert [printed.count(text) for text in ("bob: before you came", "bob: after")] == [1, 1]
+    child.send("q")
+    assert ended(child) == 0
 
 
 def test_backlog_zero_asks_nothing_and_an_old_server_is_no_news(

@@ -95,8 +95,12 @@ class Resuming(Session):
             f" ({reply.online} online)"))
         if reply.resumed:
             self.show("your earlier session was resumed: nothing sent to you since was lost")
-        elif self.comeback.backlog:
-            self.show_earlier(self.comeback.backlog, quiet=True)
+            return
+        # Earlier means before this welcome: up to its seq, so never our own "joined" notice
+        # nor what arrives live meanwhile (SPEC 6.1: welcome carries the latest seq).
+        self.oldest_shown = reply.seq + 1
+        if self.comeback.backlog:
+            self.show_earlier(self.comeback.backlog, before=self.oldest_shown, quiet=True)
 
     def keep_session(self, at_most_every: float = 0.0) -> None:
         """Write the session file (0600): the token and the last seq seen."""
