@@ -8,10 +8,8 @@ or ``Peer`` reads with deadlines, never sleeps.
 from __future__ import annotations
 
 import io
-import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -28,8 +26,8 @@ from client_helpers import (
     STAMP,
     SWITCHES,
     TIME,
-    TIMEOUT,
     ClientPrograms,
+    ScriptedServer,
     choose_typing,
     command,
     ended,
@@ -665,95 +663,39 @@ def test_full_server_refusal_is_a_sentence_and_exit_1(
     assert "Traceback" not in output(child)
 
 
-class FakeServer:
-    """A listening socket the test drives by hand, to cut a connection at a chosen moment."""
-
-    def __init__(self) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.listener.settimeout(TIMEOUT)
-        self.address = self.listener.getsockname()
-        self.conn: socket.socket | None = None
-        self.buffer = b""
-
-    def accept(self) -> None:
-        self.conn, _ = self.listener.accept()
-        self.conn.settimeout(TIMEOUT)
-
-    def read(self) -> dict[str, Any]:
-        assert self.conn is not None
-        while b"\0" not in self.buffer:
-            data = self.conn.recv(4096)
-            assert data, "client closed"
-            self.buffer += data
-        frame, _, self.buffer = self.buffer.partition(b"\0")
-        return json.loads(frame)
-
-    def send(self, obj: dict[str, Any]) -> None:
-        assert self.conn is not None
-        self.conn.sendall(json.dumps(obj).encode() + b"\0")
-
-    def reply(self, request: dict[str, Any], obj: dict[str, Any]) -> None:
-        self.send({**obj, "ref": request["ref"]})
-
-    def welcome(self, spawn: Callable[..., pexpect.spawn], *args: str) -> pexpect.spawn:
-        """Spawn a client named alice and register it."""
-        child = spawn("alice", "--host", "127.0.0.1", "--port", str(self.address[1]), "--no-color",
-                      *args)
-        self.accept()
-        hello = self.read()
-        assert (hello["type"], hello["name"]) == ("hello", "alice")
-        self.reply(hello, {"type": "welcome", "id": 5, "name": "alice", "title": None,
-                           "company": None, "status": "available", "mode": 1, "online": 1})
-        backlog = self.read()  # the earlier messages asked on start: today's servers lack them
-        assert backlog["type"] == "backlog"
-        self.reply(backlog, {"type": "error", "code": "unknown-type", "message": "unknown"})
-        child.expect(CHOICE)
-        return child
-
-    def close(self) -> None:
-        for sock in (self.conn, self.listener):
-            if sock is not None:
-                sock.close()
-
-
 @pytest.fixture
-def fake_server() -> Iterator[FakeServer]:
-    """A hand-driven server socket, closed after the test."""
-    fake = FakeServer()
-    yield fake
-    fake.close()
+def scripted() -> Iterator[ScriptedServer]:
+    """A hand-driven native server, to cut a connection at a chosen moment; closed after."""
+    server = ScriptedServer()
+    yield server
+    server.close()
 
 
 @pytest.mark.parametrize("mode, reset", [(1, False), (2, True)],
                          ids=["typing-close", "viewing-reset"])
 def test_connection_lost_ends_client_with_exit_1(
-        spawn: Callable[..., pexpect.spawn], fake_server: FakeServer, mode: int,
+        spawn: Callable[..., pexpect.spawn], scripted: ScriptedServer, mode: int,
         reset: bool) -> None:
     """With --no-reconnect a connection closed or reset under the client ends it:
     'connection ... lost', exit 1."""
-    child = fake_server.welcome(spawn, "--no-reconnect")
+    child = scripted.register(spawn, "--no-reconnect")
     child.sendline(str(mode))
-    request = fake_server.read()
-    assert (request["type"], request["mode"]) == ("mode", mode)
-    fake_server.reply(request, {"type": "mode", "mode": mode})
+    assert scripted.answer_mode() == mode
     child.expect_exact(PROMPT if mode == 1 else "viewing messages")
-    assert fake_server.conn is not None
-    if reset:  # linger 0: close sends RST instead of FIN
-        fake_server.conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
-    fake_server.conn.close()
+    scripted.drop(reset)
     child.expect_exact("connection to the server was lost\r\n")
     assert ended(child) == 1
     assert "Traceback" not in output(child)
 
 
 def test_ping_is_answered_with_pong(
-        spawn: Callable[..., pexpect.spawn], fake_server: FakeServer) -> None:
+        spawn: Callable[..., pexpect.spawn], scripted: ScriptedServer) -> None:
     """A server ping (with or without ref) gets a pong carrying the same ref."""
-    fake_server.welcome(spawn)
-    fake_server.send({"type": "ping"})
-    assert fake_server.read() == {"type": "pong"}
-    fake_server.send({"type": "ping", "ref": "hb-7"})
-    assert fake_server.read() == {"type": "pong", "ref": "hb-7"}
+    scripted.register(spawn)
+    scripted.send(type="ping")
+    assert scripted.read() == {"type": "pong"}
+    scripted.send(type="ping", ref="hb-7")
+    assert scripted.read() == {"type": "pong", "ref": "hb-7"}
 
 
 def test_piped_input_reads_lines_and_prints_no_colour(server: Any, tmp_path: Path,
