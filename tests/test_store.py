@@ -348,6 +348,36 @@ def test_a_stalled_writer_never_blocks_appends(tmp_path: Path) -> None:
         store.close()
 
 
+def test_the_write_queue_is_bounded_by_bytes_as_well_as_by_count(tmp_path: Path) -> None:
+    """With the writer stalled, large frames overflow to memory once ``queue_bytes`` of them
+    wait, far below the count bound; nothing is lost from backlog, and the store writes again
+    once the stall ends."""
+    path = tmp_path / "chat.db"
+    lines: list[str] = []
+    store = SqliteStore(str(path), log=lines.append, queue_bytes=100_000)
+    other = sqlite3.connect(path, isolation_level=None)
+    big = b"x" * 10_000
+    try:
+        other.execute("BEGIN IMMEDIATE")  # the one write lock of a WAL database
+        store.append(LoggedEvent(1, T0, "message", big))
+        wait_until(lambda: any("is locked by another process" in line for line in lines),
+                   what="the writer to find the lock")
+        for seq in range(2, 41):  # 39 more frames of 10,000 bytes: 10 fit under the bound
+            store.append(LoggedEvent(seq, T0, "message", big))
+        assert store.stats.overflowed == 29
+        other.execute("ROLLBACK")
+        assert store.flush()
+        assert (store.stats.committed, rows(path)) == (11, 11)
+        store.append(LoggedEvent(41, T0, "message", big))  # the queue has room again
+        assert store.flush()
+        assert (store.stats.committed, store.stats.overflowed) == (12, 29)
+        page = store.backlog(Viewer(None), after=0, limit=100)
+        assert [e.seq for e in page.events] == list(range(1, 42))
+    finally:
+        other.close()
+        store.close()
+
+
 def test_one_server_per_store_file(tmp_path: Path) -> None:
     """A second store on a file already open is refused (its seqs would repeat); after close()
     the file can be opened again."""

@@ -86,6 +86,7 @@ BATCH_WINDOW = 0.02     # seconds the writer gathers after the first item: commi
 LARGE_BATCH = 512       # items waiting that make the writer commit at once
 MAX_BATCH = 10_000      # items in one transaction at most (about 60 ms of writing)
 QUEUE_LIMIT = 100_000   # items waiting past which appends overflow to memory (see docs/store.md)
+QUEUE_BYTES = 64 * 1024 * 1024  # and frame bytes waiting: 100,000 frames of 64 KiB would be 6 GB
 DELETE_BATCH = 500      # rows per retention transaction, so no transaction is long
 RESERVE = 1_000_000_000  # sequence numbers reserved ahead (see the module docstring)
 HOUSEKEEP_EVERY = 1.0   # seconds (of the injected clock) between retention passes
@@ -188,7 +189,7 @@ class SqliteStore:
     def __init__(self, path: str, *, history_days: float = 30, history_limit: int = 100_000,
                  log: Callable[[str], None] = lambda line: None,
                  clock: Callable[[], float] = time.time, reserve: int = RESERVE,
-                 queue_limit: int = QUEUE_LIMIT) -> None:
+                 queue_limit: int = QUEUE_LIMIT, queue_bytes: int = QUEUE_BYTES) -> None:
         self.path = path
         self.history_seconds = history_days * 86400.0
         self.history_limit = history_limit
@@ -197,6 +198,11 @@ class SqliteStore:
         self._clock = clock
         self._reserve = reserve
         self._queue_limit = queue_limit
+        self._queue_bytes = queue_bytes
+        # The frame bytes queued are _bytes_in - _bytes_out: each counter has one writer (the
+        # room lock serialises append(); the writer thread takes), so neither needs a lock.
+        self._bytes_in = 0
+        self._bytes_out = 0
         # A deque, not queue.Queue: append/popleft are atomic under the GIL and take no lock,
         # so a chat thread's put costs a length check and one append; the bound is ours.
         self._queue: deque[LoggedEvent | _Op | threading.Event] = deque()
@@ -284,9 +290,11 @@ class SqliteStore:
         # Inlined _put(): this runs once per room event under the room lock (about 0.3 us).
         self._last_seq = event[0]
         queue = self._queue
-        if self._failed or len(queue) >= self._queue_limit:
+        if (self._failed or len(queue) >= self._queue_limit
+                or self._bytes_in - self._bytes_out >= self._queue_bytes):
             self._keep_in_memory(event)
             return
+        self._bytes_in += len(event[3])  # the frame
         queue.append(event)
         waiting = len(queue)
         if waiting == 1:
@@ -452,6 +460,7 @@ class SqliteStore:
         ops: list[_Op] = []
         markers: list[threading.Event] = []
         queue = self._queue
+        taken = 0
         for _ in range(min(len(queue), MAX_BATCH)):  # no transaction grows long
             try:
                 item = queue.popleft()
@@ -459,10 +468,12 @@ class SqliteStore:
                 break
             if type(item) is LoggedEvent:
                 events.append(item)
+                taken += len(item.frame)
             elif isinstance(item, _Op):
                 ops.append(item)
             else:
                 markers.append(item)  # type: ignore[arg-type]
+        self._bytes_out += taken
         return events, ops, markers
 
     def _write_batch(self) -> None:
