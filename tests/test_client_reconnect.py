@@ -147,13 +147,27 @@ def test_session_file_is_private_whole_and_per_name(tmp_path: Path) -> None:
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
     assert stat.S_IMODE(path.parent.parent.stat().st_mode) == 0o700
-    assert sorted(p.name for p in path.parent.iterdir()) == ["session"]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["session", "session.lock"]
     assert sessions.load("alice") == ("tok", 13)
     assert sessions.load("bob") is None
     path.write_text("{broken")
     assert sessions.load("alice") is None
     sessions.remove("alice")
     assert not path.exists()
+
+
+def test_a_session_file_in_use_is_neither_loaded_nor_overwritten_by_another_client(
+        tmp_path: Path) -> None:
+    """Two clients of one name and folder: the second (here another ``SessionFile``, whose
+    ``flock`` conflicts as another process's would) neither resumes nor replaces the session
+    the first holds; another name is free."""
+    first = SessionFile(History(tmp_path / "h", "127.0.0.1", 4040))
+    second = SessionFile(History(tmp_path / "h", "127.0.0.1", 4040))
+    assert first.save("alice", "tok-a", 3)
+    assert second.load("alice") is None
+    assert second.save("alice", "tok-b", 9) is False
+    assert first.load("alice") == ("tok-a", 3)
+    assert second.save("bob", "tok-c", 1) and first.load("bob") is None
 
 
 def test_backlog_command_takes_an_optional_count() -> None:
@@ -335,6 +349,33 @@ def test_a_restarted_client_resumes_from_its_session_file(
     assert scripted.answer_mode() == 1  # no backlog request came first
     saved = json.loads(session_file(programs, scripted).read_text())
     assert saved == {"session": "tok-1", "last_seq": 4}
+
+
+def test_a_second_window_with_the_same_name_never_takes_the_first_ones_session(
+        spawn: Callable[..., pexpect.spawn], start_server: Callable[..., Any]) -> None:
+    """Two clients started as alice with one history folder: the second does not resume the
+    first's session (which would cut the first off, and it would take it back in turn); the
+    server says the name is taken, and the first stays connected, nothing said."""
+    server = start_server(rate=0, resume_window=120)
+    host, port = server.address
+    first = spawn("alice", "--host", host, "--port", str(port), "--no-color", "--backlog", "0")
+    first.expect(CHOICE)
+    first.sendline("2")
+    first.expect_exact("viewing messages: press e to type, q to quit")
+    second = spawn("alice", "--host", host, "--port", str(port), "--no-color", "--backlog", "0")
+    second.expect_exact("your name (Enter for an automatic one): ")
+    assert "that name" in output(second) and "resumed" not in output(second)
+    second.sendline("alice2")
+    second.expect(CHOICE)
+    assert [(u.name, u.connected) for u in server.room.users()] == [
+        ("alice", True), ("alice2", True)]
+    assert "lost" not in output(first)
+    second.sendline("1")
+    second.expect_exact(PROMPT)
+    second.sendline("/quit")
+    assert ended(second) == 0
+    first.send("q")
+    assert ended(first) == 0
 
 
 # --------------------------------------------------------------------------------------------

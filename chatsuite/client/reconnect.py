@@ -8,7 +8,10 @@ numbers seen, and the session file.
   is dropped, and the last one, the ``last_seq`` a resume asks from.
 * ``Comeback``: the options (``--reconnect-for``, ``--no-reconnect``, ``--backlog``).
 * ``SessionFile``: ``<history-dir>/<host>_<port>/<own name>/session``, the token and the last
-  sequence number, so a restarted client resumes too.
+  sequence number, so a restarted client resumes too. A running client holds that name's
+  ``session.lock`` (``flock``): a second client started with the same name and folder neither
+  resumes nor overwrites the first's session, or each would take the other's connection over
+  (SPEC 6.4) in turn; it registers anew (the server then says the name is taken).
 
 Invariants: ``Backoff`` never sleeps past its deadline; ``SeenSeqs.first_time`` is True at most
 once for a sequence number; the session file is 0600 and replaced whole (written to a private
@@ -20,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import sys
 import threading
 import time
 from collections import deque
@@ -36,6 +40,9 @@ from chatsuite.client.history import (
     private_folder,
 )
 from chatsuite.client.transport import Transport
+
+if sys.platform != "win32":
+    import fcntl
 
 FIRST_DELAY = 1.0  # seconds before the first attempt
 MAX_DELAY = 30.0  # the delay doubles up to this
@@ -126,6 +133,7 @@ class SeenSeqs:
 
 
 SESSION_FILE = "session"  # never a peer's log (those end in ".log")
+LOCK_FILE = "session.lock"  # held (flock) by the running client of that name
 
 
 class SessionFile:
@@ -134,6 +142,7 @@ class SessionFile:
     def __init__(self, history: History) -> None:
         self.history = history
         self._lock = threading.Lock()  # both threads save: one temporary file at a time
+        self._held: dict[str, int] = {}  # name -> the descriptor of its locked session.lock
 
     def folder(self, name: str) -> Path:
         """``<history-dir>/<host>_<port>/<name>``: the folder of that name's logs."""
@@ -147,13 +156,38 @@ class SessionFile:
             return None
         if not isinstance(saved, dict) or not isinstance(saved.get("session"), str):
             return None
+        with self._lock:
+            if not self._claim(name):
+                return None  # another running client of this name holds it
         last = saved.get("last_seq")
         return saved["session"], last if isinstance(last, int) and last >= 0 else None
 
     def save(self, name: str, session: str, last_seq: int | None) -> bool:
         """Replace ``name``'s file whole, 0600 (folders 0700); False when it could not be."""
         with self._lock:
-            return self._save(name, session, last_seq)
+            return self._claim(name) and self._save(name, session, last_seq)
+
+    def _claim(self, name: str) -> bool:
+        """Hold ``name``'s session for this process until it ends (the lock goes with it);
+        False when another running client holds it. Where no lock can be taken (no ``flock``,
+        an unwritable folder) the file works as it would without one."""
+        if name in self._held or sys.platform == "win32":
+            return True
+        folder = self.folder(name)
+        try:
+            self.history.directory.mkdir(mode=FOLDER_MODE, parents=True, exist_ok=True)
+            private_folder(folder.parent)
+            private_folder(folder)
+            fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT | _NO_FOLLOW, FILE_MODE)
+        except OSError:
+            return True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return False
+        self._held[name] = fd
+        return True
 
     def _save(self, name: str, session: str, last_seq: int | None) -> bool:
         folder = self.folder(name)
