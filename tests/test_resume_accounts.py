@@ -181,6 +181,42 @@ def test_a_cut_off_native_member_stays_reserved_for_its_window(start_server: Sta
     alice.close()
 
 
+def test_an_account_logging_in_again_ends_its_own_reserved_session(start_server: Start) -> None:
+    """teacher's client crashed (its session waits in the resume window): logging in with the
+    account's password takes the name at once and ends that session silently; without the
+    password, or for a name that is no account, the name stays reserved (name-taken)."""
+    server = start_server(rate=0, resume_window=120)
+    teacher_account(server)
+    crashed = Peer(server.address)
+    old = crashed.register("teacher", password=GOOD)
+    plain = Peer(server.address)
+    plain.register("alice")
+    watcher = Peer(server.address)
+    watcher.register("sam")
+    watcher.view()
+    for peer in (crashed, plain):
+        peer.close()
+    wait_until(lambda: [(u.name, u.connected) for u in server.room.users()] == [
+        ("teacher", False), ("alice", False), ("sam", True)], what="both to be cut off")
+    assert sorted(watcher.wait_for("notice", event="lost")["user"]["name"] for _ in range(2)) == [
+        "alice", "teacher"]
+    for name, code in (("teacher", "password-required"), ("alice", "name-taken")):
+        other = Peer(server.address)
+        other.send({"type": "hello", "name": name, "ref": "t"})
+        assert other.next_event()["code"] == code
+        other.close()
+    again = Peer(server.address)
+    welcome = again.register("teacher", password=GOOD)
+    assert (welcome["name"], welcome["resumed"], welcome["account"]) == ("teacher", False, True)
+    assert [(u.name, u.connected) for u in server.room.users()] == [
+        ("alice", False), ("sam", True), ("teacher", True)]
+    assert watcher.wait_for("notice")["event"] == "joined"  # no second "lost", no "left"
+    stale, answer = resume(server, old["session"])
+    assert (answer["resumed"], answer["name"]) == (False, "user1")  # that session is over
+    for peer in (stale, again, watcher):
+        peer.close()
+
+
 def test_backlog_gives_an_account_its_direct_messages_from_an_earlier_session(
         start_server: Start) -> None:
     """SPEC 6.3: logged in again (a new session) to its account, a member's backlog has the

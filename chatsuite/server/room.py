@@ -40,6 +40,7 @@ from chatsuite.server.room_core import (
     Backplane,
     Guard,
     _name_taken,
+    _owner_of_reserved,
 )
 from chatsuite.server.room_moderation import Moderation
 from chatsuite.server.room_sessions import Sessions
@@ -98,6 +99,7 @@ class Room(Sessions, ClusterMirror, Moderation):
         try:
             with self.lock:
                 self._check_registration(member, name, ref)
+                ended = self._end_reserved(name) if name is not None else None
                 self._admit(member, name if name is not None else self._auto_name(), title,
                             company, ref)
                 online = len(self._members)
@@ -109,6 +111,8 @@ class Room(Sessions, ClusterMirror, Moderation):
             raise
         if backplane is not None:
             backplane.joined(record, claimed)
+        if ended is not None:
+            self.log(f"{ended.name}'s earlier session ended: its account logged in again")
         self.log(
             f"{member.name} (id {member.id}, {member.dialect.value}) joined from "
             f"{member.address} ({online} online)"
@@ -122,7 +126,8 @@ class Room(Sessions, ClusterMirror, Moderation):
             problem = name_problem(name)
             if problem:
                 raise Refusal(ErrorCode.BAD_NAME, problem, ref)
-            if name.casefold() in self._names:
+            holder = self._names.get(name.casefold())
+            if holder is not None and not _owner_of_reserved(member, holder):
                 raise _name_taken(name, ref)
             if self.guard is not None:
                 self.guard.check_name(name, member.account)

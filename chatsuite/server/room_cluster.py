@@ -15,7 +15,7 @@ from dataclasses import replace
 from typing import Any
 
 from chatsuite.server.members import Delivery, Dialect, Member
-from chatsuite.server.room_core import RoomCore, _name_taken
+from chatsuite.server.room_core import RoomCore, _name_taken, _owner_of_reserved
 from modes import Mode
 from protocol import ErrorCode, Ref, Refusal, name_problem
 
@@ -110,7 +110,8 @@ class ClusterMirror(RoomCore):
             if problem:
                 raise Refusal(ErrorCode.BAD_NAME, problem, ref)
             with self.lock:
-                taken = name.casefold() in self._names
+                holder = self._names.get(name.casefold())
+                taken = holder is not None and not _owner_of_reserved(member, holder)
             if not taken:
                 claimed = self.backplane.claim(name, record(name))
                 if claimed is not False:

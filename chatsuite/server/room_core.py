@@ -340,3 +340,12 @@ def _name_taken(name: str, ref: Ref) -> Refusal:
 
 def _joined_at(member: Member) -> float:
     return member.joined_at
+
+
+def _owner_of_reserved(member: Member, holder: Member) -> bool:
+    """True when ``member``, registering under ``holder``'s name, may take it although the name
+    is reserved: ``holder`` is a session in its resume window (SPEC 6.4) and ``member`` proved
+    the same account's password (SPEC 7.2: nobody takes an account *without* it). Its owner
+    whose client crashed, or who moved to another computer, need not wait for the window."""
+    return (not holder.connected and holder.account is not None and member.account is not None
+            and name_key(holder.account) == name_key(member.account))

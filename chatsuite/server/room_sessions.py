@@ -203,6 +203,15 @@ class Sessions(RoomLog):
         self._sort(member)
         self._save_session(member)
 
+    def _end_reserved(self, name: str) -> Member | None:
+        """End, silently as at the window's end, the reserved session that holds ``name``,
+        if any; its owner is logging in again (``_owner_of_reserved``). Lock held."""
+        holder = self._names.get(name.casefold())
+        if holder is None or holder.connected:
+            return None
+        self._remove(holder)
+        return holder
+
     def expire(self) -> int:
         """Remove, silently, the members whose resume window has ended; how many."""
         now = self.clock()
@@ -241,3 +250,4 @@ class Sessions(RoomLog):
                 self._save_session(member)
                 count += 1
         return count
+
