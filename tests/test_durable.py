@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, Peer, ServerProcess, wait_until
+from conftest import ROOT, Peer, ServerProcess, reply, wait_until
 
 from chat_server import ChatServer, parse_args
 
@@ -123,6 +123,56 @@ def test_store_options_parse_and_none_runs(start_server: Start, connect: Connect
     watcher.view()
     member(connect, server, "alice")
     assert watcher.next_event()["seq"] == 2  # the watcher's own joined was 1
+
+
+@pytest.mark.parametrize("option", [
+    ["--history-limit", "0"], ["--history-days", "0"], ["--history-days", "nan"],
+    ["--resume-window", "-1"], ["--port", "70000"], ["--max-frame", "10"], ["--rate", "x"],
+])
+def test_numbers_out_of_range_are_a_usage_error(option: list[str],
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """An option's number that cannot work (a history of no events, a negative window, NaN)
+    is refused at start with a sentence naming it (exit 2), never a crash later."""
+    with pytest.raises(SystemExit) as exited:
+        parse_args(option)
+    assert exited.value.code == 2
+    assert f"argument {option[0]}: " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("stored", [False, True], ids=["store-none", "store-file"])
+def test_history_limit_bounds_backlog_and_replay_while_running(
+        start_server: Start, connect: Connect, tmp_path: Path, stored: bool) -> None:
+    """--history-limit 10 holds while the server runs, not only after a restart: backlog gives
+    the last 10 events, and a resume asking from before them (what was sent to it is replayed
+    from the log) gets a gap, then what the log still has."""
+    store = str(tmp_path / "room.db") if stored else "none"
+    server = start_server(rate=0, store=store, history_limit=10, resume_window=30)
+    alice, welcome = member(connect, server, "alice")  # seq 1: alice joined
+    alice.view()
+    bob, _ = member(connect, server, "bob")  # 2
+    for n in range(30):  # 3 to 32, sent to alice at once
+        assert reply(bob, {"type": "say", "text": f"n{n}"}, f"s{n}")["type"] == "ok"
+    assert alice.wait_for("message", text="n29")["seq"] == 32
+    alice.close()  # 33: alice lost
+    wait_until(lambda: [(u.name, u.connected) for u in server.room.users()] == [
+        ("alice", False), ("bob", True)], what="alice's session to wait for her")
+
+    def latest() -> list[int] | None:
+        page = reply(bob, {"type": "backlog", "limit": 500}, f"b{time.monotonic_ns()}")
+        seqs = [e["seq"] for e in page["events"]]
+        return seqs if seqs == list(range(24, 34)) and page["more"] is False else None
+
+    wait_until(latest, what="the backlog to hold the last 10 events only")
+    peer = Peer(server.address)  # as if alice had read nothing since her welcome
+    peer.send({"type": "hello", "session": welcome["session"], "last_seq": welcome["seq"]})
+    assert peer.expect("welcome")["resumed"] is True
+    gap = peer.expect("notice", event="gap")
+    assert (gap["from_seq"], gap["to_seq"], gap["text"]) == (
+        1, 23, "Messages 1 to 23 are no longer available.")
+    assert [(e["seq"], e["text"]) for e in (peer.next_event() for _ in range(9))] == [
+        (seq, f"n{seq - 3}") for seq in range(24, 33)]
+    assert peer.sync() == []
+    peer.close()
 
 
 def test_store_that_cannot_be_opened_exits_1_with_a_sentence(tmp_path: Path) -> None:
@@ -431,14 +481,18 @@ def test_sigkill_mid_stream_then_resume_on_the_new_process(
     peer.send({"type": "ping", "ref": "end"})
     while (event := peer.next_event())["type"] != "pong":
         events.append(event)
-    gap = events[0]
-    assert (gap["type"], gap["event"]) == ("notice", "gap")
+    (at,) = [i for i, e in enumerate(events) if e.get("event") == "gap"]
+    gap = events[at]
     assert gap["from_seq"] > last_seq and "seq" not in gap
-    rest = [e for e in events[1:] if e["type"] == "message"]
+    assert gap["text"] == (f"Messages after {gap['from_seq'] - 1} sent in the moment before the "
+                           "server was killed may have been lost.")
+    rest = [e for e in events if e["type"] == "message"]
     numbers = [int(e["text"][1:]) for e in rest]
     assert numbers == list(range(first, first + len(numbers)))  # in order, no duplicates
     assert len(numbers) > 0 and all(e["seq"] > last_seq for e in rest)
-    assert gap["from_seq"] > rest[-1]["seq"] or gap["to_seq"] < rest[0]["seq"]
+    # In seq order: what the log kept, then the gap above it, then the new run's events.
+    assert all(e["seq"] < gap["from_seq"] for e in events[:at])
+    assert all(e["seq"] > gap["to_seq"] for e in events[at + 1:])
     peer.close()
 
 
@@ -462,6 +516,39 @@ def test_sessions_survive_a_clean_restart(start_server: Start, connect: Connect,
     assert again["resumed"] is True and again["mode"] == 2
     got = numbered(peer, 1)
     assert [e.get("text") for e in got] == ["bob joined the chat.", "m0", "m1"]
+
+
+def test_a_restart_keeps_the_members_in_registration_order(
+        server_process: Callable[..., ServerProcess], tmp_path: Path) -> None:
+    """Sessions saved again (a drop, a mode or status change) keep their place: after a SIGKILL
+    and a restart the restored members are listed in the order they registered (SPEC 1.2)."""
+    path = str(tmp_path / "room.db")
+    first = server_process("--store", path, "--rate", "0", "--resume-window", "30")
+    peers = {name: Peer(first.address) for name in ("alice", "bob", "carol", "dave")}
+    for name, peer in peers.items():
+        peer.register(name)
+    peers["alice"].close()
+    peers["carol"].view()
+    assert reply(peers["bob"], {"type": "status", "status": "unavailable"}, "s")["type"] == (
+        "status")
+
+    def saved_again() -> bool:
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            rows = dict(db.execute("SELECT name, expires_at FROM sessions").fetchall())
+            modes = dict(db.execute("SELECT name, mode FROM sessions").fetchall())
+        return (len(rows) == 4 and rows["alice"] < time.time() + 3600 and modes["carol"] == 2)
+
+    wait_until(saved_again, what="the drop and the mode change to be committed")
+    first.proc.send_signal(signal.SIGKILL)
+    first.proc.wait(5)
+    second = server_process("--store", path, "--rate", "0", "--resume-window", "30")
+    peer = Peer(second.address)
+    peer.register("eve")
+    listed = reply(peer, {"type": "users"}, "u")["users"]
+    assert [(u["name"], u.get("connected", True)) for u in listed] == [
+        ("alice", False), ("bob", False), ("carol", False), ("dave", False), ("eve", True)]
+    for each in (*peers.values(), peer):
+        each.close()
 
 
 def test_a_member_cut_off_for_its_output_resumes_with_nothing_lost(start_server: Start,

@@ -88,6 +88,9 @@ class BacklogPage(NamedTuple):
 class Store(Protocol):
     """What the room and the access layer use; SqliteStore and MemoryStore both provide it."""
 
+    history_limit: int  # --history-limit: events kept at most
+    history_seconds: float  # --history-days, in seconds: events kept no longer
+
     @property
     def start_seq(self) -> int: ...
     @property
@@ -146,6 +149,10 @@ def _seq(event: LoggedEvent) -> int:
     return event.seq
 
 
+def _ts(event: LoggedEvent) -> float:
+    return event.ts
+
+
 class MemoryStore:
     """The store's interface with nothing on disk (``--store none``): nothing survives a stop."""
 
@@ -159,6 +166,7 @@ class MemoryStore:
         # keeps counts against a documented bound; 100,000 events of 64 KiB would be 6 GiB).
         self._events: deque[LoggedEvent] = deque()
         self._limit = history_limit
+        self.history_limit = history_limit
         self._max_bytes = history_bytes
         self._bytes = 0
         self._sessions: dict[str, SessionRecord] = {}
@@ -195,12 +203,7 @@ class MemoryStore:
                 limit: int = 50) -> BacklogPage:
         """Logged events ``viewer`` may see, oldest first, within ``history_days``."""
         check_limit(limit)
-        while True:
-            try:
-                events = list(self._events)  # one C call: a consistent copy, no lock needed
-                break
-            except RuntimeError:  # mutated during the copy (a finalizer let a thread in): again
-                continue
+        events = self._copy()
         cutoff = self._clock() - self.history_seconds
         found: list[LoggedEvent] = []
         candidates: Iterator[LoggedEvent]
@@ -225,12 +228,29 @@ class MemoryStore:
             found.reverse()
         return BacklogPage(found, more)
 
+    def __len__(self) -> int:
+        return len(self._events)
+
     def oldest_seq(self) -> int | None:
-        """The oldest seq still kept (None when empty)."""
+        """The oldest seq still kept and younger than ``history_days`` (None when none)."""
         try:
-            return self._events[0].seq
+            first = self._events[0]
         except IndexError:
             return None
+        cutoff = self._clock() - self.history_seconds
+        if first.ts >= cutoff:
+            return first.seq
+        events = self._copy()  # rare: something is past its age; find the first that is not
+        young = bisect.bisect_left(events, cutoff, key=_ts)
+        return events[young].seq if young < len(events) else None
+
+    def _copy(self) -> list[LoggedEvent]:
+        """The events, as one consistent list (no lock: appends run under the room's)."""
+        while True:
+            try:
+                return list(self._events)  # one C call
+            except RuntimeError:  # mutated during the copy (a finalizer let a thread in): again
+                continue
 
     def save_session(self, record: SessionRecord) -> None:
         """Keep a session until the server stops."""

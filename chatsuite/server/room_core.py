@@ -112,7 +112,10 @@ class RoomCore:
         # the recent log, the resume window and the native members' sessions by token hash.
         self.store: Store = store if store is not None else MemoryStore()
         self.seq = self.store.start_seq - 1
-        self.recent = MemoryStore(history_limit=RECENT_LIMIT, history_days=1e6,
+        # Within the store's own bounds, or backlog and resume would outlive --history-limit
+        # and --history-days until the next restart.
+        self.recent = MemoryStore(history_limit=min(RECENT_LIMIT, self.store.history_limit),
+                                  history_days=self.store.history_seconds / 86400,
                                   history_bytes=RECENT_BYTES)
         self.resume_window = resume_window
         self.clock = clock

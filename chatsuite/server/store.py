@@ -111,7 +111,13 @@ _INSERT_EVENT = "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 ROWS_PER_INSERT = 90  # 990 parameters: under SQLite's oldest limit of 999 per statement
 _INSERT_ROWS = "INSERT INTO events VALUES " + ", ".join(
     ["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"] * ROWS_PER_INSERT)
-_SAVE_SESSION = "INSERT OR REPLACE INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+# An upsert, not INSERT OR REPLACE: the row keeps its rowid, the registration order a restart
+# restores the members in (SPEC 1.2: users in registration order).
+_SAVE_SESSION = ("INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(token_hash)"
+                 " DO UPDATE SET name = excluded.name, title = excluded.title,"
+                 " company = excluded.company, status = excluded.status, mode = excluded.mode,"
+                 " last_seq = excluded.last_seq, expires_at = excluded.expires_at,"
+                 " account = excluded.account")
 _SAVE_ACCOUNT = "INSERT OR REPLACE INTO accounts VALUES (?, ?, ?, ?)"
 _SAVE_BAN = "INSERT OR REPLACE INTO bans VALUES (?, ?)"
 _VISIBLE = ("(recipient IS NULL OR sender_session = :s OR recipient_session = :s"
@@ -381,8 +387,10 @@ class SqliteStore:
         return min((s for s in (stored, kept) if s is not None), default=None)
 
     def load_sessions(self) -> list[SessionRecord]:
-        """Sessions not yet expired (by the injected clock), read at start."""
-        rows = self._read("SELECT * FROM sessions WHERE expires_at > :t", {"t": self._clock()})
+        """Sessions not yet expired (by the injected clock), in registration order, read at
+        start."""
+        rows = self._read("SELECT * FROM sessions WHERE expires_at > :t ORDER BY rowid",
+                          {"t": self._clock()})
         return [SessionRecord(*row) for row in rows or ()]
 
     def load_accounts(self) -> list[AccountRecord]:
