@@ -186,6 +186,11 @@ class ChatServer:
         where = "none (memory only)" if self.config.store == "none" else self.config.store
         self.log(f"store: {where}; latest seq {self.room.seq}"
                  + (f"; {restored} sessions may resume" if restored else ""))
+        for name in self.config.admins:
+            if not self.gate.is_account(name):
+                # Whoever registers the name first owns it, and so moderates: say so now.
+                self.log(f"admin {name} has no account yet: connect as {name} and /register "
+                         "it before anyone else does")
 
     def _expire_loop(self) -> None:
         """End the resume windows that are over (SPEC 6.4), a few times per window."""

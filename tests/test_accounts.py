@@ -324,6 +324,31 @@ def classroom(start_server: Start, peers: Callable[..., Any]) -> Callable[[], An
     return make
 
 
+def test_an_admin_without_an_account_is_named_in_the_log_at_start(
+        start_server: Start, peers: Callable[..., Any], tmp_path: Path) -> None:
+    """--admin names an account; one not registered yet is said at start (whoever registers it
+    first moderates), and an admin that has its account is not."""
+    lines: list[str] = []
+    store = str(tmp_path / "room.db")
+    server = start_server(rate=0, admins=("teacher", "Helper"), log=lines.append, store=store)
+    wait_until(lambda: any(x.startswith("store: ") for x in lines), what="the start's lines")
+    assert [x for x in lines if x.startswith("admin ")] == [
+        "admin teacher has no account yet: connect as teacher and /register it before anyone "
+        "else does",
+        "admin Helper has no account yet: connect as Helper and /register it before anyone "
+        "else does",
+    ]
+    account(server, peers, "teacher").close()
+    server.stop()
+    lines.clear()
+    start_server(rate=0, admins=("teacher", "Helper"), log=lines.append, store=store)
+    wait_until(lambda: any(x.startswith("store: ") for x in lines), what="the start's lines")
+    assert [x for x in lines if x.startswith("admin ")] == [
+        "admin Helper has no account yet: connect as Helper and /register it before anyone "
+        "else does",
+    ]
+
+
 def test_an_admin_is_marked_and_only_it_may_moderate(
         classroom: Callable[[], Any], peers: Callable[..., Any]) -> None:
     """The admin's welcome says admin and users marks it; a non-admin's kick, mute, unmute
@@ -417,7 +442,11 @@ def test_mute_refuses_say_dm_and_line_send_until_unmute(
     student.send({"type": "say", "text": "sorry", "ref": 4})
     student.wait_for("ok", ref=4)
     assert teacher.wait_for("message")["text"] == "sorry"
-    assert error_of(teacher, {"type": "unmute", "to": "sam"})["code"] == "no-such-user"
+    refused = reply(teacher, {"type": "unmute", "to": "sam"}, "u1")  # here, and not muted
+    assert (refused["code"], refused["message"]) == ("bad-request", "sam is not muted.")
+    refused = reply(teacher, {"type": "unmute", "to": "nobody"}, "u2")
+    assert (refused["code"], refused["message"]) == (
+        "no-such-user", 'User "nobody" is not connected to the server.')
 
 
 def test_a_mute_ends_after_its_minutes(classroom: Callable[[], Any],
@@ -439,8 +468,14 @@ def test_a_mute_ends_after_its_minutes(classroom: Callable[[], Any],
 def test_ban_of_an_unregistered_name_keeps_its_address_out(
         classroom: Callable[[], Any], peers: Callable[..., Any], dialect: str) -> None:
     """ban of a name that is no account: its client (any dialect) is disconnected, the room told,
-    and its address cannot register again (native banned, line BUSY, plain closed)."""
+    and its address cannot register again (native banned, line BUSY, plain closed), except an
+    account logging in with its password (another student behind the same NAT)."""
     server, teacher = classroom()
+    kim = peers(server, "native", STUDENT_HOST)
+    kim.register("kim")
+    ok(kim, {"type": "register", "password": GOOD})
+    kim.close()
+    assert teacher.wait_for("notice", event="joined")["user"]["name"] == "kim"
     student = peers(server, dialect, STUDENT_HOST)
     name = join_as_sam(student, dialect, teacher)
     ok(teacher, {"type": "ban", "to": name})
@@ -460,6 +495,7 @@ def test_ban_of_an_unregistered_name_keeps_its_address_out(
         assert again.closed()
     assert server.store.load_bans() == []  # until the server stops: not kept past this run
     peers(server).register("fromteacherhost")  # another address is not banned
+    assert peers(server, "native", STUDENT_HOST).register("kim", password=GOOD)["account"] is True
 
 
 def test_ban_of_an_account_with_minutes_is_kept_in_the_store(

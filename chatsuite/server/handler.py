@@ -422,7 +422,10 @@ class Handler(DialectReaders):
         gate.admins.authorize(admin.name, admin.account, action, name)  # not-allowed
         if action is Action.UNMUTE:
             if gate.sanctions.unmute(name) is None:
-                raise Refusal(ErrorCode.NO_SUCH_USER, f"{name} is not muted.")
+                if target is None:  # nobody of that name here, muted or not
+                    raise Refusal(ErrorCode.NO_SUCH_USER, no_such_user_message(request.to))
+                # There, but not muted: no-such-user would say it is gone (SPEC 1.3).
+                raise Refusal(ErrorCode.BAD_REQUEST, f"{name} is not muted.")
         elif target is None and not (action is Action.BAN and gate.is_account(name)):
             raise Refusal(ErrorCode.NO_SUCH_USER, no_such_user_message(request.to))
         elif action is Action.MUTE:

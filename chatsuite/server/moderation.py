@@ -198,15 +198,18 @@ class Sanctions:
             return ban
 
     def check_may_register(self, name: str, host: str, now: float, *, is_account: bool) -> None:
-        """``banned`` when this ``hello`` may not register: its account's or its address's ban."""
-        keys = [BanKey(BanKind.ADDRESS, address_key(host))]
+        """``banned`` when this ``hello`` may not register: an account by its own ban, any
+        other name by its address's. An address ban keeps anonymous names out; the accounts
+        behind the same address (a school's NAT: the teacher, the other students) still log in
+        with their passwords, which the caller checks next."""
         if is_account:
-            keys.insert(0, BanKey(BanKind.ACCOUNT, name_key(name)))
-        for key in keys:
-            ban = self.is_banned(key, now)
-            if ban is not None:
-                raise Refusal(Code.BANNED, f"You are banned from this room by {ban.by} "
-                                           f"{_ban_left(ban, now)}.")
+            key = BanKey(BanKind.ACCOUNT, name_key(name))
+        else:
+            key = BanKey(BanKind.ADDRESS, address_key(host))
+        ban = self.is_banned(key, now)
+        if ban is not None:
+            raise Refusal(Code.BANNED, f"You are banned from this room by {ban.by} "
+                                       f"{_ban_left(ban, now)}.")
 
     def bans(self, now: float) -> list[Ban]:
         """The bans in force at ``now`` (for the store), dropping those that ended."""
