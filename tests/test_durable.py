@@ -551,6 +551,29 @@ def test_a_restart_keeps_the_members_in_registration_order(
         each.close()
 
 
+def test_a_restored_session_keeps_its_id_reserved(start_server: Start, connect: Connect,
+                                                   tmp_path: Path) -> None:
+    """After a restart the members waiting to resume keep their ids, and no new connection is
+    given one of them (SPEC 6.4): a dm to alice's id is held for alice, whoever comes."""
+    path = str(tmp_path / "room.db")
+    first = start_server(store=path, rate=0, resume_window=30)
+    _, welcome = member(connect, first, "alice")
+    alice_id = welcome["id"]
+    first.stop()
+    second = start_server(store=path, rate=0, resume_window=30)
+    assert [(u.name, u.id) for u in second.room.users()] == [("alice", alice_id)]
+    newcomers = [member(connect, second, f"new{n}") for n in range(12)]
+    assert alice_id not in {welcome["id"] for _, welcome in newcomers}
+    sender = newcomers[0][0]
+    sent = reply(sender, {"type": "dm", "to": alice_id, "text": "for alice"}, "d")
+    assert (sent["type"], sent["delivered"], sent["queued"]) == ("ok", 0, 1)
+    peer, again = resume(second, connect, welcome["session"], welcome["seq"])
+    assert again["resumed"] is True
+    peer.view()
+    assert peer.wait_for("message")["text"] == "for alice"
+    assert all(e.get("text") != "for alice" for p, _ in newcomers for e in p.sync())
+
+
 def test_a_member_cut_off_for_its_output_resumes_with_nothing_lost(start_server: Start,
                                                                    connect: Connect) -> None:
     """A viewing member that stops reading and is cut off at the output limit keeps its session:

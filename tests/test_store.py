@@ -3,6 +3,7 @@ failures and the writer's queue, on temporary SQLite files (and the memory store
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sqlite3
 import subprocess
@@ -375,6 +376,30 @@ def test_the_write_queue_is_bounded_by_bytes_as_well_as_by_count(tmp_path: Path)
         assert [e.seq for e in page.events] == list(range(1, 42))
     finally:
         other.close()
+        store.close()
+
+
+def test_a_store_written_before_member_ids_were_kept_opens_and_keeps_them_from_then_on(
+        tmp_path: Path) -> None:
+    """A sessions table of the earlier shape (no member_id) gets the column when opened: its
+    sessions load with no id, and sessions saved from then on keep theirs."""
+    path = tmp_path / "chat.db"
+    with contextlib.closing(sqlite3.connect(path)) as old:
+        old.executescript(
+            "CREATE TABLE sessions (token_hash TEXT PRIMARY KEY, name TEXT NOT NULL, title TEXT,"
+            " company TEXT, status TEXT NOT NULL, mode INTEGER NOT NULL, last_seq INTEGER NOT"
+            " NULL, expires_at REAL NOT NULL, account TEXT);"
+            f"INSERT INTO sessions VALUES ('h1', 'alice', NULL, NULL, 'available', 2, 5, {T0 + 60},"
+            " NULL);")
+    store = SqliteStore(str(path), clock=Clock())
+    try:
+        assert store.load_sessions() == [
+            SessionRecord("h1", "alice", None, None, "available", 2, 5, T0 + 60)]
+        store.save_session(SessionRecord("h2", "bob", None, None, "available", 1, 6, T0 + 60,
+                                         None, 17))
+        assert store.flush()
+        assert [r.member_id for r in store.load_sessions()] == [None, 17]
+    finally:
         store.close()
 
 

@@ -60,6 +60,7 @@ class SessionRecord(NamedTuple):
     last_seq: int             # the last seq the member was sent (or held up to)
     expires_at: float         # seconds since the epoch: the end of the resume window
     account: str | None = None
+    member_id: int | None = None  # its id, reserved again after a restart (SPEC 6.4)
 
 
 class AccountRecord(NamedTuple):

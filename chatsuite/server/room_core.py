@@ -316,7 +316,7 @@ class RoomCore:
         expires = member.expires if not member.connected else self.clock() + FOREVER
         self.store.save_session(SessionRecord(
             member.session_hash, member.name, member.title, member.company, member.status,
-            int(member.mode), self.seq, expires, member.account))
+            int(member.mode), self.seq, expires, member.account, member.id))
 
     def _dropped_frame(self, count: int) -> bytes:
         return encode_event(Notice("dropped", dropped_text(count), self._timestamp(),

@@ -36,6 +36,15 @@ class Sessions(RoomLog):
             self.store.delete_session(member.session_hash)
         member.session_hash = None
 
+    def _restored_id(self, record: SessionRecord) -> int:
+        """The id a restored session had, reserved again for its window (SPEC 6.4: a message
+        to that id must not reach whoever the new run gives that descriptor); a spare one when
+        it has none, or in a cluster (the node's number may have changed). Lock held."""
+        kept = record.member_id
+        if kept is None or self.backplane is not None or kept in self._members:
+            return self._spare_id()
+        return kept
+
     def _spare_id(self) -> int:
         """An id no member has, from ``SPARE_IDS`` (lock held): see ``SPARE_IDS``."""
         base = self.backplane.node * 1_000_000 if self.backplane is not None else 0
@@ -233,7 +242,7 @@ class Sessions(RoomLog):
             for record in records:
                 if record.name.casefold() in self._names:
                     continue
-                member = Member(self._spare_id(), GONE, Dialect.NATIVE, name=record.name,
+                member = Member(self._restored_id(record), GONE, Dialect.NATIVE, name=record.name,
                                 title=record.title, company=record.company,
                                 status=record.status, mode=Mode(record.mode), registered=True,
                                 session_hash=record.token_hash, connected=False,

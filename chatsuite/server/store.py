@@ -101,7 +101,7 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE TABLE IF NOT EXISTS sessions (
     token_hash TEXT PRIMARY KEY, name TEXT NOT NULL, title TEXT, company TEXT,
     status TEXT NOT NULL, mode INTEGER NOT NULL, last_seq INTEGER NOT NULL,
-    expires_at REAL NOT NULL, account TEXT);
+    expires_at REAL NOT NULL, account TEXT, member_id INTEGER);
 CREATE TABLE IF NOT EXISTS accounts (
     key TEXT PRIMARY KEY, name TEXT NOT NULL, password_hash TEXT NOT NULL, created REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS bans (key TEXT PRIMARY KEY, until REAL);
@@ -113,11 +113,12 @@ _INSERT_ROWS = "INSERT INTO events VALUES " + ", ".join(
     ["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"] * ROWS_PER_INSERT)
 # An upsert, not INSERT OR REPLACE: the row keeps its rowid, the registration order a restart
 # restores the members in (SPEC 1.2: users in registration order).
-_SAVE_SESSION = ("INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(token_hash)"
-                 " DO UPDATE SET name = excluded.name, title = excluded.title,"
-                 " company = excluded.company, status = excluded.status, mode = excluded.mode,"
-                 " last_seq = excluded.last_seq, expires_at = excluded.expires_at,"
-                 " account = excluded.account")
+_SAVE_SESSION = ("INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                 " ON CONFLICT(token_hash) DO UPDATE SET name = excluded.name,"
+                 " title = excluded.title, company = excluded.company, status = excluded.status,"
+                 " mode = excluded.mode, last_seq = excluded.last_seq,"
+                 " expires_at = excluded.expires_at, account = excluded.account,"
+                 " member_id = excluded.member_id")
 _SAVE_ACCOUNT = "INSERT OR REPLACE INTO accounts VALUES (?, ?, ?, ?)"
 _SAVE_BAN = "INSERT OR REPLACE INTO bans VALUES (?, ?)"
 _VISIBLE = ("(recipient IS NULL OR sender_session = :s OR recipient_session = :s"
@@ -241,6 +242,9 @@ class SqliteStore:
             conn.execute("PRAGMA synchronous=NORMAL")  # why: see the module docstring
             conn.execute("PRAGMA busy_timeout=1000")
             conn.executescript(_SCHEMA)
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(sessions)")}
+            if "member_id" not in columns:  # a store written before ids were kept
+                conn.execute("ALTER TABLE sessions ADD COLUMN member_id INTEGER")
             self._recover(conn)
             reader = sqlite3.connect(f"{Path(self.path).resolve().as_uri()}?mode=ro", uri=True,
                                      isolation_level=None, check_same_thread=False)
