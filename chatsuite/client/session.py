@@ -107,6 +107,11 @@ class ConnectionLost(Exception):
     """The connection ended; the text says why."""
 
 
+class Refused(ConnectionLost):
+    """The server refused us for a reason that trying again cannot mend (a ban, say): the
+    session ends, a reconnection stops."""
+
+
 class RequestFailed(Exception):
     """One request could not be done, but the connection goes on; the text says why, to people."""
 
