@@ -212,3 +212,23 @@ def test_a_student_client_sees_the_mute_refusal(
     teacher.wait_for("ok", ref=1)
     assert command(child, "hello") == (
         "failed to deliver message because You are muted by teacher for 10 more minutes.\n")
+
+
+def test_a_client_kicked_by_the_real_server_ends_without_coming_back(
+        spawn: Callable[..., pexpect.spawn], start_server: Callable[..., ChatServer],
+        connect: Callable[..., Peer]) -> None:
+    """A client the admin kicks shows the notice and one line, exits 1 and never reconnects."""
+    server = start_server(rate=0, admins=("teacher",))
+    make_account(server, connect, "teacher")
+    teacher: Peer = connect(server)
+    teacher.register("teacher", password=GOOD)
+    child = welcomed(client(spawn, server, "sam"), "sam")
+    teacher.send({"type": "kick", "to": "sam", "reason": "go away", "ref": 1})
+    teacher.wait_for("ok", ref=1)
+    child.expect_exact("* sam was kicked by teacher: go away\r\n")
+    child.expect_exact("you were removed from the chat by teacher: not reconnecting\r\n")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 1
+    assert "reconnecting (Ctrl-C" not in output(child)
+    assert server.room.online == 1  # the teacher alone: sam did not come back

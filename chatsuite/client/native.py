@@ -4,7 +4,9 @@
 password prompts, the events the receiver thread hands over (``deliver``: a ``message`` or
 ``notice`` goes to the ``Viewer``, which prints it while viewing and keeps it while typing;
 events carrying a ``seq`` already seen are dropped, a replay after a resume; ``pending`` counts
-are said once per change), and the commands (say, dm, users, status, accounts, moderation).
+are said once per change, never over a password question; a ``kicked`` or ``banned`` notice
+naming us ends the session without reconnecting), and the commands (say, dm, users, status,
+accounts, moderation).
 The connection itself (requests by ref, bounded waits) is ``connection.Connection``; coming back
 after a drop and earlier messages are its base ``resume.Resuming``. The names tests and
 ``chat_client`` import from here stay importable from here.
@@ -16,7 +18,9 @@ receiver thread never writes but ``pong``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
@@ -38,7 +42,7 @@ from chatsuite.client.resume import (
     SESSION_SAVE_EVERY,
     Resuming,
 )
-from chatsuite.client.session import SHUT_DOWN, ConnectionLost, NoReply
+from chatsuite.client.session import SHUT_DOWN, ConnectionLost, NoReply, Refused
 from chatsuite.client.terminal import Terminal
 from chatsuite.client.transport import Transport
 from modes import Mode, ModerateCommand
@@ -74,6 +78,11 @@ __all__ = ["EARLIER", "EARLIER_END", "EARLIER_MARK", "SESSION_SAVE_EVERY", "Conn
 
 NO_WELCOME = "it did not register us"
 PASSWORD_CODES = (ErrorCode.PASSWORD_REQUIRED.value, ErrorCode.BAD_PASSWORD.value)
+RETRYABLE = (ErrorCode.SERVER_FULL.value, ErrorCode.TOO_MANY_ATTEMPTS.value,
+             ErrorCode.UNAVAILABLE.value)
+"""Refusals of a ``hello`` that pass with time: a reconnection tries again after them; any
+other (``banned``, a bad request) ends the session as it would on start."""
+REMOVED_EVENTS = ("kicked", "banned")  # a notice naming us: the session is over (SPEC 7.3)
 MODERATION: dict[str, type[Kick | Mute | Unmute | Ban]] = {
     "kick": Kick, "mute": Mute, "unmute": Unmute, "ban": Ban}
 
@@ -118,6 +127,11 @@ class NativeSession(Resuming):
         self.resumed = False  # the last welcome resumed our session
         self.server_password: str | None = None  # asked once when the server wants it (7.1)
         self.admin = False  # the welcome said we may moderate (SPEC 7.3)
+        self.removed = False  # kicked or banned (receiver thread): the session is over
+        # A password question is open (main thread): a ``pending`` line would land on it, so
+        # it waits until the question is answered (``_count_lock`` guards it, held, waiting).
+        self.secret_open = False
+        self._count_lock = threading.Lock()
 
     # ---- the receiver thread's side
 
@@ -126,7 +140,7 @@ class NativeSession(Resuming):
         if isinstance(event, (Message, Notice)) and event.seq is not None:
             if not self.seen.first_time(event.seq):
                 return  # seen already: replayed after a resume (SPEC 6.5)
-            if isinstance(event, Message):
+            if isinstance(event, Message) and not self.own_message(event):
                 self.replayed += 1
             self.keep_session(at_most_every=SESSION_SAVE_EVERY)
         if isinstance(event, Pending):
@@ -139,7 +153,9 @@ class NativeSession(Resuming):
                 self._log_received(event)
         elif isinstance(event, Notice):
             line = format_notice(event, self.palette)
-            if event.event == "shutdown":
+            if event.event in REMOVED_EVENTS and self.names_us(event.user):
+                self.removed_by(line, event.by)
+            elif event.event == "shutdown":
                 if self.comeback.reconnect_for is None:
                     self.viewer.say(line)  # said at once, whatever the mode; the session ends
                 # Reconnecting: the one line saying so is the reconnection's.
@@ -150,6 +166,24 @@ class NativeSession(Resuming):
             # An error that answers no waiting request (the server refusing the connection,
             # or a late reply): rare and about us, so said at once, whatever the mode.
             self.viewer.say(self.palette.bad(f"server: {sanitize(event.message)}"))
+
+    def names_us(self, user: User | None) -> bool:
+        """True when ``user`` (a notice's) is us on this connection: our id, or our name."""
+        if user is None:
+            return False
+        own = self.history.own_name
+        if self.own_id is not None:
+            return user.id == self.own_id
+        return own is not None and user.name.casefold() == own.casefold()
+
+    def removed_by(self, line: str, admin: str | None) -> None:
+        """We were kicked or banned (receiver thread): the notice is said at once, whatever
+        the mode, and the session ends without reconnecting (SPEC 7.3: the server ended it)."""
+        self.removed = True
+        self.token = None  # nothing to resume: the session file is not written again
+        self.viewer.say(line)
+        by = sanitize(admin) if admin else "an admin"
+        self.conn.fail(f"you were removed from the chat by {by}: not reconnecting")
 
     def _log_received(self, event: Message) -> None:
         when = datetime.now()
@@ -192,7 +226,9 @@ class NativeSession(Resuming):
             reason = sanitize(reply.message) if isinstance(reply, Error) else unexpected(reply)
             if not isinstance(reply, Error) or reply.code not in ("name-taken", "bad-name"):
                 self.conn.fail(f"the server refused the connection: {reason}")
-                raise ConnectionLost(self.conn.failure)
+                if isinstance(reply, Error) and reply.code in RETRYABLE:
+                    raise ConnectionLost(self.conn.failure)  # a reconnection tries again
+                raise Refused(self.conn.failure)
             self.show(self.palette.bad(f"that name cannot be used: {reason}"))
             name = self.ask("your name (Enter for an automatic one): ").strip()
             password = None
@@ -206,22 +242,26 @@ class NativeSession(Resuming):
         if reply.for_ == "server":
             if wrong:
                 self.show(self.palette.bad("wrong server password"))
-            secret = self.terminal.ask_secret("server password: ")
+            with self.secret_question():
+                secret = self.terminal.ask_secret("server password: ")
             self.server_password = secret
             return given
         if wrong:
             self.show(self.palette.bad(f"wrong password for {sanitize(name)}"))
         else:
             self.show(f"{sanitize(name)} is an account (Enter alone to give the name up)")
-        secret = self.terminal.ask_secret(f"password for {sanitize(name)}: ")
+        with self.secret_question():
+            secret = self.terminal.ask_secret(f"password for {sanitize(name)}: ")
         if secret:
             return secret
         raise NameGivenUp
 
     def register_account(self) -> None:
         """``/register``: the password asked twice, without echo; our name becomes an account."""
-        password = self.terminal.ask_secret("new account password: ")
-        if password != self.terminal.ask_secret("the same password again: "):
+        with self.secret_question():
+            password = self.terminal.ask_secret("new account password: ")
+            again = self.terminal.ask_secret("the same password again: ")
+        if password != again:
             self.show(self.palette.bad("the two passwords differ; nothing changed"))
             return
         reply = self.conn.request(Register(password))
@@ -234,9 +274,11 @@ class NativeSession(Resuming):
 
     def change_password(self) -> None:
         """``/password``: the old password, then the new one twice, all without echo."""
-        old = self.terminal.ask_secret("current password: ")
-        new = self.terminal.ask_secret("new password: ")
-        if new != self.terminal.ask_secret("the new password again: "):
+        with self.secret_question():
+            old = self.terminal.ask_secret("current password: ")
+            new = self.terminal.ask_secret("new password: ")
+            again = self.terminal.ask_secret("the new password again: ")
+        if new != again:
             self.show(self.palette.bad("the two new passwords differ; nothing changed"))
             return
         reply = self.conn.request(ChangePassword(old, new))
@@ -351,9 +393,30 @@ class NativeSession(Resuming):
 
     def pending(self, count: int) -> None:
         """A ``pending`` event (mode 1): a line whenever the number changes (SPEC 4.12); at the
-        mode menu it is kept, and said once typing starts (``enter_mode``)."""
-        self.held = count
-        if count == self.waiting or self.mode_now is not Mode.TYPING:
+        mode menu it is kept, and said once typing starts (``enter_mode``); during a password
+        question, said once it is answered (``secret_question``)."""
+        with self._count_lock:
+            self.held = count
+            self._say_waiting()
+
+    @contextmanager
+    def secret_question(self) -> Iterator[None]:
+        """Password questions (no echo) are open for the block: no ``pending`` line lands on
+        them; the count, if it changed meanwhile, is said after them (even after Ctrl-C)."""
+        with self._count_lock:
+            self.secret_open = True
+        try:
+            yield
+        finally:
+            with self._count_lock:
+                self.secret_open = False
+                self._say_waiting()
+
+    def _say_waiting(self) -> None:
+        """Say the held count when it changed since last said, typing and no question open
+        (``_count_lock`` held)."""
+        count = self.held
+        if count == self.waiting or self.mode_now is not Mode.TYPING or self.secret_open:
             return
         self.waiting = count
         if count > 0:

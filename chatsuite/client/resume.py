@@ -9,8 +9,10 @@ on ``/backlog`` (``show_earlier``, ``show_backlog``). The state it uses is set u
 ``NativeSession.__init__``; registering and the events themselves are ``NativeSession``'s.
 
 Invariants: an event is shown at most once (``seen``), whether it comes live, replayed after a
-resume or as an earlier message; a reconnection is said in one line; the session file is kept
-unless we quit, so a restarted client resumes.
+resume or as an earlier message; a reconnection is said in one line, and the count it gives
+never includes our own messages; a refusal that trying again cannot mend (``Refused``: a ban)
+ends the reconnection; the session file is kept unless we quit or were removed (kicked or
+banned), so a restarted client resumes.
 """
 
 from __future__ import annotations
@@ -21,7 +23,14 @@ from collections.abc import Callable
 from chatsuite.client.connection import Connection
 from chatsuite.client.display import format_message, format_notice, sanitize
 from chatsuite.client.reconnect import BACKLOG_ON_START, Backoff, Comeback, SeenSeqs, SessionFile
-from chatsuite.client.session import LOST, SHUT_DOWN, ConnectionLost, NoReply, Session
+from chatsuite.client.session import (
+    LOST,
+    SHUT_DOWN,
+    ConnectionLost,
+    NoReply,
+    Refused,
+    Session,
+)
 from chatsuite.client.transport import ConnectError
 from modes import Mode
 from protocol import BACKLOG_MAX, Backlog, BacklogRequest, Error, Event, Hello, Message, Welcome
@@ -49,6 +58,7 @@ class Resuming(Session):
     oldest_shown: int | None
     left_while_away: bool
     resumed: bool
+    removed: bool
     server_password: str | None
 
     def register(self, again: bool = False) -> None:
@@ -214,6 +224,10 @@ class Resuming(Session):
         try:
             self.register(again=True)
             self.say_reconnected(before)
+        except Refused as refusal:
+            conn.close()
+            self.ending = str(refusal)  # trying again cannot mend it: said, and the end
+            raise
         except (ConnectionLost, NoReply):
             conn.close()
             return False
@@ -240,7 +254,8 @@ class Resuming(Session):
                 reply = None
             if isinstance(reply, Backlog):
                 missed = sum(isinstance(event, Message) and event.seq is not None
-                             and event.seq > before for event in reply.events)
+                             and event.seq > before and not self.own_message(event)
+                             for event in reply.events)
                 counted = True
         if not counted:
             self.show(self.palette.good("reconnected"))
@@ -249,8 +264,16 @@ class Resuming(Session):
         held = " (#view to read them)" if missed and mode is not Mode.VIEWING else ""
         self.show(self.palette.good(f"reconnected: {missed} {noun} missed while away{held}"))
 
+    def own_message(self, event: Message) -> bool:
+        """True when we sent ``event`` (our id, or our name: the id may be an earlier
+        connection's): it is never news to us."""
+        own = self.history.own_name
+        return event.sender.id == self.own_id or (
+            own is not None and event.sender.name.casefold() == own.casefold())
+
     def finish(self) -> int:
-        """End the session; the session file is kept for a resume unless we quit."""
+        """End the session; the session file is kept for a resume unless we quit or were
+        removed (kicked or banned: the server ended the session)."""
         if self.left_while_away:
             self.exiting = True
             self.link.close()
@@ -258,7 +281,7 @@ class Resuming(Session):
             return 0
         code = super().finish()
         own = self.history.own_name
-        if code == 0 and own:
+        if (code == 0 or self.removed) and own:
             self.sessions.remove(own)  # we quit: the server ended the session
         else:
             self.keep_session()

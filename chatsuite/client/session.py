@@ -107,6 +107,11 @@ class ConnectionLost(Exception):
     """The connection ended; the text says why."""
 
 
+class Refused(ConnectionLost):
+    """The server refused us for a reason that trying again cannot mend (a ban, say): the
+    session ends, a reconnection stops."""
+
+
 class RequestFailed(Exception):
     """One request could not be done, but the connection goes on; the text says why, to people."""
 
@@ -365,12 +370,17 @@ class Session:
         that name from now on, and Tab completes the others' names."""
         if not isinstance(name, str) or not name:
             return
-        if self._input_history is not None and name != self.history.own_name:
-            self.terminal.save_history(self._input_history)  # the old name's lines stay its own
+        before = self._input_history
+        if before is not None:
+            # The lines typed so far are written first: the old name's stay its own, and
+            # a re-registration under the same name (a reconnection) loses none of them.
+            self.terminal.save_history(before)
         self.history.own_name = name
         self.known_names.own = name
         self._input_history = self.history.input_history()
-        if self._input_history is not None:
+        if self._input_history is not None and self._input_history != before:
+            # Another name (or the first registration): that name's lines, from its file.
+            # The same file is not read again: the lines in memory are already its own.
             self.terminal.load_history(self._input_history)
         self.terminal.complete_with(TabCompleter(self.completion_names))
 

@@ -141,8 +141,13 @@ class Terminal:
             if self._mid_line:
                 self.stdout.write("\n")
                 self.stdout.flush()
-            self._mid_line = False
-        return getpass.getpass(prompt)
+            # Until the answer's Enter, the cursor is after the prompt: a Ctrl-C there leaves
+            # it so, and the next line (bye, the chat prompt) starts on a row of its own.
+            self._mid_line = True
+        line = getpass.getpass(prompt)
+        with self._lock:
+            self._mid_line = False  # getpass ended the line
+        return line
 
     def _edit(self, prompt: str) -> str:
         self._typed_at_interrupt = ""
