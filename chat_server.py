@@ -230,36 +230,47 @@ class ChatServer:
                     self.stopping.wait(ACCEPT_PAUSE)
         selector.close()
 
-    def _door(self, ip: str) -> tuple[str | None, list[Connection]]:
+    def _door(self, ip: str) -> tuple[str | None, list[tuple[Connection, str]]]:
         """Make room for one more connection from ``ip``: why it is refused (None: it is not),
-        and the connections closed to make room.
+        and the connections closed to make room, each with why.
 
         Called with the room lock held, before anything is spent on the connection (SPEC 1.5).
-        When the table of unregistered connections is full, the oldest ones are closed.
+        When ``ip`` has as many connections waiting to register as it may, its oldest is closed;
+        when the table of unregistered connections is full, the oldest ones are: the newest
+        connection, likeliest a real user's, always gets its chance.
         """
         config = self.config
         if config.max_per_ip > 0 and self._per_ip.get(ip, 0) >= config.max_per_ip:
             return f"more than {config.max_per_ip} connections from its address", []
+        evicted: list[tuple[Connection, str]] = []
+        limit = config.max_unregistered_per_ip
         waiting = self._waiting_by_ip.get(ip)
-        if waiting is not None and 0 < config.max_unregistered_per_ip <= len(waiting):
+        if waiting is not None and 0 < limit <= len(waiting):
             for conn in [c for c in waiting if c.member is not None and c.member.registered]:
                 self._unwait(conn)
-            if len(waiting) >= config.max_unregistered_per_ip:
-                return (f"more than {config.max_unregistered_per_ip} connections from its "
-                        "address waiting to register"), []
+            while len(waiting) >= limit:  # emptied by _unwait as it goes
+                self._evict(next(iter(waiting)), evicted,
+                            f"the oldest of {limit} connections from its address waiting to "
+                            "register, to make room")
         unregistered = len(self._connections) - self.room.online - len(self._evicted)
-        evicted: list[Connection] = []
         while unregistered >= self._table and self._waiting:
             oldest = next(iter(self._waiting))
-            self._unwait(oldest)
             if oldest.member is not None and oldest.member.registered:
+                self._unwait(oldest)
                 continue  # registered since the door last looked: it was never counted
-            # Its reader sees the end and forgets it; only the writer closes its socket.
-            self._evicted.add(oldest)
-            self.writer.abort(oldest)
-            evicted.append(oldest)
+            self._evict(oldest, evicted, f"the oldest of {self._table} connections waiting to "
+                                         "register, to make room")
             unregistered -= 1
         return None, evicted
+
+    def _evict(self, oldest: Connection, evicted: list[tuple[Connection, str]],
+               why: str) -> None:
+        """Close an unregistered connection to make room (room lock held). Its reader sees the
+        end and forgets it; only the writer closes its socket."""
+        self._unwait(oldest)
+        self._evicted.add(oldest)
+        self.writer.abort(oldest)
+        evicted.append((oldest, why))
 
     def _unwait(self, conn: Connection) -> None:
         """Take ``conn`` out of the door's tables of unregistered connections (room lock held)."""
@@ -274,9 +285,8 @@ class ChatServer:
     def _open(self, sock: socket.socket, ip: str, address: str) -> None:
         with self.room.lock:
             refusal, evicted = self._door(ip)
-        for oldest in evicted:  # logged outside the lock, like every log line
-            self.log(f"closed: {oldest.address} (the oldest of {self._table} connections "
-                     "waiting to register, to make room)")
+        for oldest, why in evicted:  # logged outside the lock, like every log line
+            self.log(f"closed: {oldest.address} ({why})")
         if refusal is not None:
             sock.close()  # no thread, no buffer: nothing else knows this socket
             self.log(f"refused: {address} ({refusal})")
