@@ -35,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import Enum
+from types import NoneType
 from typing import Any, ClassVar
 
 MAX_FRAME = 65_536
@@ -317,14 +318,18 @@ def parse_object(frame: bytes) -> dict[str, Any]:
     Raises ``ProtocolError``: ``bad-frame`` for anything that is not such an object, and
     ``bad-request`` for text holding a lone surrogate.
     """
+    # A frame that cannot be read may still show its ref at its start (SPEC 1.3: the error
+    # carries it, so the client waiting for that reply does not wait in vain).
     try:
         text = frame.decode("utf-8")
     except UnicodeDecodeError:
-        raise ProtocolError(ErrorCode.BAD_FRAME, "The frame is not valid UTF-8.") from None
+        raise ProtocolError(ErrorCode.BAD_FRAME, "The frame is not valid UTF-8.",
+                            _oversized_ref(frame[:HEAD])) from None
     try:
         obj = _json_decoder.decode(text)
     except (ValueError, RecursionError):
-        raise ProtocolError(ErrorCode.BAD_FRAME, "The frame is not valid JSON.") from None
+        raise ProtocolError(ErrorCode.BAD_FRAME, "The frame is not valid JSON.",
+                            _oversized_ref(frame[:HEAD])) from None
     if not isinstance(obj, dict):
         raise ProtocolError(ErrorCode.BAD_FRAME, "The frame is not a JSON object.")
     ref = _ref_of(obj)
@@ -908,6 +913,9 @@ def parse_request(frame: bytes) -> Request:
     obj = parse_object(frame)
     ref = _ref_of(obj)
     kind = obj["type"]
+    if ref is None and not isinstance(obj.get("ref"), (str, NoneType)):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, '"ref" must be a string or a whole number.',
+                            None, kind)
     parser = _REQUEST_PARSERS.get(kind)
     if parser is None:
         raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f'Unknown request type "{kind}".', ref, kind)
@@ -1113,17 +1121,20 @@ _HTTP_REQUEST_LINE = re.compile(rb"[A-Z]{3,10} \S+ HTTP/\d")
 def sniff(data: bytes, *, tls: bool = False, limit: int = MAX_FRAME) -> Sniffed | Refused | None:
     """The dialect of a connection that began with ``data``; None: need more bytes.
 
-    After a UTF-8 byte order mark and spaces, tabs and ``\\r``, a ``{`` is native. Else the first
-    ``\\n`` or NUL decides: ``\\n`` the line protocol (so a bare ``\\n`` first is an empty line
-    command, as before), NUL plain text. An HTTP request line, a TLS handshake on a plain port
-    (``tls`` False) and ``limit`` bytes with no end are refused.
+    After a UTF-8 byte order mark and ASCII white space (newlines too: SPEC 2), a ``{`` is
+    native; white space alone decides nothing yet. Else the first ``\\n`` or NUL decides:
+    ``\\n`` the line protocol (an empty line first is then that client's first command), NUL
+    plain text. An HTTP request line, a TLS handshake on a plain port (``tls`` False) and
+    ``limit`` bytes with no end are refused.
     """
     start = len(BOM) if data.startswith(BOM) else 0
     if BOM.startswith(data):
         return None  # all of it may still be the byte order mark
-    first = len(data) - len(data[start:].lstrip(b" \t\r\f\v"))
-    if data[first:first + 1] == b"{":
-        return Sniffed(Dialect.NATIVE, first)
+    rest = data[start:].lstrip(b" \t\r\n\f\v")
+    if rest[:1] == b"{":
+        return Sniffed(Dialect.NATIVE, len(data) - len(rest))
+    if not rest:
+        return Refused("no line or frame end in the first bytes") if len(data) > limit else None
     if data[:1] == b"\x16" and not tls:
         return Refused("a TLS handshake on a plain port")
     newline, nul = data.find(LF), data.find(NUL)

@@ -305,11 +305,13 @@ def test_plain_detection_works_one_byte_at_a_time(
 
 def test_empty_first_line_selects_line_protocol(
         server: ChatServer, line_client: Callable[..., LineClient]) -> None:
-    """A bare '\\n' first is the line protocol: the empty line gets BAD-RQST-HDR, login still
-    works."""
+    """An empty line, then a command, is the line protocol: the empty line gets BAD-RQST-HDR,
+    login still works."""
     bob = line_client(server)
     bob.send(b"\n")
+    bob.send(b"LIST\n")
     bob.expect("BAD-RQST-HDR")
+    bob.expect("BAD-RQST-HDR")  # LIST before HELLO-FROM
     bob.login("bob")
 
 

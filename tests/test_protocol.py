@@ -381,7 +381,15 @@ BAD_FRAMES: list[tuple[bytes, ProtocolError]] = [
     (b'{"type":5}', error(ErrorCode.BAD_FRAME, NO_TYPE)),
     (b'{"type":["say"]}', error(ErrorCode.BAD_FRAME, NO_TYPE)),
     (b'{"type":true}', error(ErrorCode.BAD_FRAME, NO_TYPE)),
+    # A frame that cannot be read still answers the ref its start shows (SPEC 1.3).
+    (b'{"type":"ping","ref":6,"x":NaN}', error(ErrorCode.BAD_FRAME, NOT_JSON, 6)),
+    (b'{"ref":"r7","type":"say","text":"\xff"}', error(ErrorCode.BAD_FRAME, NOT_UTF8, "r7")),
+    (b'{"type":"ping","x":NaN,"ref":8}', error(ErrorCode.BAD_FRAME, NOT_JSON, 8)),
 ]
+
+REF_MUST_BE = '"ref" must be a string or a whole number.'
+
+
 
 
 @pytest.mark.parametrize("data,expected", BAD_FRAMES, ids=[repr(d[:40]) for d, _ in BAD_FRAMES])
@@ -497,14 +505,14 @@ def test_unknown_type(kind: str) -> None:
     )
 
 
-@pytest.mark.parametrize("ref", [1.5, True, False, None, [1], {"a": 1}])
-def test_ref_that_is_not_string_or_int_is_not_echoed(ref: Any) -> None:
-    """A ref that is not a string or an integer is ignored, so neither the request nor its error
-    carries it."""
-    assert decode_one(frame({"type": "ping", "ref": ref})) == Ping()
-    assert decode_one(frame({"type": "say", "ref": ref})) == error(
-        ErrorCode.BAD_REQUEST, TEXT_MESSAGE
-    )
+@pytest.mark.parametrize("ref", [1.5, True, False, [1], {"a": 1}])
+def test_ref_that_is_not_string_or_int_is_bad_request(ref: Any) -> None:
+    """SPEC 1.2: ref is a string or an integer; another type is a wrongly typed field, so the
+    request is refused (bad-request, with no ref to echo), not run; a null ref is no ref."""
+    for kind in ("ping", "say"):
+        assert decode_one(frame({"type": kind, "ref": ref})) == error(
+            ErrorCode.BAD_REQUEST, REF_MUST_BE)
+    assert decode_one(frame({"type": "ping", "ref": None})) == Ping()
 
 
 @pytest.mark.parametrize("ref", ["", "x" * 100, "é", 0, -1, 10**17])
@@ -1094,8 +1102,10 @@ SNIFFS = [
     (b'\xef\xbb\xbf  {', Sniffed(Dialect.NATIVE, 5)),
     (b"HELLO-FROM bob\n", Sniffed(Dialect.LINE, 0)),
     (b"\xef\xbb\xbfHELLO-FROM bob\r\n", Sniffed(Dialect.LINE, 3)),
-    (b"\n", Sniffed(Dialect.LINE, 0)),
-    (b"  \n{", Sniffed(Dialect.LINE, 0)),
+    (b"\n", None),  # white space alone: a { may still come
+    (b"  \n{", Sniffed(Dialect.NATIVE, 3)),
+    (b"\r\n\t{", Sniffed(Dialect.NATIVE, 3)),
+    (b"\nHELLO-FROM bob\n", Sniffed(Dialect.LINE, 0)),  # an empty line first, then a command
     (b"hi\0", Sniffed(Dialect.PLAIN, 0)),
     (b"hi\0there\n", Sniffed(Dialect.PLAIN, 0)),
     (b"\0", Sniffed(Dialect.PLAIN, 0)),
