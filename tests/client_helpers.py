@@ -107,6 +107,10 @@ def command(child: pexpect.spawn, line: str) -> str:
             return printed.lstrip("\r").removeprefix(line + "\n")
 
 
+FAST: dict[str, str] = {"CHAT_CLIENT_DELAY_SCALE": "0.01"}  # backoff delays of 10 ms, 20 ms, ...
+LOST_LINE = "connection to the server was lost: reconnecting (Ctrl-C to leave)\r\n"
+
+
 class ScriptedServer:
     """A native server (SPEC 1, 6) on 127.0.0.1 that a test drives step by step: it accepts,
     reads requests and answers them only when told to, drops or refuses connections, and

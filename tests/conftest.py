@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -19,6 +19,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from chat_server import ChatServer, ServerConfig
+
+if TYPE_CHECKING:
+    import pexpect
+    from client_helpers import ClientPrograms, ScriptedServer
 
 DEFAULT_WAIT = 5.0
 
@@ -302,3 +306,33 @@ def take_over_id(connect: Callable[..., Peer], server: Any, wanted: int, name: s
         assert peer.closed()
         peer.close()
     raise AssertionError(f"id {wanted} was never reused")
+
+
+# -- the client's tests: programs in pseudo-terminals, and a server they can be scripted against
+# (client_helpers imports this module, so it is imported here when a fixture runs).
+
+
+@pytest.fixture
+def programs(tmp_path: Path) -> Iterator[ClientPrograms]:
+    """``chat_client.py`` programs in pseudo-terminals, each killed after the test."""
+    from client_helpers import ClientPrograms
+
+    started = ClientPrograms(tmp_path / "history")
+    yield started
+    started.close()
+
+
+@pytest.fixture
+def spawn(programs: ClientPrograms) -> Callable[..., pexpect.spawn]:
+    """Start ``chat_client.py`` in a pseudo-terminal (its history folder is the test's)."""
+    return programs.start
+
+
+@pytest.fixture
+def scripted() -> Iterator[ScriptedServer]:
+    """A native server the test drives step by step, closed after it."""
+    from client_helpers import ScriptedServer
+
+    server = ScriptedServer()
+    yield server
+    server.close()

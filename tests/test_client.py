@@ -12,7 +12,7 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,6 @@ from client_helpers import (
     STAMP,
     SWITCHES,
     TIME,
-    ClientPrograms,
     ScriptedServer,
     choose_typing,
     command,
@@ -230,14 +229,6 @@ def test_importing_the_client_starts_nothing() -> None:
 def address(server: Any) -> list[str]:
     host, port = server.address
     return ["--host", host, "--port", str(port)]
-
-
-@pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[Callable[..., pexpect.spawn]]:
-    """Start ``chat_client.py`` in a pseudo-terminal; every child is killed after the test."""
-    programs = ClientPrograms(tmp_path / "history")
-    yield programs.start
-    programs.close()
 
 
 def typing_client(spawn: Callable[..., pexpect.spawn], server: Any, *names: str,
@@ -661,14 +652,6 @@ def test_full_server_refusal_is_a_sentence_and_exit_1(
     child.expect_exact("the server refused the connection: ")
     assert ended(child) == 1
     assert "Traceback" not in output(child)
-
-
-@pytest.fixture
-def scripted() -> Iterator[ScriptedServer]:
-    """A hand-driven native server, to cut a connection at a chosen moment; closed after."""
-    server = ScriptedServer()
-    yield server
-    server.close()
 
 
 @pytest.mark.parametrize("mode, reset", [(1, False), (2, True)],

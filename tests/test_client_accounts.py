@@ -4,12 +4,11 @@ an in-process server; the command parser and the users table are tested pure."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import pexpect
 import pytest
-from client_helpers import PROMPT, ClientPrograms, choose_typing, command, output
+from client_helpers import PROMPT, choose_typing, command, output
 from conftest import Peer, wait_until
 
 from chat_server import ChatServer
@@ -73,14 +72,6 @@ def test_users_table_marks_admins_and_accounts() -> None:
 
 
 # -- the program ----------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[Callable[..., pexpect.spawn]]:
-    """Start ``chat_client.py`` in a pseudo-terminal; every child is killed after the test."""
-    programs = ClientPrograms(tmp_path / "history")
-    yield programs.start
-    programs.close()
 
 
 def client(spawn: Callable[..., pexpect.spawn], server: ChatServer, name: str) -> pexpect.spawn:

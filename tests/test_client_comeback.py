@@ -9,12 +9,15 @@ missed leaving out our own, and ``pending`` lines kept off a password question.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pexpect
 import pytest
 from client_helpers import (
+    FAST,
+    LOST_LINE,
     NEW_PROMPT,
     PROMPT,
     ClientPrograms,
@@ -24,34 +27,48 @@ from client_helpers import (
     output,
 )
 
-FAST = {"CHAT_CLIENT_DELAY_SCALE": "0.01"}  # backoff delays of 10 ms, 20 ms, ...
-LOST_LINE = "connection to the server was lost: reconnecting (Ctrl-C to leave)\r\n"
 UP = "\x1b[A"
-
-
-@pytest.fixture
-def programs(tmp_path: Path) -> Iterator[ClientPrograms]:
-    """Client programs in pseudo-terminals, each killed after the test."""
-    started = ClientPrograms(tmp_path / "history")
-    yield started
-    started.close()
-
-
-@pytest.fixture
-def spawn(programs: ClientPrograms) -> Callable[..., pexpect.spawn]:
-    return programs.start
-
-
-@pytest.fixture
-def scripted() -> Iterator[ScriptedServer]:
-    """A native server the test drives step by step, closed after it."""
-    server = ScriptedServer()
-    yield server
-    server.close()
 
 
 def folder(programs: ClientPrograms, scripted: ScriptedServer, name: str = "alice") -> Path:
     return programs.history_dir / f"127.0.0.1_{scripted.port}" / name
+
+
+def typing_then_dropped(scripted: ScriptedServer,
+                        spawn: Callable[..., pexpect.spawn]) -> tuple[pexpect.spawn, Any]:
+    """alice at the mode-1 prompt, her connection dropped: the client and its next hello."""
+    child = scripted.register(spawn, env=FAST)
+    child.sendline("1")
+    assert scripted.answer_mode() == 1
+    child.expect_exact(PROMPT)
+    scripted.drop()
+    child.expect_exact(LOST_LINE)
+    scripted.accept()
+    return child, scripted.expect("hello")
+
+
+def typed(name_folder: Path) -> list[str]:
+    """The lines of an input-history file (readline's own header left out)."""
+    lines = (name_folder / "input.history").read_text().splitlines()
+    return [line for line in lines if not line.startswith("_HiStOrY")]
+
+
+def send_recalled(scripted: ScriptedServer, child: pexpect.spawn, text: str) -> None:
+    """Enter on the line Up brought back: it goes out as ``text``, and is confirmed."""
+    child.expect_exact(text)
+    child.send("\r")
+    request = scripted.expect("say")
+    assert request["text"] == text
+    scripted.reply(request, type="ok", delivered=1, queued=0)
+    child.expect_exact(PROMPT)
+
+
+def quit_cleanly(scripted: ScriptedServer, child: pexpect.spawn) -> None:
+    """/quit: the server hears it, the client ends with 0."""
+    child.sendline("/quit")
+    scripted.expect("quit")
+    scripted.drop()
+    assert ended(child) == 0
 
 
 def say(scripted: ScriptedServer, child: pexpect.spawn, text: str) -> None:
@@ -91,19 +108,9 @@ def test_the_input_history_typed_before_a_reconnection_is_kept_in_memory_and_on_
     reregistered(scripted, child)
     say(scripted, child, "gamma")
     child.send(UP * 3)
-    child.expect_exact("alpha")
-    child.send("\r")
-    request = scripted.expect("say")
-    assert request["text"] == "alpha"
-    scripted.reply(request, type="ok", delivered=1, queued=0)
-    child.expect_exact(PROMPT)
-    child.sendline("/quit")
-    scripted.expect("quit")
-    scripted.drop()
-    assert ended(child) == 0
-    lines = (folder(programs, scripted) / "input.history").read_text().splitlines()
-    assert [line for line in lines if not line.startswith("_HiStOrY")] == [
-        "alpha", "beta", "gamma", "alpha", "/quit"]
+    send_recalled(scripted, child, "alpha")
+    quit_cleanly(scripted, child)
+    assert typed(folder(programs, scripted)) == ["alpha", "beta", "gamma", "alpha", "/quit"]
 
 
 def test_a_reconnection_under_another_name_switches_to_that_names_input_history(
@@ -132,21 +139,10 @@ def test_a_reconnection_under_another_name_switches_to_that_names_input_history(
     assert scripted.answer_mode() == 1
     child.expect_exact(PROMPT)
     child.send(UP)
-    child.expect_exact("from alice2")
-    child.send("\r")
-    request = scripted.expect("say")
-    assert request["text"] == "from alice2"
-    scripted.reply(request, type="ok", delivered=1, queued=0)
-    child.expect_exact(PROMPT)
-    child.sendline("/quit")
-    scripted.expect("quit")
-    scripted.drop()
-    assert ended(child) == 0
-    alice = (folder(programs, scripted) / "input.history").read_text().splitlines()
-    alice2 = (earlier / "input.history").read_text().splitlines()
-    assert [line for line in alice if not line.startswith("_HiStOrY")] == ["by alice"]
-    assert [line for line in alice2 if not line.startswith("_HiStOrY")] == [
-        "from alice2", "/quit"]
+    send_recalled(scripted, child, "from alice2")
+    quit_cleanly(scripted, child)
+    assert typed(folder(programs, scripted)) == ["by alice"]
+    assert typed(earlier) == ["from alice2", "/quit"]
 
 
 @pytest.mark.parametrize("event", ["kicked", "banned"])
@@ -178,14 +174,7 @@ def test_a_client_kicked_or_banned_says_so_and_ends_without_reconnecting(
 def test_a_ban_refusing_the_reconnection_is_said_and_ends_it(
         spawn: Callable[..., pexpect.spawn], scripted: ScriptedServer) -> None:
     """A reconnection's hello refused with banned: the server's sentence, exit 1, no retry."""
-    child = scripted.register(spawn, env=FAST)
-    child.sendline("1")
-    assert scripted.answer_mode() == 1
-    child.expect_exact(PROMPT)
-    scripted.drop()
-    child.expect_exact(LOST_LINE)
-    scripted.accept()
-    hello = scripted.expect("hello")
+    child, hello = typing_then_dropped(scripted, spawn)
     scripted.reply(hello, type="error", code="banned",
                    message="You are banned from this room by boss.")
     child.expect_exact("the server refused the connection: You are banned from this room by "
@@ -198,14 +187,7 @@ def test_a_full_server_refusing_the_reconnection_is_tried_again(
         spawn: Callable[..., pexpect.spawn], scripted: ScriptedServer) -> None:
     """A reconnection's hello refused with server-full passes with time: the client tries
     again and comes back."""
-    child = scripted.register(spawn, env=FAST)
-    child.sendline("1")
-    assert scripted.answer_mode() == 1
-    child.expect_exact(PROMPT)
-    scripted.drop()
-    child.expect_exact(LOST_LINE)
-    scripted.accept()
-    hello = scripted.expect("hello")
+    child, hello = typing_then_dropped(scripted, spawn)
     scripted.reply(hello, type="error", code="server-full", message="The server is full.")
     scripted.accept()
     hello = scripted.expect("hello")

@@ -8,14 +8,13 @@ from __future__ import annotations
 import os
 import re
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pexpect
-import pytest
-from client_helpers import STAMP, ClientPrograms, choose_typing, command
+from client_helpers import STAMP, choose_typing, command
 from conftest import Peer
 
 from chatsuite.client.history import History, file_name, server_folder
@@ -95,14 +94,6 @@ def test_input_history_file_is_private_and_beside_the_logs(tmp_path: Path) -> No
 
 # --------------------------------------------------------------------------------------------
 # The real client.
-
-
-@pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[Callable[..., pexpect.spawn]]:
-    """Start ``chat_client.py`` in a pseudo-terminal; every child is killed after the test."""
-    programs = ClientPrograms(tmp_path / "history")
-    yield programs.start
-    programs.close()
 
 
 def typing_client(spawn: Callable[..., pexpect.spawn], server: Any,

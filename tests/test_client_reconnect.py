@@ -14,7 +14,7 @@ import json
 import random
 import signal
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,8 @@ import pexpect
 import pytest
 from client_helpers import (
     CHOICE,
+    FAST,
+    LOST_LINE,
     PROMPT,
     TIME,
     ClientPrograms,
@@ -38,30 +40,6 @@ from chatsuite.client.history import History
 from chatsuite.client.native import too_long, waiting_line
 from chatsuite.client.reconnect import Backoff, SeenSeqs, SessionFile, delay_scale
 from modes import BacklogCommand, Invalid, read_typed_line
-
-FAST = {"CHAT_CLIENT_DELAY_SCALE": "0.01"}  # backoff delays of 10 ms, 20 ms, ...
-LOST_LINE = "connection to the server was lost: reconnecting (Ctrl-C to leave)\r\n"
-
-
-@pytest.fixture
-def programs(tmp_path: Path) -> Iterator[ClientPrograms]:
-    """Client programs in pseudo-terminals, each killed after the test."""
-    started = ClientPrograms(tmp_path / "history")
-    yield started
-    started.close()
-
-
-@pytest.fixture
-def spawn(programs: ClientPrograms) -> Callable[..., pexpect.spawn]:
-    return programs.start
-
-
-@pytest.fixture
-def scripted() -> Iterator[ScriptedServer]:
-    """A native server the test drives step by step, closed after it."""
-    server = ScriptedServer()
-    yield server
-    server.close()
 
 
 def session_file(programs: ClientPrograms, scripted: ScriptedServer,

@@ -22,7 +22,6 @@ from client_helpers import (
     CHOICE,
     NEW_PROMPT,
     PROMPT,
-    ClientPrograms,
     ScriptedServer,
     choose_typing,
     command,
@@ -37,14 +36,6 @@ from chatsuite.client.editing import TabCompleter, ordered_names
 from chatsuite.client.terminal import Terminal
 
 CONFIRMATION = "message sent (delivered to 1, held for 0)"
-
-
-@pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[Callable[..., pexpect.spawn]]:
-    """Start ``chat_client.py`` in a pseudo-terminal; every child is killed after the test."""
-    programs = ClientPrograms(tmp_path / "history")
-    yield programs.start
-    programs.close()
 
 
 def address(server: Any) -> list[str]:
