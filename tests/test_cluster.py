@@ -1020,3 +1020,79 @@ def test_a_client_resumes_on_the_node_it_left(
     bob.send({"type": "dm", "to": "alice", "text": "welcome back", "ref": 9})
     bob.expect("ok", ref=9, delivered=1, queued=0)
     assert again.wait_for("message")["text"] == "welcome back"
+
+
+def test_a_dropped_members_name_stays_free_in_redis_through_its_window_and_after(
+    redis_server: RedisServer, start_node: Callable[..., ChatServer], dial: Callable[..., Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A member dropped without quit is freed in Redis at once and the keeper never claims it
+    back while it waits on its node: it resumes there after several beats, and once its window
+    ends its name is free on every node (it was a ghost in Redis forever)."""
+    one = start_node(resume_window=30, cluster_ttl=0.6)
+    two = start_node(resume_window=30, cluster_ttl=0.6)
+    assert one.backplane is not None
+    beats = [0]
+    beat = one.backplane._beat
+
+    def counted() -> None:
+        beats[0] += 1
+        beat()
+
+    monkeypatch.setattr(one.backplane, "_beat", counted)
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        for attempt in range(2):
+            alice = dial("native", one)
+            welcome = alice.register("alice")
+            converge([one, two], ["alice"])
+            alice.sock.close()
+            wait_until(lambda: [u.connected for u in one.room.users()] == [False], 5,
+                       "alice to wait in her window")
+            wait_until(lambda: two.room.names() == [], 5, "node two to hear her lost")
+            wait_until(lambda at=beats[0]: beats[0] >= at + 4, 5,
+                       "four beats of node one's keeper")
+            assert client.hget("chat:names", "alice") is None
+            if attempt == 0:  # she comes back to the node she left, her name claimed again
+                again = dial("native", one)
+                again.send({"type": "hello", "session": welcome["session"], "ref": "r"})
+                assert again.expect("welcome", ref="r")["resumed"] is True
+                converge([one, two], ["alice"])
+                again.send({"type": "quit"})
+                again.wait_for("bye")
+                converge([one, two], [])
+        with one.room.lock:  # her window ends now
+            for member in one.room._members.values():
+                member.expires = 0.0
+        assert one.room.expire() == 1
+        assert dial("native", two).register("alice")["name"] == "alice"
+    finally:
+        client.close()
+
+
+def test_a_connection_closed_under_a_claim_is_an_outage_and_the_hello_is_answered(
+    start_node: Callable[..., ChatServer], dial: Callable[..., Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """When Redis goes away mid-claim, redis-py may raise the socket's own error ("I/O operation
+    on closed file"): the hello is still answered (registered on this node, as during any
+    outage) and the node logs the outage, rather than closing the connection unanswered."""
+    logs: list[str] = []
+    one = start_node(log=logs.append)
+    assert one.backplane is not None
+    lua = one.backplane._lua
+
+    class ClosedUnderIt:
+        def __getattr__(self, name: str) -> Any:
+            if name == "claim":
+                def fail(**_: Any) -> Any:
+                    raise ValueError("I/O operation on closed file.")
+                return fail
+            return getattr(lua, name)
+
+    monkeypatch.setattr(one.backplane, "_lua", ClosedUnderIt())
+    peer = dial("native", one)
+    peer.send({"type": "hello", "name": "nd", "ref": "h"})
+    assert peer.expect("welcome", ref="h")["name"] == "nd"
+    wait_until(lines_with(logs, "lost Redis", 1), 5, "the outage logged")
+    assert [x for x in logs if "internal error" in x] == []

@@ -82,6 +82,19 @@ from protocol import parse_target, utc_timestamp
 __all__ = ["Backplane", "ClusterConfigError", "ClusterError"]  # the errors: for chat_server.py
 
 
+
+# What a call to Redis from a chat thread raises when its connection fails: redis-py's errors,
+# and the socket's own (OSError, or ValueError "I/O operation on closed file") when an outage
+# closed the connection under it. Each is an outage for that call: its request gets its reply.
+CALL_FAILURES = (RedisError, OSError, ValueError)
+
+
+def as_outage(error: BaseException) -> RedisError:
+    """``error`` as the redis error an outage is handled by."""
+    if isinstance(error, RedisError):
+        return error
+    return redis.ConnectionError(f"the connection failed: {error!r}")
+
 class Backplane:
     """This node's link to the cluster: the registry in Redis and the event channel."""
 
@@ -221,8 +234,8 @@ class Backplane:
             sealed = self._seals.seal_record(record)
             return bool(self._lua.claim(keys=[NAMES, USERS],
                                     args=[name.casefold(), record["id"], sealed]))
-        except RedisError as error:
-            self._down(error)
+        except CALL_FAILURES as error:
+            self._down(as_outage(error))
             return None
 
     def release(self, name: str, member_id: int) -> None:
@@ -234,8 +247,8 @@ class Backplane:
             self._lua.release(keys=[NAMES], args=[name.casefold(), member_id], client=pipe)
             pipe.hdel(USERS, member_id)
             pipe.execute()
-        except RedisError as error:
-            self._down(error)
+        except CALL_FAILURES as error:
+            self._down(as_outage(error))
 
     def auto_number(self) -> int | None:
         """The next number for an automatic name (``user<n>``), shared by all nodes."""
@@ -243,8 +256,8 @@ class Backplane:
             return None
         try:
             return int(self._redis.incr(AUTO_SEQ))
-        except RedisError as error:
-            self._down(error)
+        except CALL_FAILURES as error:
+            self._down(as_outage(error))
             return None
 
     def lookup(self, target: str | int) -> Record | None:
@@ -257,8 +270,8 @@ class Backplane:
                 raw = self._redis.hget(USERS, str(key))
             else:
                 raw = self._lua.lookup_name(keys=[NAMES, USERS], args=[key.casefold()])
-        except RedisError as error:
-            self._down(error)
+        except CALL_FAILURES as error:
+            self._down(as_outage(error))
             return None
         # Filed under the id or name asked for, or it would route the message to someone else.
         if isinstance(key, int):

@@ -24,10 +24,14 @@ class ClusterMirror(RoomCore):
     """The other nodes' members, as this node last heard of them."""
 
     def cluster_records(self) -> list[dict[str, Any]]:
-        """The cluster record of every member registered on this node."""
+        """The cluster record of every member connected to this node. A member in its resume
+        window is not in the cluster: the others heard it lost and Redis freed its name; it
+        is reserved on this node only, and claims its name again when it resumes (or never,
+        when its window ends: claimed meanwhile by the keeper, the name stayed a ghost's)."""
         assert self.backplane is not None
         with self.lock:
-            return [member.record(self.backplane.node) for member in self._members.values()]
+            return [member.record(self.backplane.node) for member in self._members.values()
+                    if member.connected]
 
     def cluster_reset(self, records: Iterable[dict[str, Any]]) -> None:
         """Replace the mirror of the other nodes' members (empty while Redis is away)."""
