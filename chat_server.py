@@ -132,6 +132,11 @@ class ChatServer:
                          allow_plaintext=config.allow_plaintext_passwords,
                          is_local=config.is_local, log=self.log)
         self.room.guard = self.gate
+        if self.backplane is not None:
+            # Accounts are the cluster's: the gate hands its changes to Redis and the other
+            # nodes, the backplane hands it theirs (the gate knows nothing of the cluster).
+            self.gate.on_account_saved = self.backplane.account_saved
+            self.backplane.accounts = self.gate
         self.writer = Writer(self.room.lock, self.log)
         self.room.abort = self.writer.abort  # type: ignore[assignment]  # outboxes are ours
         self.room.fan_out = self.writer.push_all  # the inlined broadcast loop

@@ -24,12 +24,14 @@ from typing import Any
 
 import pytest
 import redis
-from conftest import ROOT, Peer, ServerProcess, free_port, wait_until
+from conftest import ROOT, Peer, ServerProcess, free_port, reply, wait_until
 
 from chat_server import ChatServer, ServerConfig
 from chatsuite.server.cluster_wire import CHANNEL, PubSub
-from chatsuite.server.memstore import Viewer
+from chatsuite.server.gate import supersedes
+from chatsuite.server.memstore import AccountRecord, Viewer
 from chatsuite.server.seal import (
+    ACCOUNT_SEAL,
     ROOM_SEAL,
     USER_SEAL,
     ClusterConfigError,
@@ -1096,3 +1098,180 @@ def test_a_connection_closed_under_a_claim_is_an_outage_and_the_hello_is_answere
     assert peer.expect("welcome", ref="h")["name"] == "nd"
     wait_until(lines_with(logs, "lost Redis", 1), 5, "the outage logged")
     assert [x for x in logs if "internal error" in x] == []
+
+
+# -- accounts are the cluster's (chat:accounts) -----------------------------------------------
+
+GOOD = "correct horse"
+OTHER = "battery staple"
+STRANGER = "stranger danger"
+
+
+def error_of(peer: Peer, request: dict[str, Any]) -> dict[str, Any]:
+    """Send ``request``; the error answering it, without type, ref and message."""
+    event = reply(peer, request, "r")
+    assert event["type"] == "error", event
+    return {k: v for k, v in event.items() if k not in ("type", "ref", "message")}
+
+
+def register_account(dial: Callable[..., Any], node: ChatServer, name: str,
+                     password: str = GOOD) -> Peer:
+    """A native peer on ``node`` registered as ``name``, which it made an account."""
+    peer: Peer = dial("native", node)
+    peer.register(name)
+    assert reply(peer, {"type": "register", "password": password}, "reg")["type"] == "ok"
+    return peer
+
+
+def account_hash(node: ChatServer, name: str) -> str | None:
+    """The scrypt hash string ``node``'s gate holds for the account ``name`` (None: none)."""
+    found = [r.password_hash for r, _ in node.gate.account_versions()
+             if r.key == name.casefold()]
+    return found[0] if found else None
+
+
+def quit_and_wait(peer: Peer, nodes: list[ChatServer]) -> None:
+    """Close ``peer``'s connection and wait until no node shows anyone."""
+    peer.close()
+    converge(nodes, [])
+
+
+def test_an_account_made_on_one_node_needs_its_password_on_another(
+    start_node: Callable[..., ChatServer], dial: Callable[..., Any],
+) -> None:
+    """teacher registers on node one and quits: on node two (--admin teacher) no password is
+    password-required, a wrong one bad-password, the right one an admin account; nobody else
+    can take or register the name there."""
+    one, two = start_node(), start_node(admins=("teacher",))
+    quit_and_wait(register_account(dial, one, "teacher"), [one, two])
+    wait_until(lambda: two.gate.is_account("teacher"), 5, "node two to know the account")
+    stranger = dial("native", two)
+    assert error_of(stranger, {"type": "hello", "name": "Teacher"}) == {
+        "code": "password-required", "for": "account"}
+    assert error_of(stranger, {"type": "hello", "name": "teacher", "password": STRANGER}) == {
+        "code": "bad-password", "for": "account"}
+    line = dial("line", two)
+    line.send("HELLO-FROM teacher")
+    assert line.read() == "IN-USE"
+    welcome = dial("native", two).register("teacher", password=GOOD)
+    assert (welcome["name"], welcome["account"], welcome["admin"]) == ("teacher", True, True)
+
+
+def test_a_password_changed_on_one_node_changes_on_every_node(
+    start_node: Callable[..., ChatServer], dial: Callable[..., Any],
+) -> None:
+    """A password change on node two: the old password fails on node one, the new one works."""
+    one, two = start_node(), start_node()
+    quit_and_wait(register_account(dial, one, "teacher"), [one, two])
+    wait_until(lambda: two.gate.is_account("teacher"), 5, "node two to know the account")
+    old_hash = account_hash(one, "teacher")
+    owner = dial("native", two)
+    owner.register("teacher", password=GOOD)
+    assert reply(owner, {"type": "password", "old": GOOD, "new": OTHER}, "pw")["type"] == "ok"
+    quit_and_wait(owner, [one, two])
+    wait_until(lambda: account_hash(one, "teacher") not in (old_hash, None), 5,
+               "node one to take the new password")
+    assert account_hash(one, "teacher") == account_hash(two, "teacher")
+    again = dial("native", one)
+    assert error_of(again, {"type": "hello", "name": "teacher", "password": GOOD}) == {
+        "code": "bad-password", "for": "account"}
+    assert again.register("teacher", password=OTHER)["account"] is True
+
+
+def test_a_node_started_later_knows_the_accounts_and_redis_holds_no_password(
+    redis_server: RedisServer, start_node: Callable[..., ChatServer], dial: Callable[..., Any],
+) -> None:
+    """A node started after an account was registered knows it from Redis (its snapshot), and
+    Redis holds the account's scrypt hash, sealed, never its password."""
+    one = start_node()
+    quit_and_wait(register_account(dial, one, "Teacher"), [one])
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        stored_accounts = wait_until(lambda: client.hgetall("chat:accounts"), 5,
+                                     "the account in Redis")
+    finally:
+        client.close()
+    assert list(stored_accounts) == ["teacher"]
+    value = stored_accounts["teacher"]
+    assert GOOD not in value and GOOD.encode().hex() not in value
+    sealed = json.loads(Sealer(SECRET.encode()).open(ACCOUNT_SEAL, value))
+    assert sealed == {"key": "teacher", "name": "Teacher", "hash": account_hash(one, "teacher"),
+                      "created": sealed["created"], "changed": sealed["created"]}
+    assert sealed["hash"].startswith("scrypt")
+    two = start_node(admins=("teacher",))
+    assert two.gate.is_account("TEACHER")  # known once it serves: no wait
+    peer = dial("native", two)
+    assert error_of(peer, {"type": "hello", "name": "teacher"}) == {
+        "code": "password-required", "for": "account"}
+    welcome = peer.register("teacher", password=GOOD)
+    assert (welcome["name"], welcome["account"], welcome["admin"]) == ("teacher", True, True)
+
+
+def test_an_account_registered_during_an_outage_spreads_when_it_ends(
+    redis_server: RedisServer, start_node: Callable[..., ChatServer], dial: Callable[..., Any],
+) -> None:
+    """Registered on node one while Redis is away (Redis comes back empty): node one writes it
+    back on rejoining, so node two and a node started later need its password."""
+    logs: dict[int, list[str]] = {1: [], 2: []}
+    one, two = start_node(log=logs[1].append), start_node(log=logs[2].append)
+    redis_server.stop()
+    wait_until(lambda: all(any("lost Redis" in x for x in log) for log in logs.values()), 5,
+               "both nodes to notice")
+    quit_and_wait(register_account(dial, one, "teacher"), [one])
+    assert one.gate.is_account("teacher") and not two.gate.is_account("teacher")
+    redis_server.start()
+    wait_until(lambda: two.gate.is_account("teacher"), 10, "node two to learn the account")
+    three = start_node()
+    assert three.gate.is_account("teacher")
+    for node in (two, three):
+        assert error_of(dial("native", node), {"type": "hello", "name": "teacher"}) == {
+            "code": "password-required", "for": "account"}
+    assert dial("native", two).register("teacher", password=GOOD)["account"] is True
+
+
+def test_unsigned_or_forged_accounts_in_redis_are_ignored_and_logged(
+    redis_server: RedisServer, start_node: Callable[..., ChatServer], dial: Callable[..., Any],
+) -> None:
+    """Accounts written straight into chat:accounts (unsigned, another secret, a member record's
+    seal, filed under another key) are never taken: the names stay free, each is logged."""
+    def account(key: str, name: str) -> str:
+        return json.dumps({"key": key, "name": name, "hash": "scrypt$forged", "created": 1.0,
+                           "changed": 1.0})
+
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    real = Sealer(SECRET.encode())
+    try:
+        client.hset("chat:accounts", mapping={
+            "ghost": account("ghost", "ghost"),
+            "mole": Sealer(b"another secret, 16+").seal(ACCOUNT_SEAL, account("mole", "mole")),
+            "spy": real.seal(USER_SEAL, account("spy", "spy")),
+            "teacher": real.seal(ACCOUNT_SEAL, account("judge", "judge")),
+        })
+    finally:
+        client.close()
+    logs: list[str] = []
+    node = start_node(admins=("teacher",), log=logs.append)
+    assert node.backplane is not None
+    assert node.backplane.complaints.count == 4  # read before it serves
+    for name in ("ghost", "mole", "spy", "teacher", "judge"):
+        assert not node.gate.is_account(name)
+    welcome = dial("native", node).register("teacher")
+    assert (welcome["name"], welcome.get("account"), welcome["admin"]) == ("teacher", None, False)
+    # One line for the four (a flood of forgeries costs one line per interval).
+    wait_until(lambda: any(" ignored " in x for x in logs), 5, "the forgeries to be logged")
+    assert [x for x in logs if " ignored " in x] == [
+        "cluster: ignored an unsigned account in chat:accounts (no seal)"]
+
+
+def test_the_earlier_registration_then_the_later_change_of_an_account_holds() -> None:
+    """supersedes: an earlier registration beats a later one whatever their changes; of one
+    registration the later change wins; a tie goes to the same record on every node."""
+    first = AccountRecord("teacher", "teacher", "scrypt$a", 100.0)
+    second = AccountRecord("teacher", "Teacher", "scrypt$b", 200.0)
+    assert supersedes(first, 100.0, second, 900.0)
+    assert not supersedes(second, 900.0, first, 100.0)
+    changed = first._replace(password_hash="scrypt$c")
+    assert supersedes(changed, 150.0, first, 100.0)
+    assert not supersedes(first, 100.0, changed, 150.0)
+    assert not supersedes(first, 100.0, first, 100.0)
+    assert supersedes(changed, 100.0, first, 100.0) != supersedes(first, 100.0, changed, 100.0)

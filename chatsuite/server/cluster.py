@@ -7,12 +7,19 @@ What it owns:
 * the node's number ``k`` (``INCR chat:node-seq``); member ids are ``k * 1_000_000 + fd``, so
   they stay integers and unique across the cluster;
 * the cluster registry in Redis (its keys: cluster_wire.py), this node's part of it;
+* the cluster's accounts (``chat:accounts``): the gate (``accounts``, wired by the server) hands
+  each registration and password change to ``account_saved``, which stores it in Redis and
+  announces it (an ``account`` event) through the publisher's queue; every other node's gate
+  adopts it (``Gate.adopt_account``: the earlier registration, then the later change, holds);
 * three threads:
   - the publisher (``cluster_wire.Publisher``) takes what the room hands it (``joined``,
     ``left``, ``updated``, ``said``, ``sent``) from one FIFO queue and writes each round as one
     pipeline, so the events of one sender reach every node in the order it sent them;
   - the subscriber: SUBSCRIBE, then a snapshot of ``chat:users`` into the room's mirror of the
-    other nodes, then every other node's events into ``Room.remote`` (its own are skipped);
+    other nodes and of ``chat:accounts`` into the gate (and of the gate's accounts Redis lacks
+    or holds an older or invalid copy of into Redis, so that accounts registered during an
+    outage spread when it ends), then every other node's events into ``Room.remote`` (its own
+    are skipped) and their accounts into the gate;
   - the keeper refreshes ``chat:node:<k>`` three times per TTL, claims the names of members
     that registered while Redis was away, and reaps nodes whose key expired: it takes
     ``chat:reap:<k>`` (SET NX), announces their users ``lost`` and frees their names. While
@@ -37,6 +44,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from typing import Protocol
 
 import redis
 from redis.backoff import NoBackoff
@@ -44,6 +52,7 @@ from redis.exceptions import RedisError
 from redis.retry import Retry
 
 from chatsuite.server.cluster_wire import (
+    ACCOUNTS,
     AUTO_SEQ,
     CHANNEL,
     ID_STRIDE,
@@ -67,6 +76,8 @@ from chatsuite.server.cluster_wire import (
     release_stale,
     stored,
 )
+from chatsuite.server.gate import supersedes
+from chatsuite.server.memstore import AccountRecord
 from chatsuite.server.room import Room
 from chatsuite.server.seal import (
     ClusterConfigError,
@@ -95,6 +106,24 @@ def as_outage(error: BaseException) -> RedisError:
         return error
     return redis.ConnectionError(f"the connection failed: {error!r}")
 
+class Accounts(Protocol):
+    """What the backplane asks of the gate (gate.py): never with the room lock held."""
+
+    def adopt_account(self, record: AccountRecord, changed: float) -> bool: ...
+    def account_versions(self) -> list[tuple[AccountRecord, float]]: ...
+
+
+def account_record(account: Record) -> AccountRecord:
+    return AccountRecord(account["key"], account["name"], account["hash"],
+                         float(account["created"]))
+
+
+def account_of(record: AccountRecord, changed: float) -> Record:
+    """An account as Redis and the events carry it: its scrypt hash string, never a password."""
+    return {"key": record.key, "name": record.name, "hash": record.password_hash,
+            "created": record.created, "changed": changed}
+
+
 class Backplane:
     """This node's link to the cluster: the registry in Redis and the event channel."""
 
@@ -115,6 +144,7 @@ class Backplane:
         self.token = uuid.uuid4().hex
         self.timeout = min(1.0, ttl / 2)
         self.room: Room | None = None
+        self.accounts: Accounts | None = None  # the gate: set by the server before start
         self.complaints = Complaints(log)
         self._seals = Seals(sealer, self.token, self.complaints)
         try:
@@ -318,6 +348,18 @@ class Backplane:
         event = {"k": "dm", "u": record, "to": to, "t": text, "ts": ts}
         self._publisher.enqueue(Op(events=[event]))
 
+    def account_saved(self, record: AccountRecord, changed: float) -> None:
+        """The gate registered an account or changed its password: store it in Redis and tell
+        the other nodes (through the publisher's queue: the caller never waits for Redis).
+        A registration never overwrites one already in Redis (another node's, made at the same
+        moment); while Redis is away the snapshot after the outage spreads it."""
+        sealed = self._seals.seal_account(account_of(record, changed))
+        key = record.key
+        command: Command = ((lambda pipe: pipe.hsetnx(ACCOUNTS, key, sealed))
+                            if changed == record.created
+                            else (lambda pipe: pipe.hset(ACCOUNTS, key, sealed)))
+        self._publisher.enqueue(Op([command], [{"k": "account", "a": sealed}]))
+
     def _store(self, record: Record) -> Command:
         value = self._seals.seal_record(record)
         return lambda pipe: pipe.hset(USERS, record["id"], value)
@@ -359,6 +401,37 @@ class Backplane:
         assert self.room is not None
         others = [r for r in stored(self._redis, self._seals) if r["node"] != self.node]
         self.room.cluster_reset(others)
+        self._sync_accounts()
+
+    def _sync_accounts(self) -> None:
+        """Adopt every valid account in Redis; write the gate's that Redis lacks, or holds an
+        older or invalid copy of (announced, so that the other nodes adopt them too)."""
+        if self.accounts is None:
+            return
+        held: dict[str, tuple[AccountRecord, float]] = {}
+        for key, raw in self._redis.hgetall(ACCOUNTS).items():
+            account = self._seals.open_account(raw, key)
+            if account is not None:
+                held[account["key"]] = (account_record(account), float(account["changed"]))
+        adopted = sum(self.accounts.adopt_account(*version) for version in held.values())
+        if adopted:
+            self.log(f"cluster: took {adopted} new or changed accounts from Redis")
+        pipe = self._redis.pipeline(transaction=False)
+        events: list[Record] = []
+        for record, changed in self.accounts.account_versions():
+            theirs = held.get(record.key)
+            if theirs is not None and not supersedes(record, changed, *theirs):
+                continue
+            sealed = self._seals.seal_account(account_of(record, changed))
+            # Absent from Redis: HSETNX, a node registering it meanwhile keeps its own.
+            if theirs is None:
+                pipe.hsetnx(ACCOUNTS, record.key, sealed)
+            else:
+                pipe.hset(ACCOUNTS, record.key, sealed)
+            events.append({"k": "account", "a": sealed})
+        if events:
+            pipe.execute()
+            self._publisher.enqueue(Op(events=events))
 
     def _receive(self, data: str) -> None:
         assert self.room is not None
@@ -368,13 +441,25 @@ class Backplane:
                 return  # ignored (and counted), or this node's own
             events = []
             for event in message["ev"]:
-                if event["k"] != "evict":
+                if event["k"] == "account":
+                    self._adopt(event["a"])
+                elif event["k"] != "evict":
                     events.append(event)
                 elif int(event["id"]) // ID_STRIDE == self.node:
                     self._give_up(int(event["id"]), str(event["name"]))
             self.room.remote(events)
         except (ValueError, KeyError, TypeError) as error:
             self.log(f"cluster: skipped a malformed event: {error!r}")
+
+    def _adopt(self, sealed: str) -> None:
+        """An account another node announced (sealed as an account inside its sealed message)."""
+        account = self._seals.open_account(sealed, where=CHANNEL)
+        if account is None or self.accounts is None:
+            return
+        record = account_record(account)
+        if self.accounts.adopt_account(record, float(account["changed"])):
+            what = "registered" if account["changed"] == record.created else "changed"
+            self.log(f"cluster: account {what} on another node: {record.name}")
 
     # -- the keeper ---------------------------------------------------------------------------
 

@@ -7,7 +7,8 @@ What it owns:
   member's record, JSON: its ``user`` object, node, dialect and registration time),
   ``chat:nodes`` (set of node numbers), ``chat:node:<k>`` (node ``k`` is alive: a key with a
   TTL), ``chat:reap:<k>`` (who cleans up after a dead node), ``chat:auto`` (automatic names),
-  ``chat:node-seq`` (node numbers);
+  ``chat:node-seq`` (node numbers), ``chat:accounts`` (hash: account key -> the account,
+  JSON: its name, scrypt hash string, ``created`` and ``changed`` times; never a password);
 * the encoding of member records (stored in ``chat:users``) and of messages (published on
   ``chat:room``: the events of a round, with their origin node and what makes a replay
   detectable), sealed and opened by ``Seals``;
@@ -37,6 +38,7 @@ from redis.commands.core import Script
 from redis.exceptions import RedisError
 
 from chatsuite.server.seal import (
+    ACCOUNT_SEAL,
     ROOM_SEAL,
     USER_SEAL,
     Complaints,
@@ -52,6 +54,7 @@ NODE_SEQ = "chat:node-seq"
 AUTO_SEQ = "chat:auto"
 NAMES = "chat:names"
 USERS = "chat:users"
+ACCOUNTS = "chat:accounts"
 NODES = "chat:nodes"
 ID_STRIDE = 1_000_000  # member id = node * ID_STRIDE + file descriptor
 REAP_CLAIM_MS = 30_000
@@ -216,6 +219,35 @@ class Seals:
             self.complaints(f"a malformed member record in {USERS} ({error!r})")
             return None
         return record
+
+
+    def seal_account(self, account: Record) -> str:
+        return self._sealer.seal(ACCOUNT_SEAL, dumps(account))
+
+    def open_account(self, raw: str | bytes | None, key: str | bytes | None = None,
+                     where: str = ACCOUNTS) -> Record | None:
+        """An account (``key``, ``name``, ``hash``, ``created``, ``changed``) if its seal is
+        valid, its fields well typed and (``key`` given) it is filed under its own key."""
+        if raw is None:
+            return None
+        try:
+            account = json.loads(self._sealer.open(ACCOUNT_SEAL, text_of(raw)))
+            if not isinstance(account, dict):
+                raise TypeError("not an object")
+            for field_name, kind in (("key", str), ("name", str), ("hash", str),
+                                     ("created", (int, float)), ("changed", (int, float))):
+                if not isinstance(account[field_name], kind):
+                    raise TypeError(f"{field_name}: {account[field_name]!r}")
+            if key is not None and account["key"] != text_of(key):
+                raise Forged(f"the account {account['key']!r} filed under {text_of(key)!r}")
+        except (Unsigned, Forged) as error:
+            kind_text = "an unsigned" if isinstance(error, Unsigned) else "a forged"
+            self.complaints(f"{kind_text} account in {where} ({error})")
+            return None
+        except (ValueError, KeyError, TypeError) as error:
+            self.complaints(f"a malformed account in {where} ({error!r})")
+            return None
+        return account
 
 
 class Scripts:

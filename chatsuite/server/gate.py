@@ -5,6 +5,12 @@ start, written through the store's queue), the login throttle, the admins and th
 (mutes, bans; bans with an end kept in the store). The pure rules are in ``access.py``,
 ``passwords.py`` and ``moderation.py``; the gate applies them in SPEC 7's order and remembers.
 
+In a cluster (``--redis``) the accounts are shared: the server sets ``on_account_saved``, which
+the gate calls after each registration or password change (the backplane hands it to Redis
+and the other nodes through its queue), and the backplane hands the gate the accounts it
+hears of through ``adopt_account``. The gate knows nothing of the cluster beyond these two
+hooks; which of two records of one account holds is ``supersedes``.
+
 Invariants: every refusal is protocol's ``Refusal`` (the handler gives it the request's ``ref``);
 scrypt runs only through ``passwords`` (on its hash workers), never while any lock is held, so
 a login waits only for its own hash and other clients never wait; the gate's own lock is a leaf
@@ -33,6 +39,16 @@ from chatsuite.server.passwords import (
 from protocol import Dialect, ErrorCode, Refusal
 
 Log = Callable[[str], None]
+AccountSaved = Callable[[AccountRecord, float], None]  # the record, when it was last changed
+
+
+def supersedes(new: AccountRecord, new_changed: float, old: AccountRecord,
+               old_changed: float) -> bool:
+    """Does ``new`` replace ``old`` (same key)? The earlier registration holds the name (two
+    nodes may register it at once, or during an outage); of the same registration (same
+    ``created``), the later change; the hash string breaks a tie, so every node picks the same."""
+    return ((-new.created, new_changed, new.password_hash)
+            > (-old.created, old_changed, old.password_hash))
 
 
 @dataclass(frozen=True)
@@ -78,8 +94,12 @@ class Gate:
         self.throttle = Throttle(settle_addresses=True)  # see use_clock
         self.wall_clock: Callable[[], float] = time.time  # mutes and bans (they outlive a run)
         self.log = log
-        self._lock = threading.Lock()  # guards _accounts; a leaf: dict work only
+        self._lock = threading.Lock()  # guards _accounts and _changed; a leaf: dict work only
         self._accounts: dict[str, AccountRecord] = {r.key: r for r in store.load_accounts()}
+        # When each account last changed, for the ones changed or adopted in this run (the store
+        # does not keep it): an account only loaded counts as changed when it was created.
+        self._changed: dict[str, float] = {}
+        self.on_account_saved: AccountSaved | None = None  # set by the server in a cluster
         bans = [ban_from_store(record) for record in store.load_bans()]
         self.sanctions = Sanctions(ban for ban in bans if ban is not None)
 
@@ -203,8 +223,10 @@ class Gate:
                 raise Refusal(ErrorCode.NAME_TAKEN, f'"{name}" is already an account.')
             record = AccountRecord(key, name, hashed, self.wall_clock())
             self._accounts[key] = record
+            self._changed[key] = record.created
         self.store.save_account(record)
         self.log(f"account registered: {name}")
+        self._saved(record, record.created)
         return name
 
     def change_password(self, account: str | None, old: str, new: str, *, host: str,
@@ -222,11 +244,42 @@ class Gate:
 
     def _store_account(self, key: str, name: str, hashed: str, created: float) -> None:
         record = AccountRecord(key, name, hashed, created)
+        # Later than any change known of it, even with a clock that stepped back.
+        changed = max(self.wall_clock(), self._changed_at(key, created) + 0.001)
         with self._lock:
             if key not in self._accounts:
                 return  # removed meanwhile: do not bring it back
             self._accounts[key] = record
+            self._changed[key] = changed
         self.store.save_account(record)
+        self._saved(record, changed)
+
+    def _changed_at(self, key: str, created: float) -> float:
+        with self._lock:
+            return self._changed.get(key, created)
+
+    def _saved(self, record: AccountRecord, changed: float) -> None:
+        if self.on_account_saved is not None:
+            self.on_account_saved(record, changed)
+
+    def adopt_account(self, record: AccountRecord, changed: float) -> bool:
+        """An account heard of from the cluster: kept (and stored, not announced again) unless
+        this node has the same or a record that ``supersedes`` it. True when it was kept."""
+        with self._lock:
+            old = self._accounts.get(record.key)
+            if old is not None and not supersedes(
+                    record, changed, old, self._changed.get(old.key, old.created)):
+                return False
+            self._accounts[record.key] = record
+            self._changed[record.key] = changed
+        self.store.save_account(record)
+        return True
+
+    def account_versions(self) -> list[tuple[AccountRecord, float]]:
+        """Every account with when it last changed (as ``adopt_account`` compares them)."""
+        with self._lock:
+            return [(record, self._changed.get(key, record.created))
+                    for key, record in self._accounts.items()]
 
     # -- sanctions ----------------------------------------------------------------------------
 

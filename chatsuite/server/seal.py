@@ -26,9 +26,11 @@ from urllib.parse import parse_qs, unquote, urlsplit
 SECRET_ENV = "CHAT_CLUSTER_SECRET"
 MIN_SECRET = 16  # bytes: shorter secrets are refused
 COMPLAINT_INTERVAL = 10.0  # seconds between two log lines about ignored data
-# What a seal covers besides the payload: a record can never pass for a message, nor the reverse.
+# What a seal covers besides the payload: a member record, a message and an account can never
+# pass for one another.
 ROOM_SEAL = b"chat:room"
 USER_SEAL = b"chat:users"
+ACCOUNT_SEAL = b"chat:accounts"
 MAC_CHARS = 64  # hex SHA-256
 # A message sent longer ago than this (by its node's clock) is refused as a replay; within it,
 # each publisher's sequence numbers must grow.
