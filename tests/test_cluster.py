@@ -1229,11 +1229,25 @@ def test_an_account_registered_during_an_outage_spreads_when_it_ends(
     assert dial("native", two).register("teacher", password=GOOD)["account"] is True
 
 
+def teacher_sealed_in(redis_server: RedisServer) -> bool:
+    """Redis holds a validly sealed account for teacher."""
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        value = client.hget("chat:accounts", "teacher")
+    finally:
+        client.close()
+    try:
+        return value is not None and bool(Sealer(SECRET.encode()).open(ACCOUNT_SEAL, value))
+    except ValueError:
+        return False
+
+
 def test_unsigned_or_forged_accounts_in_redis_are_ignored_and_logged(
     redis_server: RedisServer, start_node: Callable[..., ChatServer], dial: Callable[..., Any],
 ) -> None:
     """Accounts written straight into chat:accounts (unsigned, another secret, a member record's
-    seal, filed under another key) are never taken: the names stay free, each is logged."""
+    seal, filed under another key) are never taken: the names stay free, it is logged, and a
+    real registration of such a name replaces the forged entry."""
     def account(key: str, name: str) -> str:
         return json.dumps({"key": key, "name": name, "hash": "scrypt$forged", "created": 1.0,
                            "changed": 1.0})
@@ -1255,8 +1269,13 @@ def test_unsigned_or_forged_accounts_in_redis_are_ignored_and_logged(
     assert node.backplane.complaints.count == 4  # read before it serves
     for name in ("ghost", "mole", "spy", "teacher", "judge"):
         assert not node.gate.is_account(name)
-    welcome = dial("native", node).register("teacher")
+    teacher = dial("native", node)
+    welcome = teacher.register("teacher")
     assert (welcome["name"], welcome.get("account"), welcome["admin"]) == ("teacher", None, False)
+    # The real registration replaces the forged entry: a node started later knows it.
+    assert reply(teacher, {"type": "register", "password": GOOD}, "reg")["type"] == "ok"
+    wait_until(lambda: teacher_sealed_in(redis_server), 5, "the account in Redis")
+    assert start_node().gate.is_account("teacher")
     # One line for the four (a flood of forgeries costs one line per interval).
     wait_until(lambda: any(" ignored " in x for x in logs), 5, "the forgeries to be logged")
     assert [x for x in logs if " ignored " in x] == [

@@ -351,14 +351,15 @@ class Backplane:
     def account_saved(self, record: AccountRecord, changed: float) -> None:
         """The gate registered an account or changed its password: store it in Redis and tell
         the other nodes (through the publisher's queue: the caller never waits for Redis).
-        A registration never overwrites one already in Redis (another node's, made at the same
-        moment); while Redis is away the snapshot after the outage spreads it."""
+
+        Overwritten in Redis (HSET): with Redis up, only the node of the member holding the
+        name can register it, and whatever else is there is stale or not a node's. While
+        Redis is away this is dropped; the snapshot after the outage spreads it.
+        """
         sealed = self._seals.seal_account(account_of(record, changed))
         key = record.key
-        command: Command = ((lambda pipe: pipe.hsetnx(ACCOUNTS, key, sealed))
-                            if changed == record.created
-                            else (lambda pipe: pipe.hset(ACCOUNTS, key, sealed)))
-        self._publisher.enqueue(Op([command], [{"k": "account", "a": sealed}]))
+        self._publisher.enqueue(Op([lambda pipe: pipe.hset(ACCOUNTS, key, sealed)],
+                                   [{"k": "account", "a": sealed}]))
 
     def _store(self, record: Record) -> Command:
         value = self._seals.seal_record(record)
@@ -409,7 +410,8 @@ class Backplane:
         if self.accounts is None:
             return
         held: dict[str, tuple[AccountRecord, float]] = {}
-        for key, raw in self._redis.hgetall(ACCOUNTS).items():
+        present = self._redis.hgetall(ACCOUNTS)
+        for key, raw in present.items():
             account = self._seals.open_account(raw, key)
             if account is not None:
                 held[account["key"]] = (account_record(account), float(account["changed"]))
@@ -423,8 +425,9 @@ class Backplane:
             if theirs is not None and not supersedes(record, changed, *theirs):
                 continue
             sealed = self._seals.seal_account(account_of(record, changed))
-            # Absent from Redis: HSETNX, a node registering it meanwhile keeps its own.
-            if theirs is None:
+            # Absent from Redis: HSETNX, a node registering it meanwhile keeps its own; an
+            # invalid entry (not a node's) or an older record is overwritten.
+            if record.key not in present:
                 pipe.hsetnx(ACCOUNTS, record.key, sealed)
             else:
                 pipe.hset(ACCOUNTS, record.key, sealed)
