@@ -1145,6 +1145,9 @@ def test_an_account_made_on_one_node_needs_its_password_on_another(
     one, two = start_node(), start_node(admins=("teacher",))
     quit_and_wait(register_account(dial, one, "teacher"), [one, two])
     wait_until(lambda: two.gate.is_account("teacher"), 5, "node two to know the account")
+    # Kept in node two's own store too (it survives node two's restart).
+    assert [(r.key, r.password_hash) for r in two.store.load_accounts()] == [
+        ("teacher", account_hash(one, "teacher"))]
     stranger = dial("native", two)
     assert error_of(stranger, {"type": "hello", "name": "Teacher"}) == {
         "code": "password-required", "for": "account"}
