@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING
 # ``chat_server.parse_args`` keep working for callers and tests.
 from chatsuite.server.config import ServerConfig, parse_args
 from chatsuite.server.gate import Gate
-from chatsuite.server.handler import Handler
+from chatsuite.server.handler import Handler, moderate_from_cluster
 from chatsuite.server.log import Log
 from chatsuite.server.members import Dialect, Member
 from chatsuite.server.pending import PendingTicker
@@ -137,6 +137,8 @@ class ChatServer:
             # nodes, the backplane hands it theirs (the gate knows nothing of the cluster).
             self.gate.on_account_saved = self.backplane.account_saved
             self.backplane.accounts = self.gate
+            # Sanctions too: another node's kick, mute, unmute or ban is applied here.
+            self.backplane.moderation = lambda event: moderate_from_cluster(self, event)
         self.writer = Writer(self.room.lock, self.log)
         self.room.abort = self.writer.abort  # type: ignore[assignment]  # outboxes are ours
         self.room.fan_out = self.writer.push_all  # the inlined broadcast loop

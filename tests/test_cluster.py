@@ -1297,3 +1297,146 @@ def test_the_earlier_registration_then_the_later_change_of_an_account_holds() ->
     assert not supersedes(first, 100.0, changed, 150.0)
     assert not supersedes(first, 100.0, first, 100.0)
     assert supersedes(changed, 100.0, first, 100.0) != supersedes(first, 100.0, changed, 100.0)
+
+
+
+# -- moderation across nodes --------------------------------------------------------------------
+
+
+def classroom_on_two_nodes(
+    start_node: Callable[..., ChatServer], dial: Callable[..., Any],
+) -> tuple[ChatServer, ChatServer, dict[str, Peer], dict[int, list[str]]]:
+    """Node one: teacher (an admin account) and ann; node two: bob and carol; all viewing,
+    every join seen on both nodes and every notice so far read. Returns the nodes' logs too."""
+    logs: dict[int, list[str]] = {1: [], 2: []}
+    one = start_node(admins=("teacher",), log=logs[1].append)
+    two = start_node(admins=("teacher",), log=logs[2].append)
+    teacher = register_account(dial, one, "teacher")
+    teacher.view()
+    peers = {"teacher": teacher, "ann": viewer(dial, one, "ann"),
+             "bob": viewer(dial, two, "bob"), "carol": viewer(dial, two, "carol")}
+    # A join is mirrored and told to the node's members under one lock: once every node
+    # shows everyone, a ping round trip reads every joined notice.
+    converge([one, two], ["teacher", "ann", "bob", "carol"])
+    for peer in peers.values():
+        peer.sync()
+        peer.events.clear()
+    return one, two, peers, logs
+
+
+def notices_until_settled(peers: dict[str, Peer]) -> dict[str, list[str]]:
+    """Each peer's notice texts received since its ``events`` were last cleared, up to a marker
+    said after them on each node (teacher's on node one, carol's on node two): Redis delivers
+    one channel in order, so nothing published before the markers (a duplicate, a lost
+    notice) can arrive after them. Clears the peers' events."""
+    teacher, carol = peers["teacher"], peers["carol"]
+    teacher.send({"type": "say", "text": "marker one", "ref": "m1"})
+    carol.send({"type": "say", "text": "marker two", "ref": "m2"})
+    seen: dict[str, list[str]] = {}
+    for name, peer in peers.items():
+        wanted = {"marker one", "marker two"} - {"teacher": {"marker one"},
+                                                 "carol": {"marker two"}}.get(name, set())
+        while wanted:
+            event = peer.next_event()
+            if event["type"] == "message":
+                wanted.discard(event["text"])
+        seen[name] = [e["text"] for e in peer.events if e["type"] == "notice"]
+        peer.events.clear()
+    return seen
+
+
+def freed(redis_server: RedisServer, name: str) -> bool:
+    """Redis no longer holds ``name`` (its leave, published with the release, has gone out)."""
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        return client.hget("chat:names", name) is None
+    finally:
+        client.close()
+
+
+def test_an_admin_kicks_a_member_of_another_node_and_everyone_is_told_once(
+    redis_server: RedisServer, start_node: Callable[..., ChatServer], dial: Callable[..., Any],
+) -> None:
+    """teacher on node one kicks bob on node two: ok, bob is told and disconnected, everyone on
+    both nodes gets the kicked notice once (no lost notice), bob's name is free everywhere; a
+    non-admin gets not-allowed, and a forged unsigned moderate event does nothing but a log."""
+    one, two, peers, logs = classroom_on_two_nodes(start_node, dial)
+    teacher, ann, bob = peers["teacher"], peers["ann"], peers["bob"]
+    bob_id = next(u["id"] for u in users(teacher) if u["name"] == "bob")
+
+    assert error_of(ann, {"type": "kick", "to": "bob"})["code"] == "not-allowed"
+    forged = {"k": "moderate", "a": "kick", "to": {"id": bob_id, "name": "bob"}, "n": "bob",
+              "by": "teacher", "r": None, "m": None, "t": "bob was kicked by teacher.",
+              "ts": "2026-01-01T00:00:00.000Z", "u": None}
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        assert client.publish(CHANNEL, json.dumps({"o": 9, "ev": [forged]})) == 2
+    finally:
+        client.close()
+    wait_until(lambda: "cluster: ignored an unsigned message on chat:room" in logs[2], 10,
+               "the forgery to be logged")
+    assert reply(bob, {"type": "say", "text": "still here"}, "s")["type"] == "ok"
+    assert two.room.names() == ["teacher", "ann", "bob", "carol"]
+    assert notices_until_settled(peers) == {name: [] for name in peers}
+
+    assert reply(teacher, {"type": "kick", "to": "bob", "reason": "spam"}, "k") == {
+        "type": "ok", "delivered": 0, "queued": 0, "ref": "k"}
+    notice = bob.wait_for("notice", event="kicked")
+    assert (notice["user"]["name"], notice["by"], notice["reason"], notice["text"]) == (
+        "bob", "teacher", "spam", "bob was kicked by teacher: spam")
+    assert bob.closed()
+    converge([one, two], ["teacher", "ann", "carol"])
+    wait_until(lambda: freed(redis_server, "bob"), 5, "bob's name to be freed")
+    del peers["bob"]
+    assert notices_until_settled(peers) == {
+        name: ["bob was kicked by teacher: spam"] for name in peers}
+    assert dial("native", one).register("bob")["name"] == "bob"
+
+
+def test_an_admin_mutes_and_unmutes_a_member_of_another_node(
+    start_node: Callable[..., ChatServer], dial: Callable[..., Any],
+) -> None:
+    """teacher on node one mutes bob on node two: bob's say and dm get muted there, everyone
+    gets the muted notice once; unmute lifts it, and everyone gets the unmuted notice once."""
+    _, _, peers, _ = classroom_on_two_nodes(start_node, dial)
+    teacher, bob, carol = peers["teacher"], peers["bob"], peers["carol"]
+
+    assert reply(teacher, {"type": "mute", "to": "bob", "minutes": 5}, "m")["type"] == "ok"
+    assert bob.wait_for("notice", event="muted")["by"] == "teacher"
+    refused = reply(bob, {"type": "say", "text": "hey"}, "s1")
+    assert (refused["type"], refused["code"], refused["message"]) == (
+        "error", "muted", "You are muted by teacher for 5 more minutes.")
+    assert error_of(bob, {"type": "dm", "to": "ann", "text": "hey"})["code"] == "muted"
+    assert reply(carol, {"type": "say", "text": "carol may"}, "c")["type"] == "ok"
+    assert notices_until_settled(peers) == {
+        name: ["bob was muted by teacher for 5 minutes."] for name in peers}
+
+    assert reply(teacher, {"type": "unmute", "to": "bob"}, "u")["type"] == "ok"
+    assert bob.wait_for("notice", event="unmuted")["text"] == "bob was unmuted by teacher."
+    assert reply(bob, {"type": "say", "text": "thanks"}, "s2")["type"] == "ok"
+    assert notices_until_settled(peers) == {
+        name: ["bob was unmuted by teacher."] for name in peers}
+
+
+def test_an_admin_bans_an_account_of_another_node_from_every_node(
+    redis_server: RedisServer, start_node: Callable[..., ChatServer], dial: Callable[..., Any],
+) -> None:
+    """teacher on node one bans bob (an account) on node two: bob is disconnected, everyone
+    gets the banned notice once, and bob's account is banned on both nodes."""
+    one, two, peers, _ = classroom_on_two_nodes(start_node, dial)
+    teacher, bob = peers["teacher"], peers["bob"]
+    assert reply(bob, {"type": "register", "password": GOOD}, "reg")["type"] == "ok"
+    wait_until(lambda: one.gate.is_account("bob"), 5, "node one to know bob's account")
+
+    assert reply(teacher, {"type": "ban", "to": "bob", "minutes": 60}, "b")["type"] == "ok"
+    assert bob.wait_for("notice", event="banned")["text"] == (
+        "bob was banned by teacher for 60 minutes.")
+    assert bob.closed()
+    converge([one, two], ["teacher", "ann", "carol"])
+    wait_until(lambda: freed(redis_server, "bob"), 5, "bob's name to be freed")
+    del peers["bob"]
+    assert notices_until_settled(peers) == {
+        name: ["bob was banned by teacher for 60 minutes."] for name in peers}
+    for node in (one, two):
+        assert error_of(dial("native", node), {"type": "hello", "name": "bob",
+                                               "password": GOOD})["code"] == "banned"

@@ -145,6 +145,8 @@ class Backplane:
         self.timeout = min(1.0, ttl / 2)
         self.room: Room | None = None
         self.accounts: Accounts | None = None  # the gate: set by the server before start
+        # Applies another node's ``moderate`` event here (set by the server before start).
+        self.moderation: Callable[[Record], None] | None = None
         self.complaints = Complaints(log)
         self._seals = Seals(sealer, self.token, self.complaints)
         try:
@@ -348,6 +350,11 @@ class Backplane:
         event = {"k": "dm", "u": record, "to": to, "t": text, "ts": ts}
         self._publisher.enqueue(Op(events=[event]))
 
+    def moderated(self, event: Record) -> None:
+        """An admin of this node kicked, muted, unmuted or banned someone (a ``moderate``
+        event: its action, target, admin, text and time); every other node applies it."""
+        self._publisher.enqueue(Op(events=[{"k": "moderate", **event}]))
+
     def account_saved(self, record: AccountRecord, changed: float) -> None:
         """The gate registered an account or changed its password: store it in Redis and tell
         the other nodes (through the publisher's queue: the caller never waits for Redis).
@@ -442,10 +449,16 @@ class Backplane:
             message = self._seals.open_message(data, self.node)
             if message is None:
                 return  # ignored (and counted), or this node's own
-            events = []
+            events: list[Record] = []
             for event in message["ev"]:
                 if event["k"] == "account":
                     self._adopt(event["a"])
+                elif event["k"] == "moderate":
+                    # In its place among the others: what came before it is delivered first.
+                    self.room.remote(events)
+                    events = []
+                    if self.moderation is not None:
+                        self.moderation(event)
                 elif event["k"] != "evict":
                     events.append(event)
                 elif int(event["id"]) // ID_STRIDE == self.node:

@@ -19,12 +19,12 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from chatsuite.server.dialect_handlers import DialectReaders, Disconnect
 from chatsuite.server.gate import Entry, Gate, host_of
 from chatsuite.server.members import Member
-from chatsuite.server.moderation import MUTE_MINUTES, Action
+from chatsuite.server.moderation import MUTE_MINUTES, Action, ban_until
 from chatsuite.server.ratelimit import TokenBucket
 from chatsuite.server.room import Room
 from chatsuite.server.writer import RECV_SIZE, Connection
@@ -86,6 +86,57 @@ def moderation_text(action: Action, name: str, by: str, minutes: int | None,
         how_long = " until the server stops" if action is Action.BAN else ""
     end = "." if not reason else f": {reason}"
     return f"{name} was {NOTICE_OF[action]} by {by}{how_long}{end}"
+
+
+def record_sanction(gate: Gate, action: Action, name: str, address: str | None,
+                    minutes: int | None, *, by: str, reason: str | None) -> None:
+    """Record ``action`` on ``name`` in this node's sanctions (kick records nothing).
+
+    ``address``: the member's, when it is connected to this node; a ban holds its account,
+    else that address; with neither (a guest of another node) this node bans nothing.
+    Raises ``bad-request`` for minutes out of range, before anything is recorded.
+    """
+    now = gate.wall_clock()
+    if action is Action.MUTE:
+        gate.sanctions.mute(name, now, minutes, by=by, reason=reason)
+    elif action is Action.UNMUTE:
+        gate.sanctions.unmute(name)
+    elif action is Action.BAN:
+        ban_until(now, minutes)  # checks minutes, whoever records the ban
+        if address is not None or gate.is_account(name):
+            gate.ban(gate.ban_key_for(name, address or ""), minutes, by=by, reason=reason)
+
+
+def moderate_from_cluster(server: Host, event: dict[str, Any]) -> None:
+    """Apply another node's ``moderate`` event (sealed: its admin's right was checked there).
+
+    Every node records the sanction (a ban: by account, or by address on the target's node)
+    and renders the same notice; the target's node also disconnects a kicked or banned member.
+    """
+    action, by, reason = Action(str(event["a"])), str(event["by"]), event["r"]
+    room, gate = server.room, server.gate
+    to = event["to"]
+    local: Member | None = None
+    target: Member | None = None
+    if to is not None:
+        local = room.member_named(int(to["id"]))
+        if local is not None and local.name != to["name"]:
+            local = None  # that id is someone else's now: the target has left
+        target = local or Member.from_record(event["u"])
+        if local is None and target.node is None:
+            target = None
+    try:
+        record_sanction(gate, action, str(event["n"]), None if local is None else local.address,
+                        event["m"], by=by, reason=reason)
+    except Refusal as refusal:
+        server.log(f"cluster: skipped a moderate event: {refusal.message}")
+        return
+    remove = action in (Action.KICK, Action.BAN) and target is not None
+    text = str(event["t"])
+    if room.moderated(NOTICE_OF[action], target, text, by=by, reason=reason, remove=remove,
+                      ts=str(event["ts"])) and remove and local is not None:
+        server.disconnect(local)
+    server.log(f"moderation (from another node): {text}")
 
 
 class Limits(Protocol):
@@ -414,33 +465,47 @@ class Handler(DialectReaders):
         self.room.push(self.member, ok_frames(Ok(0, 0), [request.ref]))
 
     def moderate(self, request: Request) -> None:
-        """``kick``, ``mute``, ``unmute``, ``ban`` (SPEC 7.3): an admin's action, told to all."""
+        """``kick``, ``mute``, ``unmute``, ``ban`` (SPEC 7.3): an admin's action, told to all.
+
+        In a cluster the target may be a member of another node (found in this node's mirror):
+        the sanction is published as a ``moderate`` event, which its node applies, and ``ok``
+        means it was handed to that node (like a dm to another node).
+        """
         assert isinstance(request, Moderation)
-        action, admin, gate = Action(request.TYPE), self.member, self.gate
-        target = self.room.member_named(request.to)
+        action, admin, gate, room = Action(request.TYPE), self.member, self.gate, self.room
+        target = room.member_named(request.to)
+        if target is None and room.backplane is not None:
+            target = room.remote_named(request.to)
+        remote = target is not None and target.node is not None
         name = target.name if target is not None else str(request.to)
         gate.admins.authorize(admin.name, admin.account, action, name)  # not-allowed
         if action is Action.UNMUTE:
-            if gate.sanctions.unmute(name) is None:
+            # A mute given anywhere in the cluster is recorded here too (its moderate event),
+            # but one given while this node was away is not: a remote target's node decides.
+            if gate.sanctions.unmute(name) is None and not remote:
                 if target is None:  # nobody of that name here, muted or not
                     raise Refusal(ErrorCode.NO_SUCH_USER, no_such_user_message(request.to))
                 # There, but not muted: no-such-user would say it is gone (SPEC 1.3).
                 raise Refusal(ErrorCode.BAD_REQUEST, f"{name} is not muted.")
         elif target is None and not (action is Action.BAN and gate.is_account(name)):
             raise Refusal(ErrorCode.NO_SUCH_USER, no_such_user_message(request.to))
-        elif action is Action.MUTE:
-            gate.sanctions.mute(name, gate.wall_clock(), request.minutes, by=admin.name,
-                                reason=request.reason)
-        elif action is Action.BAN:
-            # Online: its account, else its address; offline: only an account can be banned.
-            key = gate.ban_key_for(name, target.address if target is not None else "")
-            gate.ban(key, request.minutes, by=admin.name, reason=request.reason)
+        else:
+            # Online here: its account, else its address; elsewhere or offline: its account
+            # (an address is banned by the target's own node, which knows it).
+            address = target.address if target is not None and not remote else None
+            record_sanction(gate, action, name, address, request.minutes, by=admin.name,
+                            reason=request.reason)
         remove = action in (Action.KICK, Action.BAN) and target is not None
         text = moderation_text(action, name, admin.name, request.minutes, request.reason)
-        if not self.room.moderated(NOTICE_OF[action], target, text, by=admin.name,
-                                   reason=request.reason, remove=remove):
+        announce = None
+        if room.backplane is not None:
+            to = None if target is None else {"id": target.id, "name": target.name}
+            announce = {"a": action.value, "to": to, "n": name, "by": admin.name,
+                        "r": request.reason, "m": request.minutes, "t": text}
+        if not room.moderated(NOTICE_OF[action], target, text, by=admin.name,
+                              reason=request.reason, remove=remove, announce=announce):
             raise Refusal(ErrorCode.NO_SUCH_USER, no_such_user_message(request.to))
-        if remove and target is not None:
+        if remove and target is not None and not remote:
             # Its session ended in ``moderated`` (not kept for resuming, SPEC 7.3): when its
             # reader leaves, there is nothing left to suspend.
             self.server.disconnect(target)
