@@ -1440,3 +1440,33 @@ def test_an_admin_bans_an_account_of_another_node_from_every_node(
     for node in (one, two):
         assert error_of(dial("native", node), {"type": "hello", "name": "bob",
                                                "password": GOOD})["code"] == "banned"
+
+
+def test_bytes_that_are_no_utf8_in_redis_are_forgeries_not_a_partition(
+    redis_server: RedisServer, start_node: Callable[..., ChatServer], dial: Callable[..., Any],
+) -> None:
+    """Anyone who can write Redis can write bytes that are not UTF-8, into the registry, the
+    accounts or the channel: they are ignored and counted like any forgery, a node started then
+    joins the room, and the room's messages keep flowing between nodes."""
+    raw = redis.Redis.from_url(redis_server.url)  # bytes, not text
+    try:
+        raw.hset("chat:users", "999", b"\xff\xfe")
+        raw.hset("chat:accounts", b"\xffbad", b"\xfe\xff")
+        logs: list[str] = []
+        one = start_node()
+        two = start_node(log=logs.append)
+        assert two.backplane is not None
+        alice = viewer(dial, one, "alice")
+        bob = viewer(dial, two, "bob")
+        converge([one, two], ["alice", "bob"])
+        for _ in range(20):
+            raw.publish(CHANNEL, b"\xff junk")
+        alice.send({"type": "say", "text": "still here", "ref": 1})
+        alice.wait_for("ok", ref=1)
+        assert bob.wait_for("message")["text"] == "still here"
+        wait_until(lambda: two.backplane is not None and two.backplane.complaints.count >= 21,
+                   5, "the junk to be counted")
+        assert [x for x in logs if "subscriber error" in x] == []
+        assert dial("native", two).register("teacher")["name"] == "teacher"  # no account
+    finally:
+        raw.close()

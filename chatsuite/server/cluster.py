@@ -154,6 +154,10 @@ class Backplane:
             self._redis = redis.Redis.from_url(
                 url, socket_timeout=self.timeout, socket_connect_timeout=self.timeout,
                 retry=Retry(NoBackoff(), 0), decode_responses=True,
+                # Anyone who can write Redis can write bytes that are no UTF-8: decoded with
+                # U+FFFD they fail their seal and are ignored (and counted) like any forgery,
+                # where a strict decode raised in the subscriber and cut the node off.
+                encoding_errors="replace",
             )
         except ValueError as error:
             raise ClusterError(f"bad Redis URL {url!r}: {error}") from None
@@ -399,6 +403,9 @@ class Backplane:
                 self._down(error)
             except Exception as error:  # the subscriber must outlive any one bug
                 self.log(f"cluster: subscriber error, resubscribing: {error!r}")
+                # Not at once: what failed may fail again (bad data), and a tight loop of
+                # resubscribing would burn a core and the log.
+                self._stopping.wait(self.retry)
             finally:
                 try:
                     pubsub.close()
