@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING
 
 # The options live in config.py; re-exported here, so ``chat_server.ServerConfig`` and
 # ``chat_server.parse_args`` keep working for callers and tests.
+from chatsuite.server.access import name_key
 from chatsuite.server.config import ServerConfig, parse_args
 from chatsuite.server.gate import Gate
 from chatsuite.server.handler import Handler, moderate_from_cluster
@@ -137,6 +138,8 @@ class ChatServer:
             # nodes, the backplane hands it theirs (the gate knows nothing of the cluster).
             self.gate.on_account_saved = self.backplane.account_saved
             self.backplane.accounts = self.gate
+            # A login with a record the cluster has since replaced ends (see _drop_account).
+            self.gate.on_account_replaced = self._drop_account
             # Sanctions too: another node's kick, mute, unmute or ban is applied here.
             self.backplane.moderation = lambda event: moderate_from_cluster(self, event)
         self.writer = Writer(self.room.lock, self.log)
@@ -359,6 +362,21 @@ class ChatServer:
                     # Its name is another node's now: no session to keep for a resume.
                     self.room.end_session(conn.member)
                     self.writer.abort(conn)
+
+    def _drop_account(self, key: str) -> None:
+        """Disconnect this node's members logged in to the account ``key``, whose record the
+        cluster replaced by one with another password hash (an earlier registration, or a
+        password change): what their login gave (the account, admin rights) must not outlive
+        the record it was checked against. No session is kept: a resume would restore it."""
+        with self.room.lock:
+            for conn in self._connections:
+                member = conn.member
+                if member is None or member.account is None or name_key(member.account) != key:
+                    continue
+                self.log(f"account {member.account}: its record was replaced in the cluster; "
+                         f"disconnecting {member.name} (id {member.id}), logged in with the old")
+                self.room.end_session(member)
+                self.writer.abort(conn)
 
     def forget(self, conn: Connection) -> None:
         with self.room.lock:

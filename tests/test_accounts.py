@@ -18,6 +18,9 @@ from conftest import ROOT, Peer, RawConnection, notice_of, reply, wait_until
 from chat_server import ChatServer
 from chatsuite.server.access import Code, Throttle
 from chatsuite.server.access import Refusal as AccessRefusal
+from chatsuite.server.gate import Entry, Gate
+from chatsuite.server.memstore import AccountRecord, MemoryStore
+from chatsuite.server.passwords import hash_password
 from protocol import ErrorCode, Refusal, User
 
 Start = Callable[..., ChatServer]
@@ -652,3 +655,35 @@ def test_a_timed_ban_outlives_a_restart_and_one_without_minutes_does_not(
     assert error_of(peers(again), {"type": "hello", "name": "sam", "password": GOOD}) == {
         "code": "banned"}
     assert peers(again).register("kim", password=GOOD)["account"] is True
+
+
+def test_a_disputed_key_is_an_account_no_password_opens_until_a_valid_record() -> None:
+    """Gate.dispute_accounts: a key with no record becomes an account (hello needs a password,
+    none is accepted, register is name-taken), newly disputed keys are returned once, a key with
+    a record is never disputed, and adopting a valid record or a snapshot without it ends it."""
+    gate = Gate(MemoryStore())
+    replaced: list[str] = []
+    gate.on_account_replaced = replaced.append
+    known = AccountRecord("alice", "alice", hash_password(GOOD), 1.0)
+    assert gate.adopt_account(known, 1.0) is True
+    assert gate.dispute_accounts(["teacher", "alice"]) == ["teacher"]
+    assert gate.dispute_accounts(["teacher", "alice"]) == []  # logged once
+    assert (gate.is_account("Teacher"), gate.is_account("bob")) == (True, False)
+    for password, code in ((None, ErrorCode.PASSWORD_REQUIRED), (GOOD,
+                                                                 ErrorCode.BAD_PASSWORD)):
+        with pytest.raises(Refusal) as refused:
+            gate.check_entry(Entry("teacher", None, password), host="127.0.0.1", tls=False)
+        assert (refused.value.code, refused.value.for_) == (code, "account")
+    with pytest.raises(Refusal) as taken:
+        gate.register("teacher", GOOD, host="127.0.0.1", tls=False)
+    assert taken.value.code is ErrorCode.NAME_TAKEN
+    record = AccountRecord("teacher", "teacher", hash_password(GOOD), 2.0)
+    assert gate.adopt_account(record, 2.0) is True
+    assert gate.check_entry(Entry("teacher", None, GOOD), host="127.0.0.1",
+                            tls=False) == "teacher"
+    assert replaced == []  # nothing replaced: a dispute had no record
+    gate.dispute_accounts(["ghost"])
+    assert gate.dispute_accounts([]) == [] and not gate.is_account("ghost")
+    earlier = known._replace(password_hash=hash_password("another one!"), created=0.5)
+    assert gate.adopt_account(earlier, 0.5) is True
+    assert replaced == ["alice"]

@@ -30,6 +30,7 @@ from chat_server import ChatServer, ServerConfig
 from chatsuite.server.cluster_wire import CHANNEL, PubSub
 from chatsuite.server.gate import supersedes
 from chatsuite.server.memstore import AccountRecord, Viewer
+from chatsuite.server.passwords import hash_password
 from chatsuite.server.seal import (
     ACCOUNT_SEAL,
     ROOM_SEAL,
@@ -42,6 +43,7 @@ from chatsuite.server.seal import (
     check_url,
     load_secret,
 )
+from protocol import ErrorCode, Refusal
 
 
 def _find_redis_server() -> str | None:
@@ -1249,8 +1251,8 @@ def test_unsigned_or_forged_accounts_in_redis_are_ignored_and_logged(
     redis_server: RedisServer, start_node: Callable[..., ChatServer], dial: Callable[..., Any],
 ) -> None:
     """Accounts written straight into chat:accounts (unsigned, another secret, a member record's
-    seal, filed under another key) are never taken: the names stay free, it is logged, and a
-    real registration of such a name replaces the forged entry."""
+    seal, filed under another key) are never taken: it is logged, and each such key (not the
+    name inside) is disputed, an account no password opens, rather than a free name."""
     def account(key: str, name: str) -> str:
         return json.dumps({"key": key, "name": name, "hash": "scrypt$forged", "created": 1.0,
                            "changed": 1.0})
@@ -1270,15 +1272,20 @@ def test_unsigned_or_forged_accounts_in_redis_are_ignored_and_logged(
     node = start_node(admins=("teacher",), log=logs.append)
     assert node.backplane is not None
     assert node.backplane.complaints.count == 4  # read before it serves
-    for name in ("ghost", "mole", "spy", "teacher", "judge"):
-        assert not node.gate.is_account(name)
-    teacher = dial("native", node)
-    welcome = teacher.register("teacher")
-    assert (welcome["name"], welcome.get("account"), welcome["admin"]) == ("teacher", None, False)
-    # The real registration replaces the forged entry: a node started later knows it.
-    assert reply(teacher, {"type": "register", "password": GOOD}, "reg")["type"] == "ok"
-    wait_until(lambda: teacher_sealed_in(redis_server), 5, "the account in Redis")
-    assert start_node().gate.is_account("teacher")
+    assert [node.gate.is_account(name) for name in ("ghost", "mole", "spy", "teacher",
+                                                   "judge")] == [True, True, True, True, False]
+    assert account_hash(node, "teacher") is None and account_hash(node, "judge") is None
+    peer = dial("native", node)
+    assert error_of(peer, {"type": "hello", "name": "teacher"}) == {
+        "code": "password-required", "for": "account"}
+    assert error_of(peer, {"type": "hello", "name": "mole", "password": "scrypt$forged"}) == {
+        "code": "bad-password", "for": "account"}
+    assert peer.register("judge")["name"] == "judge"
+    wait_until(lambda: len([x for x in logs if "disputed" in x]) == 4, 5, "disputes logged")
+    assert sorted(x for x in logs if "disputed" in x) == [
+        f"cluster: the account {key!r} in chat:accounts cannot be opened and this node has no "
+        f"record of it: disputed (no password accepted) until a valid record arrives"
+        for key in ("ghost", "mole", "spy", "teacher")]
     # One line for the four (a flood of forgeries costs one line per interval).
     wait_until(lambda: any(" ignored " in x for x in logs), 5, "the forgeries to be logged")
     assert [x for x in logs if " ignored " in x] == [
@@ -1298,6 +1305,101 @@ def test_the_earlier_registration_then_the_later_change_of_an_account_holds() ->
     assert not supersedes(first, 100.0, first, 100.0)
     assert supersedes(changed, 100.0, first, 100.0) != supersedes(first, 100.0, changed, 100.0)
 
+
+def forge_in_redis(redis_server: RedisServer, key: str, value: str) -> None:
+    """Write ``value`` under ``key`` of chat:accounts, as anyone who can reach Redis can."""
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        client.hset("chat:accounts", key, value)
+    finally:
+        client.close()
+
+
+def test_a_damaged_account_in_redis_is_disputed_on_a_new_node_not_free(
+    redis_server: RedisServer, start_node: Callable[..., ChatServer], dial: Callable[..., Any],
+) -> None:
+    """The audit's attack: teacher's entry in chat:accounts replaced by junk, a new node (no
+    store) does not free the name: hello without a password is password-required, with one
+    bad-password, a line client IN-USE, register refused, no admin; it is logged once, and a
+    valid record (a password change on node one) ends the dispute."""
+    one = start_node(admins=("teacher",))
+    quit_and_wait(register_account(dial, one, "teacher"), [one])
+    wait_until(lambda: teacher_sealed_in(redis_server), 5, "the account in Redis")
+    forge_in_redis(redis_server, "teacher", "junk")
+    logs: list[str] = []
+    three = start_node(admins=("teacher",), log=logs.append)
+    assert three.gate.is_account("teacher") and account_hash(three, "teacher") is None
+    attacker = dial("native", three)
+    assert error_of(attacker, {"type": "hello", "name": "teacher"}) == {
+        "code": "password-required", "for": "account"}
+    for password in (STRANGER, GOOD):  # not even the right one: this node cannot check it
+        assert error_of(attacker, {"type": "hello", "name": "teacher", "password": password}) == {
+            "code": "bad-password", "for": "account"}
+    line = dial("line", three)
+    line.send("HELLO-FROM teacher")
+    assert line.read() == "IN-USE"
+    with pytest.raises(Refusal) as refused:
+        three.gate.register("Teacher", STRANGER, host="127.0.0.1", tls=False)
+    assert refused.value.code is ErrorCode.NAME_TAKEN
+    wait_until(lambda: any("disputed" in x for x in logs), 5, "the dispute to be logged")
+    assert [x for x in logs if "disputed" in x] == [
+        "cluster: the account 'teacher' in chat:accounts cannot be opened and this node has no "
+        "record of it: disputed (no password accepted) until a valid record arrives"]
+    # A valid record ends it: teacher changes the password on node one.
+    owner = dial("native", one)
+    owner.register("teacher", password=GOOD)
+    assert reply(owner, {"type": "password", "old": GOOD, "new": OTHER}, "pw")["type"] == "ok"
+    quit_and_wait(owner, [one, three])
+    wait_until(lambda: account_hash(three, "teacher") == account_hash(one, "teacher"), 5,
+               "node three to take the valid record")
+    welcome = dial("native", three).register("teacher", password=OTHER)
+    assert (welcome["name"], welcome["account"], welcome["admin"]) == ("teacher", True, True)
+
+
+def test_a_conflicting_later_registration_is_corrected_at_once_and_its_login_ends(
+    redis_server: RedisServer, start_node: Callable[..., ChatServer], dial: Callable[..., Any],
+) -> None:
+    """Node three holds a later registration of teacher with another password (as if made
+    during an outage) and an attacker logged in with it as admin: when node three announces it,
+    node one (the earlier registration) writes its own back and announces it at once, node
+    three adopts it, disconnects the attacker and then accepts only the original password."""
+    logs: dict[int, list[str]] = {1: [], 3: []}
+    one = start_node(admins=("teacher",), log=logs[1].append)
+    quit_and_wait(register_account(dial, one, "teacher"), [one])
+    original = account_hash(one, "teacher")
+    three = start_node(admins=("teacher",), log=logs[3].append)
+    assert account_hash(three, "teacher") == original
+    later = AccountRecord("teacher", "teacher", hash_password(OTHER), time.time() + 1)
+    with three.gate._lock:  # around adopt_account, which would keep the earlier one
+        three.gate._accounts["teacher"] = later
+        three.gate._changed["teacher"] = later.created
+    attacker = dial("native", three)
+    welcome = attacker.register("teacher", password=OTHER)
+    assert (welcome["account"], welcome["admin"]) == (True, True)
+    assert three.backplane is not None
+    three.backplane.account_saved(later, later.created)  # announced, and written to Redis
+    assert attacker.closed()
+    assert account_hash(three, "teacher") == original
+    wait_until(lambda: teacher_sealed_in(redis_server), 5, "a valid record in Redis")
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        stored_value = wait_until(
+            lambda: (v := client.hget("chat:accounts", "teacher")) is not None and json.loads(
+                Sealer(SECRET.encode()).open(ACCOUNT_SEAL, v))["hash"] == original, 5,
+            "node one's record back in Redis")
+    finally:
+        client.close()
+    assert stored_value is True
+    correcting = ("cluster: another node announced a superseded record of the account teacher; "
+                  "announcing this node's")
+    wait_until(lambda: correcting in logs[1], 5, "node one's correction to be logged")
+    dropping = "account teacher: its record was replaced in the cluster; disconnecting teacher"
+    wait_until(lambda: any(x.startswith(dropping) for x in logs[3]), 5, "the drop to be logged")
+    peer = dial("native", three)
+    assert error_of(peer, {"type": "hello", "name": "teacher", "password": OTHER}) == {
+        "code": "bad-password", "for": "account"}
+    welcome = peer.register("teacher", password=GOOD)
+    assert (welcome["account"], welcome["admin"]) == (True, True)
 
 
 # -- moderation across nodes --------------------------------------------------------------------

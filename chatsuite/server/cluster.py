@@ -11,6 +11,10 @@ What it owns:
   each registration and password change to ``account_saved``, which stores it in Redis and
   announces it (an ``account`` event) through the publisher's queue; every other node's gate
   adopts it (``Gate.adopt_account``: the earlier registration, then the later change, holds);
+  a node whose own record supersedes one it hears of writes its own back and announces it at
+  once, so a conflicting node adopts the earlier registration without waiting; a key of
+  ``chat:accounts`` that cannot be opened and that the node has no record of is disputed
+  (``Gate.dispute_accounts``: an account no password opens) until a valid record arrives;
 * three threads:
   - the publisher (``cluster_wire.Publisher``) takes what the room hands it (``joined``,
     ``left``, ``updated``, ``said``, ``sent``) from one FIFO queue and writes each round as one
@@ -43,7 +47,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 import redis
@@ -75,6 +79,7 @@ from chatsuite.server.cluster_wire import (
     reap_node,
     release_stale,
     stored,
+    text_of,
 )
 from chatsuite.server.gate import supersedes
 from chatsuite.server.memstore import AccountRecord
@@ -111,6 +116,8 @@ class Accounts(Protocol):
 
     def adopt_account(self, record: AccountRecord, changed: float) -> bool: ...
     def account_versions(self) -> list[tuple[AccountRecord, float]]: ...
+    def account_version(self, key: str) -> tuple[AccountRecord, float] | None: ...
+    def dispute_accounts(self, keys: Iterable[str]) -> list[str]: ...
 
 
 def account_record(account: Record) -> AccountRecord:
@@ -424,14 +431,22 @@ class Backplane:
         if self.accounts is None:
             return
         held: dict[str, tuple[AccountRecord, float]] = {}
+        unreadable: list[str] = []
         present = self._redis.hgetall(ACCOUNTS)
         for key, raw in present.items():
             account = self._seals.open_account(raw, key)
             if account is not None:
                 held[account["key"]] = (account_record(account), float(account["changed"]))
+            else:
+                unreadable.append(text_of(key))
         adopted = sum(self.accounts.adopt_account(*version) for version in held.values())
         if adopted:
             self.log(f"cluster: took {adopted} new or changed accounts from Redis")
+        # Damaged is not free: a Redis writer must not make a name an account anyone can claim.
+        for key in self.accounts.dispute_accounts(unreadable):
+            self.log(f"cluster: the account {key!r} in chat:accounts cannot be opened and this "
+                     f"node has no record of it: disputed (no password accepted) until a valid "
+                     f"record arrives")
         pipe = self._redis.pipeline(transaction=False)
         events: list[Record] = []
         for record, changed in self.accounts.account_versions():
@@ -479,10 +494,18 @@ class Backplane:
         account = self._seals.open_account(sealed, where=CHANNEL)
         if account is None or self.accounts is None:
             return
-        record = account_record(account)
-        if self.accounts.adopt_account(record, float(account["changed"])):
+        record, changed = account_record(account), float(account["changed"])
+        if self.accounts.adopt_account(record, changed):
             what = "registered" if account["changed"] == record.created else "changed"
             self.log(f"cluster: account {what} on another node: {record.name}")
+            return
+        own = self.accounts.account_version(record.key)
+        if own is not None and supersedes(*own, record, changed):
+            # Ours is the earlier registration (or the later change): correct Redis and the
+            # announcing node now rather than at the next resubscribe.
+            self.log(f"cluster: another node announced a superseded record of the account "
+                     f"{record.name}; announcing this node's")
+            self.account_saved(*own)
 
     # -- the keeper ---------------------------------------------------------------------------
 

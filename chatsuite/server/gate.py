@@ -8,8 +8,12 @@ start, written through the store's queue), the login throttle, the admins and th
 In a cluster (``--redis``) the accounts are shared: the server sets ``on_account_saved``, which
 the gate calls after each registration or password change (the backplane hands it to Redis
 and the other nodes through its queue), and the backplane hands the gate the accounts it
-hears of through ``adopt_account``. The gate knows nothing of the cluster beyond these two
-hooks; which of two records of one account holds is ``supersedes``.
+hears of through ``adopt_account``. The gate knows nothing of the cluster beyond these
+hooks; which of two records of one account holds is ``supersedes``. A name whose entry in the
+cluster cannot be opened (damaged or forged in Redis) and of which this node has no record is
+*disputed* (``dispute_accounts``): it counts as an account, but no password opens it, until a
+valid record arrives. When ``adopt_account`` replaces a record by one with another password
+hash, ``on_account_replaced`` (set by the server) ends what a login with the old one gave.
 
 Invariants: every refusal is protocol's ``Refusal`` (the handler gives it the request's ``ref``);
 scrypt runs only through ``passwords`` (on its hash workers), never while any lock is held, so
@@ -40,6 +44,7 @@ from protocol import Dialect, ErrorCode, Refusal
 
 Log = Callable[[str], None]
 AccountSaved = Callable[[AccountRecord, float], None]  # the record, when it was last changed
+AccountReplaced = Callable[[str], None]  # the key of an account whose password hash changed
 
 
 def supersedes(new: AccountRecord, new_changed: float, old: AccountRecord,
@@ -99,7 +104,11 @@ class Gate:
         # When each account last changed, for the ones changed or adopted in this run (the store
         # does not keep it): an account only loaded counts as changed when it was created.
         self._changed: dict[str, float] = {}
+        # Keys the cluster holds a record of that this node cannot open, with no record here:
+        # accounts of unknown password (a Redis writer must not free a name by damaging it).
+        self._disputed: set[str] = set()
         self.on_account_saved: AccountSaved | None = None  # set by the server in a cluster
+        self.on_account_replaced: AccountReplaced | None = None  # likewise
         bans = [ban_from_store(record) for record in store.load_bans()]
         self.sanctions = Sanctions(ban for ban in bans if ban is not None)
 
@@ -125,8 +134,13 @@ class Gate:
 
     def is_account(self, name: str) -> bool:
         """True when ``name`` (any case) is an account. Cheap: the room asks it under its lock."""
+        key = name_key(name)
         with self._lock:
-            return name_key(name) in self._accounts
+            return key in self._accounts or key in self._disputed
+
+    def _is_disputed(self, name: str) -> bool:
+        with self._lock:
+            return name_key(name) in self._disputed
 
     def is_admin(self, name: str, account: str | None) -> bool:
         """True when ``name`` may moderate having proved ``account`` (a restored session's)."""
@@ -154,9 +168,21 @@ class Gate:
         """
         name = entry.name
         record = self._account(name) if name is not None else None
+        disputed = record is None and name is not None and self._is_disputed(name)
         self.sanctions.check_may_register(name or "", host, self.wall_clock(),
-                                          is_account=record is not None)
+                                          is_account=record is not None or disputed)
         self._check_server_password(entry.server_password, host)
+        if disputed:
+            assert name is not None
+            if entry.password is None:
+                raise Refusal(ErrorCode.PASSWORD_REQUIRED,
+                              f'"{name}" is an account: give its password.',
+                              for_=For.ACCOUNT.value)
+            self.check_channel(tls=tls, host=host)
+            # Not counted by the throttle: no password was checked, so none was guessed.
+            raise Refusal(ErrorCode.BAD_PASSWORD,
+                          f'The account "{name}" cannot be checked now (its record in the '
+                          "cluster is damaged): try again later.", for_=For.ACCOUNT.value)
         if record is None:
             if entry.password is not None:
                 self.check_channel(tls=tls, host=host)  # SPEC 7.2: a hello carrying password
@@ -219,7 +245,7 @@ class Gate:
         hashed = hash_password(password)  # outside every lock: scrypt on the hash workers
         key = name_key(name)
         with self._lock:
-            if key in self._accounts:
+            if key in self._accounts or key in self._disputed:
                 raise Refusal(ErrorCode.NAME_TAKEN, f'"{name}" is already an account.')
             record = AccountRecord(key, name, hashed, self.wall_clock())
             self._accounts[key] = record
@@ -264,7 +290,11 @@ class Gate:
 
     def adopt_account(self, record: AccountRecord, changed: float) -> bool:
         """An account heard of from the cluster: kept (and stored, not announced again) unless
-        this node has the same or a record that ``supersedes`` it. True when it was kept."""
+        this node has the same or a record that ``supersedes`` it. True when it was kept.
+
+        A valid record ends a dispute of its key. When it replaces a record with another
+        password hash, ``on_account_replaced`` is told (after the lock): a login with the old
+        record (stale, or a conflicting registration) must not keep what it gave."""
         with self._lock:
             old = self._accounts.get(record.key)
             if old is not None and not supersedes(
@@ -272,8 +302,28 @@ class Gate:
                 return False
             self._accounts[record.key] = record
             self._changed[record.key] = changed
+            self._disputed.discard(record.key)
         self.store.save_account(record)
+        if (old is not None and old.password_hash != record.password_hash
+                and self.on_account_replaced is not None):
+            self.on_account_replaced(record.key)
         return True
+
+    def dispute_accounts(self, keys: Iterable[str]) -> list[str]:
+        """The keys whose entry in the cluster cannot be opened now (each snapshot gives them
+        all): those with no record here are disputed, every other dispute ends. Returns the
+        newly disputed keys (to log once)."""
+        with self._lock:
+            disputed = {key for key in keys if key not in self._accounts}
+            new = sorted(disputed - self._disputed)
+            self._disputed = disputed
+        return new
+
+    def account_version(self, key: str) -> tuple[AccountRecord, float] | None:
+        """The account of ``key`` with when it last changed, or None."""
+        with self._lock:
+            record = self._accounts.get(key)
+            return None if record is None else (record, self._changed.get(key, record.created))
 
     def account_versions(self) -> list[tuple[AccountRecord, float]]:
         """Every account with when it last changed (as ``adopt_account`` compares them)."""
