@@ -56,6 +56,7 @@ from chatsuite.client.transport import (
     client_context,
     open_transport,
 )
+from chatsuite.options import seconds, whole
 from modes import BACKLOG_MAX
 
 DEFAULT_HOST = "127.0.0.1"
@@ -92,13 +93,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"folder of the direct-message logs (default {DEFAULT_HISTORY_DIR})")
     parser.add_argument("--protocol", choices=("native", "line"), default="native",
                         help="native (default), or line: seed 002's protocol, for any such server")
-    parser.add_argument("--reconnect-for", type=_seconds_argument, default=RECONNECT_FOR,
+    parser.add_argument("--reconnect-for", type=seconds(zero_allowed=True), default=RECONNECT_FOR,
                         metavar="SECONDS",
                         help="when the connection drops, try to come back for this long "
                              f"(default {RECONNECT_FOR:g})")
     parser.add_argument("--no-reconnect", action="store_true",
                         help="when the connection drops, end (exit code 1): for scripts")
-    parser.add_argument("--backlog", type=_count_argument, default=BACKLOG_ON_START, metavar="N",
+    parser.add_argument("--backlog", type=whole(0, BACKLOG_MAX), default=BACKLOG_ON_START,
+                        metavar="N",
                         help="earlier room messages shown after registering "
                              f"(default {BACKLOG_ON_START}; 0: none)")
     parser.add_argument("--tls", action="store_true",
@@ -115,22 +117,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--insecure and --cafile contradict each other: choose one")
     args.tls = args.tls or args.insecure or args.cafile is not None
     return args
-
-
-def _seconds_argument(text: str) -> float:
-    try:
-        seconds = float(text)
-    except ValueError:
-        seconds = -1.0
-    if not 0 <= seconds < float("inf"):
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}")
-    return seconds
-
-
-def _count_argument(text: str) -> int:
-    if not (text.isascii() and text.isdigit()) or int(text) > BACKLOG_MAX:
-        raise argparse.ArgumentTypeError(f"not a number from 0 to {BACKLOG_MAX}: {text!r}")
-    return int(text)
 
 
 def _port_argument(text: str) -> int:

@@ -324,12 +324,12 @@ def parse_object(frame: bytes) -> dict[str, Any]:
         text = frame.decode("utf-8")
     except UnicodeDecodeError:
         raise ProtocolError(ErrorCode.BAD_FRAME, "The frame is not valid UTF-8.",
-                            _oversized_ref(frame[:HEAD])) from None
+                            _ref_in_head(frame[:HEAD])) from None
     try:
         obj = _json_decoder.decode(text)
     except (ValueError, RecursionError):
         raise ProtocolError(ErrorCode.BAD_FRAME, "The frame is not valid JSON.",
-                            _oversized_ref(frame[:HEAD])) from None
+                            _ref_in_head(frame[:HEAD])) from None
     if not isinstance(obj, dict):
         raise ProtocolError(ErrorCode.BAD_FRAME, "The frame is not a JSON object.")
     ref = _ref_of(obj)
@@ -988,8 +988,9 @@ def parse_event(frame: bytes) -> Event:
     return UnknownEvent(obj["type"], obj)
 
 
-def _oversized_ref(head: bytes) -> Ref:
-    """The ref shown in the first bytes of an oversized frame, if any (a cheap look, no parse)."""
+def _ref_in_head(head: bytes) -> Ref:
+    """The ref shown in the first bytes of a frame that is too large or cannot be parsed, if
+    any (a cheap look, no parse)."""
     match = _REF_RE.search(head)
     if match is None:
         return None
@@ -1017,7 +1018,7 @@ class RequestDecoder:
             if isinstance(frame, Oversized):
                 out.append(ProtocolError(
                     ErrorCode.FRAME_TOO_LARGE, f"The frame of {frame.size} bytes is over the "
-                    f"limit of {self.max_frame} bytes.", _oversized_ref(frame.head)))
+                    f"limit of {self.max_frame} bytes.", _ref_in_head(frame.head)))
                 continue
             try:
                 out.append(parse_request(frame))

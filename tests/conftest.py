@@ -293,6 +293,14 @@ def server_process() -> Iterator[Callable[..., ServerProcess]]:
         proc.stop()
 
 
+def leave(peer: Peer) -> None:
+    """``peer`` quits: its bye, then the server closes the connection (its descriptor free)."""
+    peer.send({"type": "quit"})
+    peer.wait_for("bye")
+    assert peer.closed()
+    peer.close()
+
+
 def take_over_id(connect: Callable[..., Peer], server: Any, wanted: int, name: str) -> Peer:
     """A peer registered as ``name`` on the id ``wanted`` of a server process, which reuses a
     freed descriptor at once (a try that comes before the old socket is closed quits and tries
@@ -301,10 +309,7 @@ def take_over_id(connect: Callable[..., Peer], server: Any, wanted: int, name: s
         peer = connect(server)
         if peer.register(name)["id"] == wanted:
             return peer
-        peer.send({"type": "quit"})
-        peer.wait_for("bye")
-        assert peer.closed()
-        peer.close()
+        leave(peer)
     raise AssertionError(f"id {wanted} was never reused")
 
 

@@ -32,7 +32,7 @@ from client_helpers import (
     ended,
     output,
 )
-from conftest import ROOT, Peer, ServerProcess, free_port, take_over_id
+from conftest import ROOT, Peer, ServerProcess, free_port, leave, take_over_id
 
 import chat_client
 from chat_client import ask_address, parse_port
@@ -392,10 +392,7 @@ def test_send_to_a_reused_id_says_it_is_no_longer_the_user_seen(
     alice, alice_id = registered_peer(connect, server, "alice")
     child = typing_client(spawn, server, "carol")
     assert f"{alice_id}" in command(child, "/users")
-    alice.send({"type": "quit"})
-    alice.wait_for("bye")
-    assert alice.closed()
-    alice.close()
+    leave(alice)
     mallory = take_over_id(connect, server, alice_id, "mallory")
     mallory.view()
     mallory.sync()

@@ -36,6 +36,7 @@ from client_helpers import (
 )
 from conftest import Peer, wait_until
 
+import chat_client
 from chatsuite.client.history import History
 from chatsuite.client.native import too_long, waiting_line
 from chatsuite.client.reconnect import Backoff, SeenSeqs, SessionFile, delay_scale
@@ -146,6 +147,21 @@ def test_a_session_file_in_use_is_neither_loaded_nor_overwritten_by_another_clie
     assert second.save("alice", "tok-b", 9) is False
     assert first.load("alice") == ("tok-a", 3)
     assert second.save("bob", "tok-c", 1) and first.load("bob") is None
+
+
+@pytest.mark.parametrize("option", [["--backlog", "501"], ["--backlog", "-1"],
+                                    ["--backlog", "20x"], ["--reconnect-for", "-1"],
+                                    ["--reconnect-for", "nan"], ["--reconnect-for", "inf"]])
+def test_the_clients_numbers_out_of_range_are_a_usage_error(
+        option: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """--backlog is 0 to 500 and --reconnect-for a finite number of seconds: anything else is
+    refused at start with a sentence naming the option (exit 2)."""
+    with pytest.raises(SystemExit) as exited:
+        chat_client.parse_args(["alice", *option])
+    assert exited.value.code == 2
+    assert f"argument {option[0]}: " in capsys.readouterr().err
+    edges = chat_client.parse_args(["alice", "--backlog", "500", "--reconnect-for", "0"])
+    assert (edges.backlog, edges.reconnect_for) == (500, 0.0)
 
 
 def test_backlog_command_takes_an_optional_count() -> None:

@@ -291,6 +291,17 @@ def numbered(peer: Peer, last: int) -> list[dict[str, Any]]:
             return got
 
 
+def alice_dropped(server: Any, connect: Connect) -> tuple[dict[str, Any], Peer]:
+    """alice registers, then her connection drops without quit; bob, viewing, has heard her
+    lost. Her welcome, and bob."""
+    alice, welcome = member(connect, server, "alice")
+    bob, _ = member(connect, server, "bob")
+    bob.view()
+    alice.close()
+    bob.wait_for("notice", event="lost")
+    return welcome, bob
+
+
 def resume(server: Any, connect: Connect, session: str, last_seq: int | None,
            **fields: Any) -> tuple[Peer, dict[str, Any]]:
     peer = connect(server)
@@ -353,11 +364,7 @@ def test_users_lists_a_member_in_its_window_as_not_connected(start_server: Start
     """During its resume window a dropped member stays in users with connected false (and in a
     line client's LIST-OK), and its name cannot be taken."""
     server = start_server(rate=0, resume_window=30)
-    alice, _ = member(connect, server, "alice")
-    bob, _ = member(connect, server, "bob")
-    bob.view()
-    alice.close()
-    bob.wait_for("notice", event="lost")
+    _, bob = alice_dropped(server, connect)
     bob.send({"type": "users", "ref": "u"})
     listed = bob.wait_for("users", ref="u")["users"]
     assert [(u["name"], u.get("connected", True)) for u in listed] == [
@@ -379,11 +386,7 @@ def test_window_end_removes_the_member_silently(start_server: Start,
     """When the resume window ends the member is removed without a notice, and its session is
     then a plain registration (resumed false)."""
     server = start_server(rate=0, resume_window=0.3)
-    alice, welcome = member(connect, server, "alice")
-    bob, _ = member(connect, server, "bob")
-    bob.view()
-    alice.close()
-    bob.wait_for("notice", event="lost")
+    welcome, bob = alice_dropped(server, connect)
     wait_until(lambda: [u.name for u in server.room.users()] == ["bob"], what="expiry")
     assert bob.sync() == []  # no notice for the expiry
     _, again = resume(server, connect, welcome["session"], welcome["seq"], name="alice")
@@ -416,11 +419,7 @@ def test_id_of_a_member_in_its_window_is_not_given_to_another(start_server: Star
                                                               connect: Connect) -> None:
     """A new connection whose descriptor equals a reserved id gets another id."""
     server = start_server(rate=0, resume_window=30)
-    alice, welcome = member(connect, server, "alice")
-    bob, _ = member(connect, server, "bob")
-    bob.view()
-    alice.close()
-    bob.wait_for("notice", event="lost")
+    welcome, _ = alice_dropped(server, connect)
     ids = set()
     for n in range(5):  # the freed descriptor is reused at once by one of these
         _, joined = member(connect, server, f"n{n}")

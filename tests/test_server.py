@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Peer, ServerProcess, take_over_id, wait_until
+from conftest import Peer, ServerProcess, leave, take_over_id, wait_until
 
 from chat_server import ChatServer
 from modes import dropped_text
@@ -1814,10 +1814,7 @@ def test_dm_by_reused_id_with_the_old_name_is_no_such_user(
     bob = member(connect, server, "bob")
     alice = member(connect, server, "alice")
     alice_id = user_object(alice)["id"]
-    alice.send({"type": "quit"})
-    alice.wait_for("bye")
-    assert alice.closed()
-    alice.close()
+    leave(alice)
     mallory = take_over_id(connect, server, alice_id, "mallory")
     mallory.view()
     drain(bob, mallory)

@@ -10,10 +10,10 @@ this module never imports ``chat_server`` (chatsuite never does).
 from __future__ import annotations
 
 import argparse
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from chatsuite.options import seconds, whole
 from chatsuite.server.access import is_loopback
 from chatsuite.server.passwords import load_server_password
 from chatsuite.server.pending import INTERVAL as PENDING_INTERVAL
@@ -71,67 +71,35 @@ class ServerConfig:
     log: Callable[[str], None] | None = field(default=None, repr=False)
 
 
-def _whole(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
-    """An argparse type: a whole number within bounds, or a usage error that says so."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-        if value < minimum or (maximum is not None and value > maximum):
-            within = f"from {minimum} to {maximum}" if maximum is not None else f">= {minimum}"
-            raise argparse.ArgumentTypeError(f"must be {within}, not {value}")
-        return value
-
-    return parse
-
-
-def _seconds(zero_allowed: bool) -> Callable[[str], float]:
-    """An argparse type: a finite number >= 0 (``zero_allowed``, where 0 means off) or > 0."""
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if not math.isfinite(value) or value < 0 or (value == 0 and not zero_allowed):
-            raise argparse.ArgumentTypeError(
-                f"must be a number {'>= 0' if zero_allowed else '> 0'}, not {text}")
-        return value
-
-    return parse
-
-
-_SECONDS = _seconds(zero_allowed=False)
-_SECONDS_OR_OFF = _seconds(zero_allowed=True)  # for the options where 0 turns a thing off
+_SECONDS = seconds(zero_allowed=False)
+_SECONDS_OR_OFF = seconds(zero_allowed=True)  # for the options where 0 turns a thing off
 
 
 def parse_args(argv: Sequence[str] | None) -> ServerConfig:
     parser = argparse.ArgumentParser(prog="chat-server", description=DESCRIPTION)
     parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default all)")
-    parser.add_argument("--port", type=_whole(0, 65535), default=4040,
+    parser.add_argument("--port", type=whole(0, 65535), default=4040,
                         help="TCP port (default 4040)")
-    parser.add_argument("--max-frame", type=_whole(1024), default=MAX_FRAME,
+    parser.add_argument("--max-frame", type=whole(1024), default=MAX_FRAME,
                         help="largest frame or line in bytes (default 65536)")
-    parser.add_argument("--pending-limit", type=_whole(1), default=PENDING_LIMIT,
+    parser.add_argument("--pending-limit", type=whole(1), default=PENDING_LIMIT,
                         help="most events held for a typing client (default 10000)")
-    parser.add_argument("--output-limit", type=_whole(1), default=OUTPUT_LIMIT,
+    parser.add_argument("--output-limit", type=whole(1), default=OUTPUT_LIMIT,
                         help="unsent bytes past which a slow client is dropped (default 8 MiB)")
     parser.add_argument("--heartbeat", type=_SECONDS_OR_OFF, default=30.0,
                         help="seconds of silence before a ping; as long again to answer "
                              "(default 30)")
     parser.add_argument("--hello-timeout", type=_SECONDS, default=60.0,
                         help="seconds a new connection has to register (default 60)")
-    parser.add_argument("--max-clients", type=_whole(1), default=1024,
+    parser.add_argument("--max-clients", type=whole(1), default=1024,
                         help="most registered clients (default 1024)")
     parser.add_argument("--rate", type=_SECONDS_OR_OFF, default=100.0,
                         help="frames per second per client, burst twice that; 0 = off "
                              "(default 100)")
     parser.add_argument("--quiet", action="store_true", help="do not log message texts")
-    parser.add_argument("--max-per-ip", type=_whole(0), default=0,
+    parser.add_argument("--max-per-ip", type=whole(0), default=0,
                         help="most connections from one address; 0 = unlimited (default)")
-    parser.add_argument("--max-unregistered-per-ip", type=_whole(0), default=8, metavar="N",
+    parser.add_argument("--max-unregistered-per-ip", type=whole(0), default=8, metavar="N",
                         help="most connections from one address waiting to register; "
                              "0 = unlimited (default 8)")
     parser.add_argument("--tls-cert", metavar="FILE", help="serve TLS with this certificate (PEM)")
@@ -151,7 +119,7 @@ def parse_args(argv: Sequence[str] | None) -> ServerConfig:
                              "(default chat-suite.db in the working directory)")
     parser.add_argument("--history-days", type=_SECONDS, default=30.0, metavar="D",
                         help="days of history kept (default 30)")
-    parser.add_argument("--history-limit", type=_whole(1), default=100_000, metavar="N",
+    parser.add_argument("--history-limit", type=whole(1), default=100_000, metavar="N",
                         help="most events kept in the history (default 100000)")
     parser.add_argument("--resume-window", type=_SECONDS_OR_OFF, default=120.0, metavar="S",
                         help="seconds a dropped client's session waits for it; 0 = off "

@@ -39,8 +39,6 @@ from chatsuite.server.room_core import (
     TRIM_EVERY,
     Backplane,
     Guard,
-    _name_taken,
-    _owner_of_reserved,
 )
 from chatsuite.server.room_moderation import Moderation
 from chatsuite.server.room_sessions import Sessions
@@ -56,7 +54,6 @@ from protocol import (
     User,
     Welcome,
     encode_event,
-    name_problem,
     no_such_user_message,
     parse_target,
 )
@@ -120,17 +117,9 @@ class Room(Sessions, ClusterMirror, Moderation):
 
     def _check_registration(self, member: Member, name: str | None, ref: Ref) -> None:
         """Raise the ``Refusal`` that registering ``member`` as ``name`` deserves, if any."""
-        if member.registered:
-            raise Refusal(ErrorCode.ALREADY_REGISTERED, "You are already registered.", ref)
-        if name is not None:
-            problem = name_problem(name)
-            if problem:
-                raise Refusal(ErrorCode.BAD_NAME, problem, ref)
-            holder = self._names.get(name.casefold())
-            if holder is not None and not _owner_of_reserved(member, holder):
-                raise _name_taken(name, ref)
-            if self.guard is not None:
-                self.guard.check_name(name, member.account)
+        self._check_name(member, name, ref)
+        if name is not None and self.guard is not None:
+            self.guard.check_name(name, member.account)
         if len(self._members) >= self.max_clients:
             raise Refusal(
                 ErrorCode.SERVER_FULL,

@@ -15,9 +15,9 @@ from dataclasses import replace
 from typing import Any
 
 from chatsuite.server.members import Delivery, Dialect, Member
-from chatsuite.server.room_core import RoomCore, _name_taken, _owner_of_reserved
+from chatsuite.server.room_core import RoomCore, _name_taken
 from modes import Mode
-from protocol import ErrorCode, Ref, Refusal, name_problem
+from protocol import Ref
 
 
 class ClusterMirror(RoomCore):
@@ -107,20 +107,13 @@ class ClusterMirror(RoomCore):
         def record(name: str) -> dict[str, Any]:
             return replace(member, name=name, title=title, company=company).record(node)
 
-        if member.registered:
-            raise Refusal(ErrorCode.ALREADY_REGISTERED, "You are already registered.", ref)
+        with self.lock:
+            self._check_name(member, name, ref)
         if name is not None:
-            problem = name_problem(name)
-            if problem:
-                raise Refusal(ErrorCode.BAD_NAME, problem, ref)
-            with self.lock:
-                holder = self._names.get(name.casefold())
-                taken = holder is not None and not _owner_of_reserved(member, holder)
-            if not taken:
-                claimed = self.backplane.claim(name, record(name))
-                if claimed is not False:
-                    return name, bool(claimed)
-            raise _name_taken(name, ref)
+            claimed = self.backplane.claim(name, record(name))
+            if claimed is False:
+                raise _name_taken(name, ref)
+            return name, bool(claimed)
         while True:
             number = self.backplane.auto_number()
             if number is None:

@@ -44,6 +44,7 @@ from protocol import (
     encode_event,
     encode_json,
     message_frame,
+    name_problem,
     utc_timestamp,
 )
 
@@ -268,6 +269,22 @@ class RoomCore:
         live = encode_event(notice)
         self._log_event("notice", live, member, None)
         return Event(live, None, plain_frame(text), self.seq)
+
+    def _check_name(self, member: Member, name: str | None, ref: Ref) -> None:
+        """``already-registered``, ``bad-name`` or ``name-taken`` for registering ``member`` as
+        ``name`` (None: an automatic name), if it deserves one. A name reserved for a session in
+        its resume window is taken, except by that account's owner (``_owner_of_reserved``).
+        Lock held."""
+        if member.registered:
+            raise Refusal(ErrorCode.ALREADY_REGISTERED, "You are already registered.", ref)
+        if name is None:
+            return
+        problem = name_problem(name)
+        if problem:
+            raise Refusal(ErrorCode.BAD_NAME, problem, ref)
+        holder = self._names.get(name.casefold())
+        if holder is not None and not _owner_of_reserved(member, holder):
+            raise _name_taken(name, ref)
 
     def _message(
         self, sender: Member, text: str, to: Member | None, ts: str | None = None
