@@ -71,6 +71,14 @@ def private_folder(path: Path) -> None:
         path.chmod(FOLDER_MODE)  # made by an older client, or by hand: tightened
 
 
+def name_folder(directory: Path, folder: Path) -> None:
+    """Make the history ``directory`` and, in it, ``folder`` (``<host>_<port>/<name>``) with its
+    server's folder, those two 0700 (``private_folder``)."""
+    directory.mkdir(mode=FOLDER_MODE, parents=True, exist_ok=True)
+    private_folder(folder.parent)
+    private_folder(folder)
+
+
 def private_file(path: Path) -> int:
     """Open ``path`` for appending, created 0600 (an existing file is tightened); a descriptor."""
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NO_FOLLOW, FILE_MODE)
@@ -110,9 +118,7 @@ class History:
         folder = self.folder()
         if folder is None:
             return None
-        self.directory.mkdir(mode=FOLDER_MODE, parents=True, exist_ok=True)
-        private_folder(folder.parent)
-        private_folder(folder)
+        name_folder(self.directory, folder)
         return folder
 
     def record(self, peer: Any, line: str) -> str | None:

@@ -34,10 +34,9 @@ from pathlib import Path
 from chatsuite.client.history import (
     _NO_FOLLOW,
     FILE_MODE,
-    FOLDER_MODE,
     History,
     file_name,
-    private_folder,
+    name_folder,
 )
 from chatsuite.client.transport import Transport
 
@@ -175,9 +174,7 @@ class SessionFile:
             return True
         folder = self.folder(name)
         try:
-            self.history.directory.mkdir(mode=FOLDER_MODE, parents=True, exist_ok=True)
-            private_folder(folder.parent)
-            private_folder(folder)
+            name_folder(self.history.directory, folder)
             fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT | _NO_FOLLOW, FILE_MODE)
         except OSError:
             return True
@@ -193,9 +190,7 @@ class SessionFile:
         folder = self.folder(name)
         temporary = folder / f".{SESSION_FILE}.{os.getpid()}"
         try:
-            self.history.directory.mkdir(mode=FOLDER_MODE, parents=True, exist_ok=True)
-            private_folder(folder.parent)
-            private_folder(folder)
+            name_folder(self.history.directory, folder)
             fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _NO_FOLLOW,
                          FILE_MODE)
             with os.fdopen(fd, "w", encoding="utf-8") as out:
