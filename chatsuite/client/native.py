@@ -168,13 +168,8 @@ class NativeSession(Resuming):
             self.viewer.say(self.palette.bad(f"server: {sanitize(event.message)}"))
 
     def names_us(self, user: User | None) -> bool:
-        """True when ``user`` (a notice's) is us on this connection: our id, or our name."""
-        if user is None:
-            return False
-        own = self.history.own_name
-        if self.own_id is not None:
-            return user.id == self.own_id
-        return own is not None and user.name.casefold() == own.casefold()
+        """True when ``user`` (a notice's) is us."""
+        return user is not None and self.is_us(user)
 
     def removed_by(self, line: str, admin: str | None) -> None:
         """We were kicked or banned (receiver thread): the notice is said at once, whatever

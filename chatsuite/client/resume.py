@@ -33,7 +33,17 @@ from chatsuite.client.session import (
 )
 from chatsuite.client.transport import ConnectError
 from modes import Mode
-from protocol import BACKLOG_MAX, Backlog, BacklogRequest, Error, Event, Hello, Message, Welcome
+from protocol import (
+    BACKLOG_MAX,
+    Backlog,
+    BacklogRequest,
+    Error,
+    Event,
+    Hello,
+    Message,
+    User,
+    Welcome,
+)
 
 EARLIER = "--- earlier messages ---"
 EARLIER_MARK = "| "  # the start of each earlier line: not live
@@ -264,12 +274,16 @@ class Resuming(Session):
         held = " (#view to read them)" if missed and mode is not Mode.VIEWING else ""
         self.show(self.palette.good(f"reconnected: {missed} {noun} missed while away{held}"))
 
-    def own_message(self, event: Message) -> bool:
-        """True when we sent ``event`` (our id, or our name: the id may be an earlier
-        connection's): it is never news to us."""
+    def is_us(self, user: User) -> bool:
+        """True when ``user`` is us: our id, or our name (names are unique in the room, and
+        an event replayed after a resume may carry an earlier connection's id)."""
         own = self.history.own_name
-        return event.sender.id == self.own_id or (
-            own is not None and event.sender.name.casefold() == own.casefold())
+        return user.id == self.own_id or (
+            own is not None and user.name.casefold() == own.casefold())
+
+    def own_message(self, event: Message) -> bool:
+        """True when we sent ``event``: it is never news to us."""
+        return self.is_us(event.sender)
 
     def finish(self) -> int:
         """End the session; the session file is kept for a resume unless we quit or were
